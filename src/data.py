@@ -1,0 +1,85 @@
+"""Rows, prompts and batches.
+
+Rows come either from the shipped samples in `data/` (`source="local"`) or from the paper's hub datasets
+(`source="hub"`); both go through `datasets.load_dataset`, so every step after loading is the same code.
+
+Splits: training rows are the first `n` rows of the train split, validation rows (for the early-stopping loss) the
+next ones, evaluation rows the first `n` rows of the evaluation split (the shipped `test.jsonl`, or the hub's
+validation split as in the original).
+
+Token budgets are met by cutting the task's content field (article, context, sentence), never the template, so the
+`### ...:` cue that the model answers to is always there (the original truncated from the right and lost it).
+"""
+import torch
+
+from .tasks import Task
+
+
+def load_rows(task: Task, split: str, source: str = "local", n: int | None = None, offset: int = 0) -> list[dict]:
+    """`split` is "train" (training and validation rows) or "eval"."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if source == "local":
+        path = task.local_path("train" if split == "train" else "test")
+        if not path.exists():
+            raise FileNotFoundError(f"missing data file {path}: restore it with `git checkout -- data/`")
+        if path.stat().st_size == 0:
+            raise ValueError(f"data file {path} is empty: restore it with `git checkout -- data/`")
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif source == "hub":
+        hub_split = task.train_split if split == "train" else task.eval_split
+        try:
+            ds = datasets.load_dataset(*task.hub, split=hub_split)
+        except Exception as e:  # the hub raises many types; the user needs one line
+            raise RuntimeError(f"cannot load {'/'.join(task.hub)} [{hub_split}] from the Hugging Face hub "
+                               f"({type(e).__name__}); use --data local for the shipped samples") from None
+    else:
+        raise ValueError(f"unknown data source {source!r}: use local or hub")
+    rows = [r for r in ds if task.keep(r)]
+    rows = rows[offset:offset + n] if n is not None else rows[offset:]
+    if not rows:
+        raise ValueError(f"no {split} rows for task {task.name} (source {source}, offset {offset}, n {n})")
+    return rows
+
+
+def fit_prompt(task: Task, row: dict, tokenizer, budget: int) -> list[int]:
+    """Token ids of the task's prompt, the content field cut (at token boundaries) until it fits `budget`."""
+    ids = tokenizer(task.prompt(row)).input_ids
+    if len(ids) <= budget:
+        return ids
+    content = [t for t, is_content in task.segments(row) if is_content][0].strip()
+    content_ids = tokenizer(content, add_special_tokens=False).input_ids
+    keep = len(content_ids) - (len(ids) - budget)
+    while keep > 0:
+        ids = tokenizer(task.prompt(row, tokenizer.decode(content_ids[:keep]))).input_ids
+        if len(ids) <= budget:
+            return ids
+        keep -= len(ids) - budget  # re-tokenizing at the cut can merge differently: shave again
+    raise ValueError(f"{task.name}: the prompt template alone is longer than the budget of {budget} tokens")
+
+
+def encode_train(task: Task, row: dict, tokenizer, max_len: int, max_target: int) -> dict:
+    """Prompt + target + EOS; the loss is on the target tokens (and EOS) only."""
+    target = tokenizer(task.target(row), add_special_tokens=False).input_ids[:max_target] + [tokenizer.eos_token_id]
+    prompt = fit_prompt(task, row, tokenizer, max_len - len(target))
+    return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool, labels: list[list[int]] | None = None) -> dict:
+    """Dynamic padding to the longest sequence of the batch (left for generation, right for training)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long) if labels is not None else None
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
+        if lab is not None:
+            lab[i, span] = torch.tensor(labels[i])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if lab is not None:
+        batch["labels"] = lab
+    return batch

@@ -1,0 +1,462 @@
+"""LoRA layers, the Mixture-of-LoRAs router, and the merges: the math of the project in one file.
+
+What is here, top to bottom:
+
+* `Lora(A, B, scale)`: one module's adapter factors, update `scale * B @ A`; `Adapter`: one per module of a model.
+* `LoraLinear`: an `nn.Linear` with N adapters and a per-sample gate g (batch x N):
+      y = W x + b + sum_i g[b, i] * s_i * B_i A_i dropout(x)
+  One-hot g is a single-task LoRA, all ones is concatenation, the router's choice is MoA, no adapter is the base.
+* `inject` / `remove`: wrap the target Linear modules of a Hugging Face causal LM, and put the originals back.
+* `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
+* `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
+* Merges, pure functions of factors: `concat`, `weight_sum`, `svd` (never forms the dense d_out x d_in update),
+  `merge` (applies one to every module of a list of adapters), `fold` / `unfold` (add an update into W and back).
+* MoA: `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
+  `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
+"""
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")                      # the original README
+ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ORIGINAL_CODE_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the original code
+PEFT_PREFIX = "base_model.model."
+
+
+class Lora(NamedTuple):
+    A: torch.Tensor   # (r, d_in)
+    B: torch.Tensor   # (d_out, r)
+    scale: float      # alpha / r
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class Adapter:
+    modules: dict          # module path (as in model.named_modules()) -> Lora
+    base_model: str = ""   # what it was trained on, written to adapter_config.json
+
+    def ranks(self) -> dict:
+        return {n: lora.A.shape[0] for n, lora in self.modules.items()}
+
+
+# --------------------------------------------------------------------------------------------------- the layer
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        self.scales: list[float] = []
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.gate: torch.Tensor | None = None      # (N,) or (batch, N); None means every adapter with weight 1
+        self.router: nn.Linear | None = None        # MoA: logits over the N adapters from this layer's input
+        self.routing = False                        # route with self.router instead of using self.gate
+        self.routes: torch.Tensor | None = None     # (batch,) adapter chosen per sample at the prompt
+
+    def add(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool):
+        self.A.append(nn.Parameter(A.to(self.base.weight), requires_grad=trainable))
+        self.B.append(nn.Parameter(B.to(self.base.weight), requires_grad=trainable))
+        self.scales.append(float(scale))
+
+    def current_gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.routing:
+            return self.gate
+        if self.routes is None:  # the prompt (prefill): each sample is routed once, on its last position
+            last = x[:, -1] if x.dim() == 3 else x
+            self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
+        return F.one_hot(self.routes, len(self.A)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if len(self.A) == 0:
+            return y
+        # All adapters at once: stacked A (R x d_in) and B (d_out x R), R = sum of ranks; the gate scales each
+        # adapter's r_i columns of the rank-R intermediate, per sample. Two matmuls, whatever N is.
+        A = self.A[0] if len(self.A) == 1 else torch.cat(list(self.A), dim=0)
+        B = self.B[0] if len(self.B) == 1 else torch.cat(list(self.B), dim=1)
+        weights = torch.tensor(self.scales, dtype=x.dtype, device=x.device)
+        gate = self.current_gate(x)
+        if gate is not None:
+            weights = gate.to(x.dtype) * weights            # (N,) or (batch, N)
+        ranks = torch.tensor([a.shape[0] for a in self.A], device=x.device)
+        weights = weights.repeat_interleave(ranks, dim=-1)  # (R,) or (batch, R)
+        if weights.dim() == 2 and x.dim() == 3:
+            weights = weights[:, None, :]
+        return y + F.linear(F.linear(self.dropout(x), A) * weights, B)
+
+    def extra_repr(self) -> str:
+        return f"adapters={len(self.A)}, ranks={[a.shape[0] for a in self.A]}, scales={self.scales}"
+
+
+def lora_layers(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def inject(model: nn.Module, targets=ATTENTION_TARGETS, dropout: float = 0.0) -> list[str]:
+    """Wrap every nn.Linear whose last name is in `targets` in a LoraLinear (no adapters yet) and freeze the model."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers: call remove(model) first")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    candidates = sorted({name.rpartition(".")[2] for name in linears})
+    unmatched = [t for t in targets if not any(name.rpartition(".")[2] == t for name in linears)]
+    if unmatched or not targets:
+        raise ValueError(f"target modules {unmatched or list(targets)} match no Linear layer of the model; "
+                         f"candidates: {', '.join(candidates)}")
+    model.requires_grad_(False)
+    names = [name for name in linears if name.rpartition(".")[2] in targets]
+    for name in names:
+        _set_module(model, name, LoraLinear(linears[name], dropout))
+    return names
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Put the original Linear modules back (adapters and routers are dropped)."""
+    for name, layer in lora_layers(model).items():
+        _set_module(model, name, layer.base)
+    return model
+
+
+def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, alpha: float = 16,
+                trainable: bool = False) -> int:
+    """Add `adapter` to every LoRA layer (or a fresh one: A Kaiming-uniform, B zeros); returns its index."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call inject(model, targets) first")
+    if adapter is not None:
+        check_fits(model, adapter)
+    for name, layer in layers.items():
+        if adapter is None:
+            A = torch.empty(r, layer.base.in_features, dtype=torch.float32)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as loralib and PEFT
+            layer.add(A, torch.zeros(layer.base.out_features, r), alpha / r, trainable)
+        else:
+            lora = adapter.modules[name]
+            layer.add(lora.A, lora.B, lora.scale, trainable)
+    return len(next(iter(layers.values())).A) - 1
+
+
+def check_fits(model: nn.Module, adapter: Adapter):
+    """Raise, naming the module and both shapes, if `adapter` does not fit the model's LoRA layers."""
+    layers = lora_layers(model)
+    missing, extra = sorted(set(layers) - set(adapter.modules)), sorted(set(adapter.modules) - set(layers))
+    if missing or extra:
+        raise ValueError(f"adapter modules do not match the model's LoRA layers: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                         " (were the adapter's target modules the same?)")
+    for name, lora in adapter.modules.items():
+        base = layers[name].base
+        if lora.A.shape[1] != base.in_features or lora.B.shape[0] != base.out_features or lora.A.shape[0] != lora.B.shape[1]:
+            raise ValueError(f"adapter does not fit module {name}: A {tuple(lora.A.shape)}, B {tuple(lora.B.shape)} "
+                             f"for a Linear of in {base.in_features}, out {base.out_features}")
+
+
+def get_adapter(model: nn.Module, index: int = -1, base_model: str = "") -> Adapter:
+    return Adapter({name: Lora(layer.A[index].detach().clone(), layer.B[index].detach().clone(), layer.scales[index])
+                    for name, layer in lora_layers(model).items()}, base_model)
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in lora_layers(model).values() for p in (*layer.A, *layer.B) if p.requires_grad]
+
+
+@contextlib.contextmanager
+def gated(model: nn.Module, gate: torch.Tensor | None):
+    """Within the block every LoRA layer uses `gate`: (N,) for the whole batch or (batch, N) per sample."""
+    layers = lora_layers(model).values()
+    saved = [layer.gate for layer in layers]
+    for layer in layers:
+        layer.gate = gate
+    try:
+        yield
+    finally:
+        for layer, g in zip(layers, saved):
+            layer.gate = g
+
+
+# --------------------------------------------------------------------------------------------- PEFT on disk
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(adapter: Adapter, folder, targets=None):
+    """PEFT's format: keys `base_model.model.<module>.lora_{A,B}.weight`; per-module ranks and alphas go to
+    rank_pattern / alpha_pattern where they differ from the most common one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = adapter.ranks()
+    alphas = {n: lora.scale * ranks[n] for n, lora in adapter.modules.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": adapter.base_model,
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(targets or {n.rpartition(".")[2] for n in adapter.modules}),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, lora in adapter.modules.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B.contiguous()
+    _atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    # PEFT matches pattern keys as a suffix of the module path
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default
+
+
+def load_adapter(folder, hint: str = "") -> Adapter:
+    """A PEFT LoRA adapter folder (ours or one trained with PEFT); `hint` says how to create a missing one."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (config_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"missing adapter file {p}" + (f": create it with `{hint}`" if hint else ""))
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ValueError(f"corrupt adapter in {folder} ({str(e).splitlines()[0]}): delete the folder and "
+                         f"{'run `' + hint + '`' if hint else 'save it again'}") from None
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)")
+    modules = {}
+    for key in tensors:
+        if not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+        name = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
+        if name in modules:
+            continue
+        A, B = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight"), tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+        if A is None or B is None:
+            raise ValueError(f"{weights_path}: module {name} has only one of lora_A / lora_B")
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        if A.shape[0] != r:
+            raise ValueError(f"{weights_path}: module {name} has rank {A.shape[0]}, the config says {r}")
+        modules[name] = Lora(A, B, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    if not modules:
+        raise ValueError(f"{weights_path} holds no LoRA weights")
+    return Adapter(modules, config.get("base_model_name_or_path", ""))
+
+
+# ---------------------------------------------------------------------------------------------------- merges
+def _weights(n: int, weights, default: float) -> list[float]:
+    weights = [default] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} merge weights for {n} adapters")
+    return weights
+
+
+def concat(loras: list[Lora], weights=None) -> Lora:
+    """One adapter of rank sum(r_i) whose update is exactly sum_i w_i s_i B_i A_i (w_i = 1: the original)."""
+    w = _weights(len(loras), weights, 1.0)
+    A = torch.cat([l.A for l in loras], dim=0)
+    B = torch.cat([wi * l.scale * l.B for wi, l in zip(w, loras)], dim=1)
+    return Lora(A, B, 1.0)
+
+
+def weight_sum(loras: list[Lora], weights=None) -> Lora:
+    """The original's "weighted": A = sum w_i A_i, B = sum w_i B_i, common scale (so s * B A has the cross terms
+    B_i A_j). w_i = 1 is the paper's weight summing, w_i = 1/N the log's "weighted_avg"."""
+    w = _weights(len(loras), weights, 1.0)
+    ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise ValueError(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
+                         f"{sorted(scales)}: use concat or svd for these adapters")
+    A = sum(wi * l.A for wi, l in zip(w, loras))
+    B = sum(wi * l.B for wi, l in zip(w, loras))
+    return Lora(A, B, loras[0].scale)
+
+
+def svd(loras: list[Lora], rank: int = 8, weights=None) -> Lora:
+    """The rank-`rank` truncated SVD of sum_i w_i s_i B_i A_i (w_i = 1/N: the original's mean), without forming
+    the d_out x d_in matrix: with B_cat = [w_i s_i B_i] = Q_b R_b and A_cat^T = [A_i]^T = Q_a R_a (thin QR),
+    the update is Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core gives the same singular triplets."""
+    w = _weights(len(loras), weights, 1.0 / len(loras))
+    dtype = loras[0].A.dtype
+    B_cat = torch.cat([wi * l.scale * l.B.double() for wi, l in zip(w, loras)], dim=1)   # (d_out, R)
+    A_cat = torch.cat([l.A.double() for l in loras], dim=0)                               # (R, d_in)
+    Qb, Rb = torch.linalg.qr(B_cat)
+    Qa, Ra = torch.linalg.qr(A_cat.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    k = min(rank, S.shape[0])
+    return Lora((Vh[:k] @ Qa.T).to(dtype), ((Qb @ U[:, :k]) * S[:k]).to(dtype), 1.0)
+
+
+MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd}
+
+
+def merge(adapters: list[Adapter], method: str, weights=None, **kwargs) -> Adapter:
+    """Apply a merge to every module; the adapters must cover the same modules with the same shapes."""
+    if method not in MERGES:
+        raise ValueError(f"unknown merge {method!r}: choose from {', '.join(MERGES)}")
+    names = set(adapters[0].modules)
+    for a in adapters[1:]:
+        if set(a.modules) != names:
+            diff = sorted(names ^ set(a.modules))
+            raise ValueError(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
+    for name in names:
+        shapes = {(l.modules[name].A.shape[1], l.modules[name].B.shape[0]) for l in adapters}
+        if len(shapes) > 1:
+            raise ValueError(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
+    fn = MERGES[method]
+    return Adapter({n: fn([a.modules[n] for a in adapters], weights, **kwargs) for n in sorted(names)},
+                   adapters[0].base_model)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    module = model.get_submodule(name)
+    return module.base if isinstance(module, LoraLinear) else module
+
+
+@torch.no_grad()
+def fold(model: nn.Module, adapter: Adapter, sign: float = 1.0):
+    """W += sign * s B A for every module of the adapter: inference at the base model's cost."""
+    linears = {}
+    for name, lora in adapter.modules.items():
+        try:
+            linears[name] = _linear(model, name)
+        except AttributeError:
+            raise ValueError(f"cannot fold: the model has no module {name}") from None
+        if linears[name].weight.shape != (lora.B.shape[0], lora.A.shape[1]):
+            raise ValueError(f"cannot fold into {name}: update {(lora.B.shape[0], lora.A.shape[1])}, "
+                             f"weight {tuple(linears[name].weight.shape)}")
+    for name, lora in adapter.modules.items():
+        W = linears[name].weight
+        delta = lora.scale * (lora.B.to(W.device, torch.float32) @ lora.A.to(W.device, torch.float32))
+        W.copy_((W.float() + sign * delta).to(W.dtype))
+
+
+def unfold(model: nn.Module, adapter: Adapter):
+    fold(model, adapter, sign=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------- MoA
+def attach_routers(model: nn.Module, n_adapters: int, generator: torch.Generator | None = None):
+    """A router nn.Linear(d_in, N) in every LoRA layer (the original's per-layer MoA router)."""
+    for layer in lora_layers(model).values():
+        if len(layer.A) != n_adapters:
+            raise ValueError(f"{n_adapters} routes asked for, but the layer holds {len(layer.A)} adapters")
+        router = nn.Linear(layer.base.in_features, n_adapters)
+        if generator is not None:
+            with torch.no_grad():
+                bound = 1 / math.sqrt(layer.base.in_features)
+                router.weight.uniform_(-bound, bound, generator=generator)
+                router.bias.uniform_(-bound, bound, generator=generator)
+        layer.router = router.to(layer.base.weight.device)
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module):
+    """MoA inference: within the block, the first forward (the prompt) routes each sample in every layer and the
+    following forwards (generated tokens) keep those choices. Read them with `route_decisions` inside the block."""
+    layers = list(lora_layers(model).values())
+    if not layers or any(layer.router is None for layer in layers):
+        raise ValueError("the model has no MoA routers: attach_routers / load_routers first")
+    for layer in layers:
+        layer.routing, layer.routes = True, None
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.routing, layer.routes = False, None
+
+
+def route_decisions(model: nn.Module) -> torch.Tensor:
+    """(batch, layers) adapter index chosen by every layer's router, in lora_layers order."""
+    return torch.stack([layer.routes for layer in lora_layers(model).values()], dim=1)
+
+
+@torch.no_grad()
+def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  gold: torch.Tensor) -> torch.Tensor:
+    """Every LoRA layer's input at the last prompt position, with each sample's gold adapter active (teacher
+    forcing, as the original trained its routers). Prompts must be left-padded. Returns (layers, batch, d_in).
+
+    The routers do not change these inputs (the gold adapter is used, not the routed one), so they can be
+    computed once and the routers trained on them as classifiers: the same gradients as the original's loop."""
+    layers = list(lora_layers(model).values())
+    if len({layer.base.in_features for layer in layers}) != 1:
+        raise ValueError("router_inputs needs the LoRA layers to share one input width")
+    captured = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0][:, -1].float()))
+             for layer in layers]
+    gate = F.one_hot(gold, len(layers[0].A)).float()
+    try:
+        with gated(model, gate):
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask)  # hidden states only, no lm head
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(captured)
+
+
+def router_loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over layers of the cross-entropy of each router on its features; also each layer's predictions."""
+    routers = [layer.router for layer in lora_layers(model).values()]
+    logits = torch.stack([r(f.to(r.weight.dtype)) for r, f in zip(routers, features)]).float()  # (layers, batch, N)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(routers)))
+    return loss, logits.argmax(-1)
+
+
+def save_routers(model: nn.Module, folder, tasks: list[str], base_model: str, extra: dict | None = None):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(model)
+    tensors = {f"{name}.router.{p}": getattr(layer.router, p).detach().float().contiguous()
+               for name, layer in layers.items() for p in ("weight", "bias")}
+    meta = {"tasks": list(tasks), "layers": list(layers), "base_model": base_model, **(extra or {})}
+    _atomic_write(folder / "routers.safetensors", lambda p: save_file(tensors, str(p)))
+    _atomic_write(folder / "routers.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> dict:
+    """Load routers trained over `tasks` (in that order) into a model holding those tasks' adapters."""
+    folder = Path(folder)
+    for p in (folder / "routers.json", folder / "routers.safetensors"):
+        if not p.exists():
+            raise FileNotFoundError(f"missing router file {p}" + (f": create it with `{hint}`" if hint else ""))
+    try:
+        meta = json.loads((folder / "routers.json").read_text())
+        tensors = load_file(str(folder / "routers.safetensors"))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise ValueError(f"corrupt routers in {folder} ({str(e).splitlines()[0]}): train them again") from None
+    if meta["tasks"] != list(tasks):
+        raise ValueError(f"routers in {folder} were trained for tasks {meta['tasks']}, not {list(tasks)}")
+    layers = lora_layers(model)
+    if meta["layers"] != list(layers):
+        raise ValueError(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
+    attach_routers(model, len(tasks))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.router.weight.copy_(tensors[f"{name}.router.weight"])
+            layer.router.bias.copy_(tensors[f"{name}.router.bias"])
+    return meta

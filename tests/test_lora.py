@@ -1,0 +1,302 @@
+"""src/lora.py against independent references: dense float64 formulas, torch.linalg.svd, and PEFT."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_qwen2
+from src import lora as L
+
+
+def random_lora(d_in, d_out, r, scale, gen, dtype=torch.float64):
+    return L.Lora(torch.randn(r, d_in, generator=gen, dtype=dtype), torch.randn(d_out, r, generator=gen, dtype=dtype), scale)
+
+
+def random_adapter(model, r, alpha, gen, std=0.05) -> L.Adapter:
+    """An adapter with non-zero A and B for every LoRA layer of `model` (B nonzero, unlike a fresh init)."""
+    modules = {}
+    for name, layer in L.lora_layers(model).items():
+        A = torch.randn(r, layer.base.in_features, generator=gen) * std
+        B = torch.randn(layer.base.out_features, r, generator=gen) * std
+        modules[name] = L.Lora(A, B, alpha / r)
+    return L.Adapter(modules, "tiny")
+
+
+def ids(n=2, t=12, seed=0):
+    return torch.randint(3, 1000, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ the layer
+def test_layer_matches_dense_formula_per_sample_gate():
+    gen = torch.Generator().manual_seed(1)
+    base = nn.Linear(24, 16).double()
+    layer = L.LoraLinear(base)
+    loras = [random_lora(24, 16, r, s, gen) for r, s in [(2, 1.0), (5, 0.5), (3, 2.0)]]
+    for lo in loras:
+        layer.add(lo.A, lo.B, lo.scale, trainable=False)
+    x = torch.randn(4, 7, 24, generator=gen, dtype=torch.float64)
+    g = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        layer.gate = g
+        got = layer(x)
+        want = base(x) + sum(g[:, i, None, None] * (x @ (lo.scale * lo.B @ lo.A).T) for i, lo in enumerate(loras))
+        assert torch.allclose(got, want, atol=1e-12)
+        layer.gate = None  # all adapters with weight 1: concatenation
+        assert torch.allclose(layer(x[0]), base(x[0]) + sum(x[0] @ lo.delta().T for lo in loras), atol=1e-12)
+
+
+def test_init_is_kaiming_a_and_zero_b_and_only_adapters_get_gradients(tiny_model):
+    x = ids()
+    before = tiny_model(x).logits
+    L.inject(tiny_model)
+    L.add_adapter(tiny_model, r=8, alpha=16, trainable=True)
+    layer = L.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"]
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    assert layer.A[0].abs().max() <= bound and layer.A[0].abs().max() > 0.5 * bound
+    assert torch.equal(layer.B[0], torch.zeros_like(layer.B[0])) and layer.scales == [2.0]
+    assert torch.allclose(tiny_model(x).logits, before, atol=1e-6)
+    tiny_model(x).logits.sum().backward()
+    trained = {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in tiny_model.named_parameters() if ".A." in n or ".B." in n}
+    assert len(trained) == 2 * 4 * 2  # A and B, 4 targets, 2 layers
+    assert layer.B[0].grad.abs().sum() > 0
+
+
+def test_inject_bad_targets_lists_candidates_and_remove_restores(tiny_model):
+    x = ids()
+    before = tiny_model(x).logits
+    originals = {n: m for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
+    with pytest.raises(ValueError, match="match no Linear.*candidates: .*down_proj.*q_proj"):
+        L.inject(tiny_model, targets=("q_proj", "query"))
+    assert not L.lora_layers(tiny_model)  # nothing half-applied
+    names = L.inject(tiny_model, targets=L.ORIGINAL_CODE_TARGETS)
+    assert len(names) == 12 and not any("o_proj" in n for n in names)
+    L.add_adapter(tiny_model, random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0)))
+    assert not torch.allclose(tiny_model(x).logits, before)
+    L.remove(tiny_model)
+    assert {n: m for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)} == originals
+    assert torch.equal(tiny_model(x).logits, before)
+
+
+def test_one_hot_gate_is_that_adapter_alone_and_concat_is_all_at_once():
+    gen = torch.Generator().manual_seed(2)
+    x = ids(3)
+    multi = tiny_qwen2()
+    L.inject(multi)
+    adapters = [random_adapter(multi, r, 2 * r, gen) for r in (2, 4, 8)]
+    for a in adapters:
+        L.add_adapter(multi, a)
+    alone = tiny_qwen2()
+    L.inject(alone)
+    L.add_adapter(alone, adapters[1])
+    with torch.no_grad(), L.gated(multi, torch.tensor([0.0, 1.0, 0.0])):
+        assert torch.allclose(multi(x).logits, alone(x).logits, atol=1e-5)
+    merged = tiny_qwen2()
+    L.inject(merged)
+    L.add_adapter(merged, L.merge(adapters, "concat"))
+    with torch.no_grad():
+        all_at_once = multi(x).logits  # gate None: every adapter with weight 1
+        assert torch.allclose(merged(x).logits, all_at_once, atol=1e-5)
+        assert not torch.allclose(alone(x).logits, all_at_once, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- merges
+def dense(loras, weights):
+    return sum(w * lo.scale * lo.B.double() @ lo.A.double() for w, lo in zip(weights, loras))
+
+
+def test_concat_and_weight_sum_against_dense_float64():
+    gen = torch.Generator().manual_seed(3)
+    loras = [random_lora(40, 30, r, s, gen) for r, s in [(3, 2.0), (6, 0.5), (4, 1.5)]]
+    w = [0.7, -1.3, 2.1]
+    got = L.concat(loras, w)
+    assert got.A.shape == (13, 40) and torch.allclose(got.delta(), dense(loras, w), atol=1e-12)
+    same = [random_lora(40, 30, 4, 2.0, gen) for _ in range(3)]
+    ws = L.weight_sum(same, w)
+    sum_A = sum(wi * lo.A for wi, lo in zip(w, same))
+    sum_B = sum(wi * lo.B for wi, lo in zip(w, same))
+    assert torch.allclose(ws.delta(), 2.0 * sum_B @ sum_A, atol=1e-12)
+    # the cross terms B_i A_j are really there: this is not the sum of the updates
+    assert not torch.allclose(ws.delta(), dense(same, w), atol=1e-3)
+    avg = L.weight_sum(same, [1 / 3] * 3)
+    assert torch.allclose(avg.delta(), 2.0 * (sum(lo.B for lo in same) / 3) @ (sum(lo.A for lo in same) / 3))
+    with pytest.raises(ValueError, match="equal ranks and scales"):
+        L.weight_sum(loras)
+
+
+def truncated_dense_svd(M, k):
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_factored_svd_equals_dense_truncated_svd(dtype, tol):
+    gen = torch.Generator().manual_seed(4)
+    loras = [random_lora(1536, 1536, 8, 2.0, gen, dtype) for _ in range(7)]
+    got = L.svd(loras, rank=8)
+    assert got.A.dtype == dtype and got.A.shape == (8, 1536) and got.B.shape == (1536, 8)
+    want = truncated_dense_svd(dense(loras, [1 / 7] * 7), 8)
+    assert (got.delta().double() - want).norm() / want.norm() <= tol
+
+
+def test_svd_unequal_ranks_weights_and_rectangular():
+    gen = torch.Generator().manual_seed(5)
+    loras = [random_lora(96, 40, r, s, gen) for r, s in [(2, 1.0), (8, 2.0), (5, 0.25)]]
+    w = [0.5, 1.5, -2.0]
+    for k in (3, 8, 15, 40):
+        got = L.svd(loras, rank=k, weights=w)
+        want = truncated_dense_svd(dense(loras, w), min(k, 15))
+        assert got.A.shape[0] == min(k, 15)
+        assert (got.delta() - want).norm() / want.norm() <= 1e-10
+
+
+def test_merge_rejects_different_modules_and_shapes():
+    gen = torch.Generator().manual_seed(6)
+    a = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen), "x.v_proj": random_lora(8, 4, 2, 1.0, gen)})
+    b = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen)})
+    c = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen), "x.v_proj": random_lora(8, 6, 2, 1.0, gen)})
+    with pytest.raises(ValueError, match="different target modules"):
+        L.merge([a, b], "concat")
+    with pytest.raises(ValueError, match="x.v_proj has different"):
+        L.merge([a, c], "svd")
+    with pytest.raises(ValueError, match="unknown merge 'ties'"):
+        L.merge([a, a], "ties")
+
+
+def test_fold_unfold_restores_and_matches_unfolded(tiny_model):
+    gen = torch.Generator().manual_seed(7)
+    x = ids()
+    L.inject(tiny_model)
+    adapter = random_adapter(tiny_model, 8, 16, gen)
+    weights = {n: m.base.weight.clone() for n, m in L.lora_layers(tiny_model).items()}
+    L.add_adapter(tiny_model, adapter)
+    with torch.no_grad():
+        want = tiny_model(x).logits
+        with L.gated(tiny_model, torch.zeros(1)):  # adapter off, folded into W instead
+            L.fold(tiny_model, adapter)
+            assert torch.allclose(tiny_model(x).logits, want, atol=1e-5)
+            L.unfold(tiny_model, adapter)
+    for n, m in L.lora_layers(tiny_model).items():
+        assert (m.base.weight - weights[n]).norm() / weights[n].norm() <= 1e-6
+    bad = L.Adapter({"model.layers.0.self_attn.q_proj": random_lora(32, 64, 2, 1.0, gen, torch.float32)})
+    with pytest.raises(ValueError, match="cannot fold into model.layers.0.self_attn.q_proj"):
+        L.fold(tiny_model, bad)
+
+
+# ---------------------------------------------------------------------------------------------- PEFT format
+def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
+    from peft import PeftModel
+
+    gen = torch.Generator().manual_seed(8)
+    x = ids()
+    ours = tiny_qwen2()
+    L.inject(ours)
+    adapter = random_adapter(ours, 8, 16, gen)
+    adapter.modules["model.layers.1.self_attn.v_proj"] = random_lora(64, 32, 4, 0.5, gen, torch.float32)  # rank 4
+    L.add_adapter(ours, adapter)
+    L.save_adapter(adapter, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["rank_pattern"] == {"model.layers.1.self_attn.v_proj": 4}
+    peft_model = PeftModel.from_pretrained(tiny_qwen2(), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert (peft_model(x).logits - ours(x).logits).abs().max() <= 1e-5
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+
+
+def test_peft_trained_adapter_loads_in_ours_with_same_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    x = ids()
+    peft_model = get_peft_model(tiny_qwen2(), LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(9)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)  # as if trained: B is no longer zero
+    peft_model.eval().save_pretrained(tmp_path / "p")
+    adapter = L.load_adapter(tmp_path / "p")
+    assert len(adapter.modules) == 6 and {lo.scale for lo in adapter.modules.values()} == {3.0}
+    ours = tiny_qwen2()
+    L.inject(ours, targets=("q_proj", "v_proj", "down_proj"))
+    L.add_adapter(ours, adapter)
+    with torch.no_grad():
+        assert (peft_model(x).logits - ours(x).logits).abs().max() <= 1e-5
+
+
+def test_load_errors_are_clear(tmp_path, tiny_model):
+    with pytest.raises(FileNotFoundError, match="missing adapter file .*create it with `python train.py`"):
+        L.load_adapter(tmp_path / "none", hint="python train.py")
+    L.inject(tiny_model)
+    adapter = random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0))
+    L.save_adapter(adapter, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt adapter"):
+        L.load_adapter(tmp_path / "a")
+    other = tiny_qwen2(hidden=32)
+    L.inject(other)
+    with pytest.raises(ValueError, match=r"does not fit module model.layers.0.self_attn.q_proj: A \(4, 64\)"):
+        L.add_adapter(other, adapter)
+    assert all(len(m.A) == 0 for m in L.lora_layers(other).values())  # nothing half-applied
+    L.remove(other)
+    L.inject(other, targets=("q_proj",))
+    with pytest.raises(ValueError, match="adapter modules do not match"):
+        L.add_adapter(other, adapter)
+
+
+# ---------------------------------------------------------------------------------------------------------- MoA
+def task_prompts(task: int, n: int, t: int, gen) -> torch.Tensor:
+    """Synthetic prompts like the real ones: random content, then a cue of tokens that names the task
+    (as `### Sentiment:` does), so the last position tells the tasks apart."""
+    cue = torch.tensor([900 + 10 * task, 901 + 10 * task, 902 + 10 * task])
+    return torch.cat([torch.randint(3, 800, (n, t - len(cue)), generator=gen), cue.expand(n, -1)], dim=1)
+
+
+def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
+    gen = torch.Generator().manual_seed(10)
+    torch.manual_seed(10)
+    model = tiny_qwen2()
+    L.inject(model)
+    adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
+    for a in adapters:
+        L.add_adapter(model, a)
+    L.attach_routers(model, 3)
+    routers = [p for layer in L.lora_layers(model).values() for p in layer.router.parameters()]
+    opt = torch.optim.AdamW(routers, lr=1e-2)
+    for step in range(200):
+        labels = torch.randint(0, 3, (8,), generator=gen)
+        x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
+        feats = L.router_inputs(model, x, torch.ones_like(x), labels)
+        loss, _ = L.router_loss(model, feats, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # held-out prompts, routed for real inside the model
+    labels = torch.arange(3).repeat(20)
+    x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
+    with torch.no_grad(), L.routing(model):
+        mixed = model(x).logits
+        decisions = L.route_decisions(model)
+    assert decisions.shape == (60, 8)
+    assert (decisions == labels[:, None]).float().mean() >= 0.95
+    with torch.no_grad():
+        for i in range(0, 60, 7):  # each sample alone gives the same outputs as inside the mixed batch
+            with L.routing(model):
+                alone = model(x[i:i + 1]).logits
+                assert torch.equal(L.route_decisions(model)[0], decisions[i])
+            assert (alone[0] - mixed[i]).abs().max() <= 1e-5
+    # routes chosen at the prompt are kept while generating
+    with torch.no_grad(), L.routing(model):
+        out = model.generate(x[:6], attention_mask=torch.ones_like(x[:6]), max_new_tokens=4, do_sample=False)
+        assert torch.equal(L.route_decisions(model), decisions[:6])
+    assert out.shape == (6, 14)
+    L.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
+    fresh = tiny_qwen2()
+    L.inject(fresh)
+    for a in adapters:
+        L.add_adapter(fresh, a)
+    with pytest.raises(ValueError, match=r"trained for tasks \['a', 'b', 'c'\], not \['a', 'c', 'b'\]"):
+        L.load_routers(fresh, tmp_path / "moa", ["a", "c", "b"])
+    L.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
+    with torch.no_grad(), L.routing(fresh):
+        assert torch.allclose(fresh(x).logits, mixed, atol=1e-6)
