@@ -192,7 +192,8 @@ def gated(model: nn.Module, gate: torch.Tensor | None):
 
 
 # --------------------------------------------------------------------------------------------- PEFT on disk
-def _atomic_write(path: Path, write):
+def atomic_write(path: Path, write):
+    """Write through `write(tmp_path)` then rename: a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
@@ -220,8 +221,8 @@ def save_adapter(adapter: Adapter, folder, targets=None):
     for name, lora in adapter.modules.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B.contiguous()
-    _atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -328,7 +329,7 @@ def merge(adapters: list[Adapter], method: str, weights=None, **kwargs) -> Adapt
         if len(shapes) > 1:
             raise ValueError(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
     fn = MERGES[method]
-    return Adapter({n: fn([a.modules[n] for a in adapters], weights, **kwargs) for n in sorted(names)},
+    return Adapter({n: fn([a.modules[n] for a in adapters], weights=weights, **kwargs) for n in sorted(names)},
                    adapters[0].base_model)
 
 
@@ -434,8 +435,8 @@ def save_routers(model: nn.Module, folder, tasks: list[str], base_model: str, ex
     tensors = {f"{name}.router.{p}": getattr(layer.router, p).detach().float().contiguous()
                for name, layer in layers.items() for p in ("weight", "bias")}
     meta = {"tasks": list(tasks), "layers": list(layers), "base_model": base_model, **(extra or {})}
-    _atomic_write(folder / "routers.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(folder / "routers.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / "routers.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(folder / "routers.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
 def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> dict:

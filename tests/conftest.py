@@ -1,6 +1,13 @@
-"""Shared fixtures: tiny random-initialised Qwen2 models built from a config (no files, seconds)."""
-import pytest
-import torch
+"""Shared fixtures: tiny random-initialised Qwen2 models built from a config (no files, seconds).
+
+The tests never reach the network: the hub libraries read these variables when first imported."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_qwen2(seed: int = 0, vocab: int = 1000, hidden: int = 64, layers: int = 2):
@@ -18,3 +25,15 @@ def tiny_qwen2(seed: int = 0, vocab: int = 1000, hidden: int = 64, layers: int =
 @pytest.fixture
 def tiny_model():
     return tiny_qwen2()
+
+
+def save_tiny_model(folder, seed: int = 0):
+    """A tiny random Qwen2 with the embedded model's tokenizer, saved as a model folder the scripts can load."""
+    from src.models import embedded_model_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(embedded_model_dir())
+    model = tiny_qwen2(seed=seed, vocab=len(tokenizer), hidden=32)
+    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

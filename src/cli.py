@@ -1,0 +1,23 @@
+"""What the three scripts share: common flags, and one-line errors instead of tracebacks for bad input."""
+import argparse
+import sys
+
+from .models import EMBEDDED
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=EMBEDDED, help="hub id (Qwen/Qwen2-1.5B), local folder, or the embedded default")
+    p.add_argument("--data", default="local", choices=["local", "hub"], help="shipped samples or the paper's hub datasets")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="hyperparameters (flags override them)")
+    p.add_argument("--root", default=".", help="folder holding adapters/ and results/")
+    return p
+
+
+def run(main):
+    """Call main(); bad input (unknown task, missing or corrupt file, ...) exits 2 with its one-line message."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,279 @@
+"""Training: one task's LoRA (`train_lora`) and the MoA routers over frozen task LoRAs (`train_routers`).
+
+Presets hold every hyperparameter; a flag of the scripts overrides any of them.
+* paper: the original's settings (DESIGN.md section 2): r 8, alpha 16, AdamW lr 5e-5, batch 2, max length 512 of
+  which up to 128 target tokens, 5,000 train rows, validation every 100 steps, patience 3, up to 10 epochs;
+  routers: AdamW lr 1e-4, 1 epoch, batch 4.
+* cpu: the same recipe sized for `make reproduce` on a 2-core laptop: fewer rows and steps, shorter sequences,
+  a larger learning rate so that 30 steps learn the output format. Same code path.
+
+The LoRA loss is the mean cross-entropy over target tokens (and EOS); logits are computed only at those positions.
+A checkpoint (adapter, optimizer, step, early-stopping state, log) is one safetensors file written atomically;
+`resume=True` continues from it and ends with the same adapter as an uninterrupted run.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import lora as L
+from .data import encode_train, fit_prompt, load_rows, pad_batch
+from .tasks import get_task
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sentiment"
+    model: str = "smollm2-135m"
+    data: str = "local"
+    r: int = 8
+    alpha: float = 16
+    targets: tuple = L.ATTENTION_TARGETS
+    lr: float = 5e-5
+    batch_size: int = 2
+    epochs: int = 10
+    max_steps: int = 0              # 0: no limit besides epochs and early stopping
+    train_rows: int = 5000
+    val_rows: int = 500
+    max_len: int = 512
+    max_target: int = 128
+    eval_every: int = 100
+    patience: int = 3
+    save_every: int = 100           # checkpoint period in steps
+    seed: int = 0
+    # MoA routers
+    router_lr: float = 1e-4
+    router_epochs: int = 1
+    router_batch_size: int = 4
+    router_rows: int = 5000         # train rows per task for the routers
+    router_heldout: int = 200       # rows per task (after the training rows) to measure routing accuracy
+    max_prompt: int = 400
+
+
+PRESETS = {
+    "paper": {},
+    "cpu": dict(lr=1e-3, batch_size=8, epochs=1, max_steps=30, train_rows=240, val_rows=32, max_len=192,
+                max_target=64, eval_every=10, save_every=10, router_lr=1e-3, router_epochs=3, router_batch_size=8,
+                router_rows=48, router_heldout=24, max_prompt=192),
+}
+
+
+def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    known = {f.name for f in fields(TrainConfig)}
+    values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}}
+    if "targets" in values and isinstance(values["targets"], str):
+        values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
+    return TrainConfig(**values)
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the target tokens; the vocabulary projection runs only at those positions."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][where])
+    return F.cross_entropy(logits.float(), labels[where]), int(where.sum())
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = pad_batch([e["input_ids"] for e in chunk], pad_id, left=False, labels=[e["labels"] for e in chunk])
+        loss, n = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # a function of (seed, epoch) alone, so a resumed run sees the same batches
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict, best: dict):
+    params = L.adapter_parameters(model)
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
+    for i, p in enumerate(params):
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    tensors = load_file(str(path))
+    params = L.adapter_parameters(model)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            opt_state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+            if opt_state:
+                optimizer.state[p] = opt_state
+    torch.set_rng_state(tensors["rng"])
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    return state, best
+
+
+def _snapshot(model) -> dict:
+    return {f"{i}": p.detach().clone() for i, p in enumerate(L.adapter_parameters(model))}
+
+
+def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False) -> dict:
+    """Train cfg.task's LoRA on `model` (injected here, removed at the end); write the best adapter (lowest
+    validation loss) in PEFT format to out_dir with train_log.jsonl. Returns a summary."""
+    task = get_task(cfg.task)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.safetensors"
+    device = model.device
+    pad = tokenizer.eos_token_id
+
+    train_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
+                for r in load_rows(task, "train", cfg.data, n=cfg.train_rows)]
+    val_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
+              for r in load_rows(task, "train", cfg.data, n=cfg.val_rows, offset=len(train_ex))]
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    torch.manual_seed(cfg.seed)
+    L.inject(model, cfg.targets)
+    try:
+        L.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True)
+        model.train()
+        optimizer = torch.optim.AdamW(L.adapter_parameters(model), lr=cfg.lr)
+        state = {"step": 0, "best_val": None, "bad": 0, "log": [], "stopped": False, "config": asdict(cfg)}
+        best = _snapshot(model)
+        if resume and ckpt_path.exists():
+            state, best = _load_checkpoint(ckpt_path, model, optimizer)
+            if state["config"] != json.loads(json.dumps(asdict(cfg))):
+                raise ValueError(f"{ckpt_path} was written with other settings: delete it or drop --resume")
+        bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.task}", unit="step")
+        tokens, started = 0, time.perf_counter()
+        while state["step"] < total and not state["stopped"]:
+            step = state["step"]
+            order = _epoch_order(len(train_ex), cfg.seed, step // steps_per_epoch)
+            start = (step % steps_per_epoch) * cfg.batch_size
+            chunk = [train_ex[i] for i in order[start:start + cfg.batch_size]]
+            batch = pad_batch([e["input_ids"] for e in chunk], pad, left=False, labels=[e["labels"] for e in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, _ = lm_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            state["step"] = step = step + 1
+            entry = {"step": step, "loss": round(loss.item(), 6),
+                     "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}
+            if step % cfg.eval_every == 0 or step == total:
+                model.eval()
+                entry["val_loss"] = round(validation_loss(model, val_ex, cfg.batch_size, pad, device), 6)
+                model.train()
+                if state["best_val"] is None or entry["val_loss"] < state["best_val"]:
+                    state["best_val"], state["bad"], best = entry["val_loss"], 0, _snapshot(model)
+                else:
+                    state["bad"] += 1
+                    state["stopped"] = state["bad"] >= cfg.patience
+            state["log"].append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"val": f"{entry['val_loss']:.3f}"} if "val_loss" in entry else {}))
+            bar.update(1)
+            if step % cfg.save_every == 0:
+                _save_checkpoint(ckpt_path, model, optimizer, state, best)
+        bar.close()
+        with torch.no_grad():
+            for i, p in enumerate(L.adapter_parameters(model)):
+                p.copy_(best[str(i)])
+        adapter = L.get_adapter(model, 0, base_model=cfg.model)
+    finally:
+        L.remove(model)
+        model.eval()
+    L.save_adapter(adapter, out_dir, cfg.targets)
+    log_tmp = out_dir / f".train_log.jsonl.tmp{os.getpid()}"
+    log_tmp.write_text("".join(json.dumps(e) + "\n" for e in state["log"]))
+    os.replace(log_tmp, out_dir / "train_log.jsonl")
+    ckpt_path.unlink(missing_ok=True)
+    return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
+            "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex)}
+
+
+# -------------------------------------------------------------------------------------------------- routers
+def prompt_batches(tasks: list[str], rows: dict, tokenizer, budget: int, batch_size: int, order=None):
+    """Left-padded prompt batches over the (task index, row) items, with their task labels."""
+    items = [(k, fit_prompt(get_task(t), r, tokenizer, budget)) for k, t in enumerate(tasks) for r in rows[t]]
+    order = order if order is not None else range(len(items))
+    items = [items[i] for i in order]
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        yield pad_batch([ids for _, ids in chunk], tokenizer.eos_token_id, left=True), torch.tensor([k for k, _ in chunk])
+
+
+@torch.no_grad()
+def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
+    """Route held-out prompts for real (each layer's router picks an adapter at the prompt) and compare with the
+    gold task: overall share of (sample, layer) decisions that are right, and the share per layer."""
+    decisions, labels = [], []
+    for batch, gold in prompt_batches(tasks, rows, tokenizer, budget, batch_size):
+        with L.routing(model):
+            model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
+            decisions.append(L.route_decisions(model).cpu())
+        labels.append(gold)
+    decisions, labels = torch.cat(decisions), torch.cat(labels)
+    right = (decisions == labels[:, None]).float()
+    return {"accuracy": right.mean().item(), "per_layer": right.mean(0).tolist(), "n_prompts": len(labels)}
+
+
+def train_routers(cfg: TrainConfig, tasks: list[str], model, tokenizer, adapters: list, out_dir) -> dict:
+    """Train one router per LoRA layer over the frozen task adapters (in `tasks` order) with teacher forcing: the
+    gold task's adapter is active, the loss is the mean over routers of the cross-entropy against the task."""
+    targets = sorted({n.rpartition(".")[2] for n in adapters[0].modules})
+    rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in tasks}
+    heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in tasks}
+    torch.manual_seed(cfg.seed)
+    L.inject(model, targets)
+    try:
+        for a in adapters:
+            L.add_adapter(model, a)
+        L.attach_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
+        routers = [p for layer in L.lora_layers(model).values() for p in layer.router.parameters()]
+        optimizer = torch.optim.AdamW(routers, lr=cfg.router_lr)
+        n_items = sum(len(v) for v in rows.values())
+        steps = cfg.router_epochs * math.ceil(n_items / cfg.router_batch_size)
+        bar = tqdm(total=steps, desc=f"routers {len(tasks)} tasks", unit="step")
+        log = []
+        for epoch in range(cfg.router_epochs):
+            order = _epoch_order(n_items, cfg.seed, epoch)
+            for batch, gold in prompt_batches(tasks, rows, tokenizer, cfg.max_prompt, cfg.router_batch_size, order):
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                features = L.router_inputs(model, batch["input_ids"], batch["attention_mask"], gold.to(model.device))
+                loss, predicted = L.router_loss(model, features, gold.to(model.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                log.append({"epoch": epoch, "loss": loss.item(),
+                            "train_accuracy": (predicted.cpu() == gold).float().mean().item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{log[-1]['train_accuracy']:.2f}")
+                bar.update(1)
+        bar.close()
+        accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
+        L.save_routers(model, out_dir, tasks, cfg.model,
+                       extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log})
+    finally:
+        L.remove(model)
+    return accuracy

@@ -1,0 +1,36 @@
+"""Train one LoRA per task on the base model and save it in PEFT format to adapters/<model>/<task>/.
+
+    python train_individual_loras.py --task sentiment                     # embedded model, cpu preset, shipped data
+    python train_individual_loras.py --task all --model Qwen/Qwen2-1.5B --preset paper --data hub
+    python train_individual_loras.py --task qa --resume                   # continue from the last checkpoint
+
+Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
+"""
+from src import cli
+from src.evaluation import adapter_dir
+from src.models import load_model
+from src.tasks import parse_tasks
+from src.train import make_config, train_lora
+
+
+def main(argv=None):
+    p = cli.common_parser(__doc__.splitlines()[0])
+    p.add_argument("--task", required=True, help="a task name, a comma-separated list, or 'all'")
+    p.add_argument("--resume", action="store_true", help="continue from adapters/<model>/<task>/checkpoint.safetensors")
+    for flag, kind in [("r", int), ("alpha", float), ("lr", float), ("batch-size", int), ("epochs", int),
+                       ("max-steps", int), ("train-rows", int), ("val-rows", int), ("max-len", int),
+                       ("max-target", int), ("eval-every", int), ("patience", int), ("save-every", int), ("seed", int)]:
+        p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    p.add_argument("--targets", default=None, help="comma-separated module names, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj")
+    args = p.parse_args(argv)
+    tasks = parse_tasks(args.task)
+    configs = [make_config(args.preset, {**vars(args), "task": t}) for t in tasks]
+    model, tokenizer = load_model(args.model)
+    for cfg in configs:
+        summary = train_lora(cfg, model, tokenizer, adapter_dir(args.root, args.model, cfg.task), resume=args.resume)
+        print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f} "
+              f"-> {adapter_dir(args.root, args.model, cfg.task)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
