@@ -163,8 +163,6 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     """Run every method on every task and write the results; returns {method: result dict}."""
     root = Path(root)
     check_inputs(root, cfg, tasks, methods)
-    out = results_dir(root, cfg.model, tasks)
-    out.mkdir(parents=True, exist_ok=True)
     adapters = {}
     if set(methods) - {"base"}:
         adapters = {t: L.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
@@ -173,6 +171,8 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     model, tokenizer = load_model(cfg.model)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
     prompts = {t: [fit_prompt(get_task(t), r, tokenizer, cfg.max_prompt) for r in rows[t]] for t in tasks}
+    out = results_dir(root, cfg.model, tasks)
+    out.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in methods:
         results[method] = run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings,

@@ -139,16 +139,15 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     """Train cfg.task's LoRA on `model` (injected here, removed at the end); write the best adapter (lowest
     validation loss) in PEFT format to out_dir with train_log.jsonl. Returns a summary."""
     task = get_task(cfg.task)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / "checkpoint.safetensors"
     device = model.device
     pad = tokenizer.eos_token_id
-
     train_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
                 for r in load_rows(task, "train", cfg.data, n=cfg.train_rows)]
     val_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
               for r in load_rows(task, "train", cfg.data, n=cfg.val_rows, offset=len(train_ex))]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.safetensors"
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total

@@ -1,0 +1,158 @@
+"""The three scripts end to end on a tiny random model, kill-and-resume, and bad input."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny_model
+from src import cli
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = "sentiment,nli"
+METHODS = ["base", "single", "moa", "concat", "weight_sum", "svd"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def script(name: str, *args, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / name), *args, "--root", str(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
+    script("train_individual_loras.py", "--task", TASKS, "--model", str(tiny_dir), "--max-steps", "6",
+           "--eval-every", "3", "--epochs", "3", "--train-rows", "24", "--val-rows", "8", root=tmp_path)
+    script("train_moa.py", "--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "16", "--router-heldout", "8",
+           root=tmp_path)
+    proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "4", root=tmp_path)
+
+    for task in TASKS.split(","):
+        folder = tmp_path / "adapters" / "tiny" / task
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+        assert len(load_file(str(folder / "adapter_model.safetensors"))) == 2 * 4 * 2
+        log = [json.loads(l) for l in (folder / "train_log.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in log] == list(range(1, 7)) and "val_loss" in log[2] and log[0]["tokens_per_s"] > 0
+        assert not (folder / "checkpoint.safetensors").exists()
+    moa = json.loads((tmp_path / "adapters" / "tiny" / "moa-2" / "routers.json").read_text())
+    assert moa["tasks"] == ["sentiment", "nli"] and len(moa["layers"]) == 8 and 0 <= moa["heldout_accuracy"]["accuracy"] <= 1
+
+    out = tmp_path / "results" / "tiny" / "2-task"
+    for m in METHODS:
+        result = json.loads((out / f"{m}.json").read_text())
+        assert set(result["metrics"]) == {"sentiment", "nli"} and result["rows"] == {"sentiment": 4, "nli": 4}
+        assert {"accuracy", "invalid"} <= set(result["metrics"]["nli"])
+        preds = [json.loads(l) for l in (out / f"{m}.predictions.jsonl").read_text().splitlines()]
+        assert len(preds) == 8 and all(isinstance(p["prediction"], str) for p in preds)
+    router = json.loads((out / "moa.json").read_text())["router"]
+    assert len(router["per_layer"]) == 8 and sum(map(sum, router["confusion"]["counts"])) == 8 * 8
+    with open(out / "summary.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0][:4] == ["method", "sentiment (accuracy)", "nli (accuracy)", "normalized"]
+    assert [row[0] for row in table[1:]] == METHODS
+    assert "| svd |" in (out / "summary.md").read_text() and "| moa |" in proc.stdout
+
+
+def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
+    args = ["--task", "sentiment", "--model", str(tiny_dir), "--max-steps", "400", "--epochs", "100",
+            "--train-rows", "64", "--val-rows", "8", "--eval-every", "40", "--save-every", "10", "--patience", "50"]
+    script("train_individual_loras.py", *args, root=tmp_path / "straight")
+
+    root = tmp_path / "killed"
+    ckpt = root / "adapters" / "tiny" / "sentiment" / "checkpoint.safetensors"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_individual_loras.py"), *args, "--root", str(root)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint: nothing was interrupted"
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as f:
+        killed_at = json.loads(f.metadata()["state"])["step"]
+    assert 0 < killed_at < 400
+    script("train_individual_loras.py", *args, "--resume", root=root)
+
+    a = load_file(str(tmp_path / "straight" / "adapters" / "tiny" / "sentiment" / "adapter_model.safetensors"))
+    b = load_file(str(root / "adapters" / "tiny" / "sentiment" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # it did train
+    log = [json.loads(l) for l in (root / "adapters" / "tiny" / "sentiment" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 401))
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def run_main(module_name: str, argv: list[str], capsys) -> str:
+    """Run a script's main in-process through cli.run; return its one-line error (it must exit 2)."""
+    module = __import__(module_name)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: module.main(argv))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]  # progress bars may come before it
+    assert err.startswith("error: ") and "Traceback" not in stderr
+    return err
+
+
+def test_unknown_task_and_method(tmp_path, capsys):
+    err = run_main("train_individual_loras", ["--task", "summarisation", "--root", str(tmp_path)], capsys)
+    assert "unknown task 'summarisation': choose from summarization, translation, qa" in err
+    err = run_main("full_evaluation", ["--tasks", "qa", "--methods", "base,ties", "--root", str(tmp_path)], capsys)
+    assert "unknown method 'ties': choose from base, single, moa" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_adapter_names_the_command(tiny_dir, tmp_path, capsys):
+    err = run_main("full_evaluation", ["--tasks", TASKS, "--model", str(tiny_dir), "--root", str(tmp_path)], capsys)
+    assert "missing adapter" in err and "sentiment/adapter_config.json" in err
+    assert f"python train_individual_loras.py --task sentiment --model {tiny_dir} --preset cpu" in err
+    err = run_main("train_moa", ["--tasks", TASKS, "--model", str(tiny_dir), "--root", str(tmp_path)], capsys)
+    assert "create it with `python train_individual_loras.py --task sentiment" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_corrupt_adapter_and_no_partial_results(tiny_dir, tmp_path, capsys):
+    import train_individual_loras
+
+    train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "2", "--train-rows", "16",
+                                 "--val-rows", "4", "--root", str(tmp_path)])
+    weights = tmp_path / "adapters" / "tiny" / "nli" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
+    err = run_main("full_evaluation", ["--tasks", TASKS, "--model", str(tiny_dir), "--methods", "single,svd",
+                                       "--rows", "2", "--root", str(tmp_path)], capsys)
+    assert "corrupt adapter in" in err and "nli" in err
+    results = tmp_path / "results"
+    assert not results.exists() or not [p for p in results.rglob("*") if p.is_file()]
+
+
+def test_empty_data_file(tiny_dir, tmp_path, capsys, monkeypatch):
+    import src.tasks
+
+    for task in ("sentiment", "nli"):
+        (tmp_path / "data" / task).mkdir(parents=True)
+        (tmp_path / "data" / task / "test.jsonl").write_text("")
+        (tmp_path / "data" / task / "train.jsonl").write_text("")
+    monkeypatch.setattr(src.tasks, "DATA_DIR", tmp_path / "data")
+    err = run_main("train_individual_loras", ["--task", "nli", "--model", str(tiny_dir), "--root", str(tmp_path)], capsys)
+    assert "nli/train.jsonl is empty" in err
+    err = run_main("full_evaluation", ["--tasks", TASKS, "--model", str(tiny_dir), "--methods", "base",
+                                       "--root", str(tmp_path)], capsys)
+    assert "sentiment/test.jsonl is empty" in err
+    assert not (tmp_path / "adapters").exists() and not (tmp_path / "results").exists()
