@@ -73,14 +73,14 @@ TASKS = {
         content="sentence",
         segments=lambda r: [(r["sentence"], True), ("\n### Sentiment:\n", False)],
         target=lambda r: SENTIMENT_LABELS[r["label"]], references=lambda r: [SENTIMENT_LABELS[r["label"]]],
-        metric="label", primary="accuracy", max_new_tokens=4, labels=SENTIMENT_LABELS),
+        metric="label", primary="accuracy", max_new_tokens=8, labels=SENTIMENT_LABELS),
     "nli": Task(
         name="nli", hub=("nyu-mll/glue", "mnli"), train_split="train", eval_split="validation_matched",
         content="premise",
         segments=lambda r: [("### Premise:\n", False), (r["premise"], True),
                             ("\n### Hypothesis:\n" + r["hypothesis"].strip() + "\n### Relationship:\n", False)],
         target=lambda r: NLI_LABELS[r["label"]], references=lambda r: [NLI_LABELS[r["label"]]],
-        metric="label", primary="accuracy", max_new_tokens=4, labels=NLI_LABELS,
+        metric="label", primary="accuracy", max_new_tokens=8, labels=NLI_LABELS,
         keep=lambda r: r["label"] in (0, 1, 2)),
     "paraphrasing": Task(
         name="paraphrasing", hub=("google-research-datasets/paws", "labeled_final"), train_split="train", eval_split="validation",
