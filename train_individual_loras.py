@@ -6,11 +6,13 @@
 
 Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
 """
+from pathlib import Path
+
 from src import cli
 from src.evaluation import adapter_dir
-from src.models import load_model
+from src.models import load_model, model_slug
 from src.tasks import parse_tasks
-from src.train import make_config, train_lora
+from src.train import make_config, publish_log, train_lora
 
 
 def main(argv=None):
@@ -27,9 +29,11 @@ def main(argv=None):
     configs = [make_config(args.preset, {**vars(args), "task": t}) for t in tasks]
     model, tokenizer = load_model(args.model)
     for cfg in configs:
-        summary = train_lora(cfg, model, tokenizer, adapter_dir(args.root, args.model, cfg.task), resume=args.resume)
+        out = adapter_dir(args.root, args.model, cfg.task)
+        summary = train_lora(cfg, model, tokenizer, out, resume=args.resume)
+        publish_log(out, Path(args.root) / "results" / model_slug(args.model) / "train_logs" / f"{cfg.task}.jsonl")
         print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f} "
-              f"-> {adapter_dir(args.root, args.model, cfg.task)}")
+              f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ What is here, top to bottom:
 * `inject` / `remove`: wrap the target Linear modules of a Hugging Face causal LM, and put the originals back.
 * `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
 * `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
-* Merges, pure functions of factors: `concat`, `weight_sum`, `svd` (never forms the dense d_out x d_in update),
+* Merges, pure functions of factors: `concat`, `weight_sum`, `svd` (never forms the dense d_out x d_in update;
+  `factored_svd` is its core),
   `merge` (applies one to every module of a list of adapters), `fold` / `unfold` (add an update into W and back).
 * MoA: `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
@@ -18,7 +19,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -297,19 +298,24 @@ def weight_sum(loras: list[Lora], weights=None) -> Lora:
     return Lora(A, B, loras[0].scale)
 
 
-def svd(loras: list[Lora], rank: int = 8, weights=None) -> Lora:
-    """The rank-`rank` truncated SVD of sum_i w_i s_i B_i A_i (w_i = 1/N: the original's mean), without forming
-    the d_out x d_in matrix: with B_cat = [w_i s_i B_i] = Q_b R_b and A_cat^T = [A_i]^T = Q_a R_a (thin QR),
-    the update is Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core gives the same singular triplets."""
-    w = _weights(len(loras), weights, 1.0 / len(loras))
-    dtype = loras[0].A.dtype
-    B_cat = torch.cat([wi * l.scale * l.B.double() for wi, l in zip(w, loras)], dim=1)   # (d_out, R)
-    A_cat = torch.cat([l.A.double() for l in loras], dim=0)                               # (R, d_in)
-    Qb, Rb = torch.linalg.qr(B_cat)
-    Qa, Ra = torch.linalg.qr(A_cat.T)
+def factored_svd(B: torch.Tensor, A: torch.Tensor):
+    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
+    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
+    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def svd(loras: list[Lora], rank: int = 8, weights=None) -> Lora:
+    """The rank-`rank` truncated SVD of sum_i w_i s_i B_i A_i (w_i = 1/N: the original's mean), computed from the
+    concatenated factors (rank R = sum r_i) by `factored_svd`: the same truncation as a dense SVD, at O(d R^2)."""
+    stacked = concat(loras, _weights(len(loras), weights, 1.0 / len(loras)))
+    U, S, Vh = factored_svd(stacked.B, stacked.A)
     k = min(rank, S.shape[0])
-    return Lora((Vh[:k] @ Qa.T).to(dtype), ((Qb @ U[:, :k]) * S[:k]).to(dtype), 1.0)
+    dtype = loras[0].A.dtype
+    return Lora(Vh[:k].to(dtype), (U[:, :k] * S[:k]).to(dtype), 1.0)
 
 
 MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd}

@@ -212,6 +212,13 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
             "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex)}
 
 
+def publish_log(adapter_folder: Path, dest: Path):
+    """Copy a finished run's train_log.jsonl next to the results (adapters/ stays out of git; the curves do not)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    text = (Path(adapter_folder) / "train_log.jsonl").read_text()
+    L.atomic_write(dest, lambda p: p.write_text(text))
+
+
 # -------------------------------------------------------------------------------------------------- routers
 def prompt_batches(tasks: list[str], rows: dict, tokenizer, budget: int, batch_size: int, order=None):
     """Left-padded prompt batches over the (task index, row) items, with their task labels."""

@@ -1,0 +1,398 @@
+"""Side-by-side benchmarks: our LoRA, merges and MoA against PEFT and the base model. Ratios, not seconds.
+
+    python benchmarks/bench.py                      # every case, each in its own process; writes results/bench.{json,md}
+    python benchmarks/bench.py --case svd-qwen2-1.5b # one case, printed as JSON
+    python benchmarks/bench.py --device cuda --out results/bench-gpu   # on a GPU: bf16, Qwen2-1.5B shapes
+
+Method: each comparison runs in a fresh process; after one warm-up of each side, the two sides are timed
+alternately, `--reps` times each (default 5), and the medians are compared. `ratio` is always
+time(reference) / time(ours) (or ours' throughput / the reference's): above 1 means ours is faster.
+
+Models: the merge cases use adapters on the attention projections (q, k, v, o) of every layer, with the module
+paths and shapes of the embedded SmolLM2-135M and of Qwen2-1.5B (hidden 1536, 28 layers, 12 heads, 2 KV heads);
+a merge touches only those modules, so the Qwen2-1.5B case builds just them. Training and inference run the whole
+model: the embedded model on the CPU, a random-initialised Qwen2-1.5B on a GPU.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from src import lora as L  # noqa: E402
+
+N_ADAPTERS, RANK, ALPHA = 7, 8, 16
+QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(ours, reference, reps: int, device="cpu") -> dict:
+    """Median seconds of each side over `reps` alternating runs after one warm-up of each."""
+    ours(), reference()
+    t_ours, t_ref = [], []
+    for _ in range(reps):
+        for fn, times in ((ours, t_ours), (reference, t_ref)):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    m_ours, m_ref = statistics.median(t_ours), statistics.median(t_ref)
+    return {"ours_s": m_ours, "reference_s": m_ref, "ratio": m_ref / m_ours, "reps": reps}
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def attention_skeleton(layers: int, hidden: int, kv: int) -> nn.Module:
+    """Just the attention projections of a decoder, under the same module paths as the Hugging Face model."""
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList()
+    for _ in range(layers):
+        block = nn.Module()
+        block.self_attn = nn.Module()
+        for name, d_out in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)):
+            setattr(block.self_attn, name, nn.Linear(hidden, d_out, bias=name != "o_proj"))
+        model.model.layers.append(block)
+    return model
+
+
+def merge_model(shape: str) -> nn.Module:
+    if shape == "qwen2-1.5b":
+        return attention_skeleton(28, 1536, 256)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from src.models import embedded_model_dir
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(embedded_model_dir()))
+
+
+def full_model(device, dtype):
+    """The embedded model on the CPU; a random-initialised Qwen2-1.5B on a GPU (no hub there either)."""
+    if str(device).startswith("cuda"):
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_1_5B)).to(dtype)
+        model.requires_grad_(False)
+        return model.eval(), "Qwen2-1.5B-shaped, random init"
+    from src.models import load_model
+
+    model, _ = load_model("smollm2-135m", device=device, dtype=dtype)
+    return model, "SmolLM2-135M (embedded)"
+
+
+def random_adapters(model: nn.Module, n: int, gen: torch.Generator, std=0.02) -> list:
+    """Adapters shaped like trained ones: B's columns decay (0.7^j), and each task has its own overall size
+    (0.5x to 2x), so the summed update has a spread spectrum rather than clustered singular values."""
+    L.inject(model)
+    shapes = {name: (layer.base.in_features, layer.base.out_features) for name, layer in L.lora_layers(model).items()}
+    L.remove(model)
+    decay = 0.7 ** torch.arange(RANK, dtype=torch.float32)
+    sizes = 0.5 + 1.5 * torch.rand(n, generator=gen)
+    return [L.Adapter({name: L.Lora(torch.randn(RANK, d_in, generator=gen) * std,
+                                    torch.randn(d_out, RANK, generator=gen) * std * decay * sizes[i], ALPHA / RANK)
+                       for name, (d_in, d_out) in shapes.items()}) for i in range(n)]
+
+
+def peft_with(model: nn.Module, adapters: list):
+    """The same adapters loaded into PEFT, as t0..t{n-1}."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(L.ATTENTION_TARGETS), lora_dropout=0.0)
+    peft_model = get_peft_model(model, config, adapter_name="t0")
+    for i in range(1, len(adapters)):
+        peft_model.add_adapter(f"t{i}", config)
+    lora_model = peft_model.base_model
+    with torch.no_grad():
+        for i, adapter in enumerate(adapters):
+            for name, lora in adapter.modules.items():
+                module = lora_model.model.get_submodule(name)
+                module.lora_A[f"t{i}"].weight.copy_(lora.A)
+                module.lora_B[f"t{i}"].weight.copy_(lora.B)
+    return peft_model
+
+
+# ------------------------------------------------------------------------------------------------------- cases
+PEFT_COMBINATION = {"svd": "svd", "concat": "cat", "weight_sum": "linear"}
+
+
+def case_merge(method: str, shape: str, reps: int) -> dict:
+    """Our merge against PEFT's add_weighted_adapter on the same 7 adapters, and the per-module difference.
+
+    Scales: PEFT's svd and cat multiply each adapter's delta by weight * scaling and give the merged adapter
+    r = alpha (scale 1), as ours does. PEFT's linear puts sqrt(weight * scaling) on both A and B, so with equal
+    scales its weights w give our weight_sum with weights sqrt(w): we use w = 1 on both sides (the paper's sum)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = merge_model(shape)
+    adapters = random_adapters(model, N_ADAPTERS, gen)
+    peft_model = peft_with(model, adapters)
+    weights = [1.0 / N_ADAPTERS] * N_ADAPTERS if method == "svd" else [1.0] * N_ADAPTERS
+    names = [f"t{i}" for i in range(N_ADAPTERS)]
+
+    def ours():
+        return L.merge(adapters, method, weights=weights, **({"rank": RANK} if method == "svd" else {}))
+
+    def reference():
+        if "merged" in peft_model.peft_config:
+            peft_model.delete_adapter("merged")
+        peft_model.add_weighted_adapter(names, weights, "merged", combination_type=PEFT_COMBINATION[method],
+                                        **({"svd_rank": RANK} if method == "svd" else {}))
+
+    result = compare(ours, reference, reps)
+    merged = ours()
+    worst, worst_dense = 0.0, {"ours": 0.0, "peft": 0.0}
+    for name, lora in merged.modules.items():
+        module = peft_model.base_model.model.get_submodule(name)
+        theirs = module.scaling["merged"] * (module.lora_B["merged"].weight @ module.lora_A["merged"].weight).double()
+        mine = lora.delta().double()
+        worst = max(worst, ((mine - theirs).norm() / theirs.norm()).item())
+        if method == "svd" and shape == "smollm2":  # a float64 dense reference too (too slow at 1536 x 8960)
+            dense = sum(w * l.modules[name].delta().double() for w, l in zip(weights, adapters))
+            U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+            ref = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+            for side, upd in (("ours", mine), ("peft", theirs)):
+                worst_dense[side] = max(worst_dense[side], ((upd - ref).norm() / ref.norm()).item())
+    extra = {"max_rel_diff_vs_dense_float64": worst_dense} if method == "svd" and shape == "smollm2" else {}
+    return {**result, "max_rel_frobenius_diff": worst, "modules": len(merged.modules), "shape": shape, **extra}
+
+
+def training_batch(model, device, batch=8, seq=128, target=32):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size - 1, (batch, seq), generator=gen).to(device)
+    labels = ids.clone()
+    labels[:, :seq - target] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def case_train(loss_kind: str, device, dtype, reps: int) -> dict:
+    """One AdamW step on 8 x 128 tokens (loss on the last 32): ours against PEFT LoRA, same targets, r, alpha.
+
+    loss_kind "same": both sides use our loss (vocabulary projection only at target positions), isolating the
+    LoRA layer. "as-shipped": ours as our trainer runs it, PEFT with the model's own loss (full logits)."""
+    from peft import LoraConfig, get_peft_model
+
+    from src.train import lm_loss
+
+    model, label = full_model(device, dtype)
+    batch = training_batch(model, device)
+    torch.manual_seed(0)
+    ours_model = model
+    L.inject(ours_model)
+    L.add_adapter(ours_model, r=RANK, alpha=ALPHA, trainable=True)
+    ours_opt = torch.optim.AdamW(L.adapter_parameters(ours_model), lr=1e-4)
+
+    import copy
+
+    plain = copy.deepcopy(ours_model)
+    L.remove(plain)
+    peft_model = get_peft_model(plain, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(L.ATTENTION_TARGETS)))
+    peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    hf_model = peft_model.base_model.model
+
+    def step(m, opt, loss_fn):
+        loss = loss_fn(m)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def ours():
+        step(ours_model, ours_opt, lambda m: lm_loss(m, batch)[0])
+
+    def reference():
+        if loss_kind == "same":
+            step(hf_model, peft_opt, lambda m: lm_loss(m, batch)[0])
+        else:
+            step(peft_model, peft_opt, lambda m: m(**batch).loss)
+
+    result = compare(ours, reference, reps, device)
+    tokens = batch["input_ids"].numel()
+    return {**result, "model": label, "ours_tokens_per_s": tokens / result["ours_s"],
+            "reference_tokens_per_s": tokens / result["reference_s"]}
+
+
+def case_inference(kind: str, device, dtype, reps: int) -> dict:
+    """Greedy generation of 32 tokens for 8 prompts of 64 tokens.
+
+    folded-vs-base:     an SVD-merged adapter folded into W against the base model (the physical limit);
+    concat-unfolded:    7 adapters active in the LoRA layers against the same concat folded into W;
+    moa-vs-single:      MoA (7 adapters, routers, per-sample routes) against one LoRA, both batched;
+    moa-batched-vs-bs1: MoA batched against MoA one prompt at a time (how the original had to evaluate)."""
+    model, label = full_model(device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    adapters = [L.Adapter({n: L.Lora(l.A.to(device, dtype), l.B.to(device, dtype), l.scale) for n, l in a.modules.items()})
+                for a in random_adapters(model, N_ADAPTERS, gen)]
+    ids = torch.randint(100, model.config.vocab_size - 1, (8, 64), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+
+    def generate(x=ids, m=mask, route=False):
+        from contextlib import nullcontext
+
+        with torch.no_grad(), (L.routing(model) if route else nullcontext()):
+            model.generate(input_ids=x, attention_mask=m, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                           pad_token_id=0)
+
+    tokens = ids.shape[0] * 32
+    if kind == "folded-vs-base":
+        merged = L.merge(adapters, "svd", rank=RANK)
+        base_model = __import__("copy").deepcopy(model)
+        L.fold(model, merged)
+
+        def reference():
+            with torch.no_grad():
+                base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                                    do_sample=False, pad_token_id=0)
+        result = compare(generate, reference, reps, device)
+    elif kind == "concat-unfolded":
+        folded = __import__("copy").deepcopy(model)
+        L.fold(folded, L.merge(adapters, "concat"))
+        L.inject(model)
+        for a in adapters:
+            L.add_adapter(model, a)
+
+        def folded_generate():
+            with torch.no_grad():
+                folded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                                do_sample=False, pad_token_id=0)
+        result = compare(generate, folded_generate, reps, device)  # ratio < 1: unfolded is slower
+    elif kind in ("moa-vs-single", "moa-batched-vs-bs1"):
+        single = __import__("copy").deepcopy(model)
+        L.inject(single)
+        L.add_adapter(single, adapters[0])
+        L.inject(model)
+        for a in adapters:
+            L.add_adapter(model, a)
+        L.attach_routers(model, N_ADAPTERS, generator=torch.Generator().manual_seed(1))
+        for layer in L.lora_layers(model).values():
+            layer.router.to(device, dtype)
+
+        def moa():
+            generate(route=True)
+        if kind == "moa-vs-single":
+            def reference():
+                with torch.no_grad():
+                    single.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                                    do_sample=False, pad_token_id=0)
+        else:
+            def reference():
+                for i in range(ids.shape[0]):
+                    generate(ids[i:i + 1], mask[i:i + 1], route=True)
+        result = compare(moa, reference, reps, device)
+    else:
+        raise ValueError(kind)
+    return {**result, "model": label, "ours_tokens_per_s": tokens / result["ours_s"],
+            "reference_tokens_per_s": tokens / result["reference_s"]}
+
+
+def case_eval(device, dtype, reps: int) -> dict:
+    """full_evaluation.py's generation path on one task (sentiment, 40 rows, single LoRA): batched (20) against
+    one row at a time (the original's MoA evaluation), rows per second."""
+    from src.data import fit_prompt, load_rows
+    from src.evaluation import generate
+    from src.models import load_model
+    from src.tasks import get_task
+
+    model, tokenizer = load_model("smollm2-135m", device=device, dtype=dtype)
+    task = get_task("sentiment")
+    rows = load_rows(task, "eval", n=40)
+    prompts = [fit_prompt(task, r, tokenizer, 192) for r in rows]
+    L.inject(model)
+    L.add_adapter(model, random_adapters(model, 1, torch.Generator().manual_seed(0))[0])
+    result = compare(lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 20),
+                     lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 1), reps, device)
+    return {**result, "rows": len(rows), "ours_rows_per_s": len(rows) / result["ours_s"],
+            "reference_rows_per_s": len(rows) / result["reference_s"]}
+
+
+CASES = {
+    "svd-smollm2-135m": ("SVD merge, SmolLM2-135M shapes: ours vs PEFT svd", lambda a: case_merge("svd", "smollm2", a.reps)),
+    "svd-qwen2-1.5b": ("SVD merge, Qwen2-1.5B shapes: ours vs PEFT svd", lambda a: case_merge("svd", "qwen2-1.5b", a.reps)),
+    "concat-qwen2-1.5b": ("concat, Qwen2-1.5B shapes: ours vs PEFT cat", lambda a: case_merge("concat", "qwen2-1.5b", a.reps)),
+    "weight_sum-qwen2-1.5b": ("weight_sum, Qwen2-1.5B shapes: ours vs PEFT linear", lambda a: case_merge("weight_sum", "qwen2-1.5b", a.reps)),
+    "train-same-loss": ("training step, same loss: ours vs PEFT LoRA", lambda a: case_train("same", a.device, a.dtype, a.reps)),
+    "train-as-shipped": ("training step as shipped: ours vs PEFT + HF loss", lambda a: case_train("as-shipped", a.device, a.dtype, a.reps)),
+    "folded-vs-base": ("inference: SVD merge folded into W vs base model", lambda a: case_inference("folded-vs-base", a.device, a.dtype, a.reps)),
+    "concat-unfolded": ("inference: concat unfolded (7 adapters live) vs folded", lambda a: case_inference("concat-unfolded", a.device, a.dtype, a.reps)),
+    "moa-vs-single": ("inference: MoA batched vs single LoRA batched", lambda a: case_inference("moa-vs-single", a.device, a.dtype, a.reps)),
+    "moa-batched-vs-bs1": ("inference: MoA batched vs MoA batch size 1", lambda a: case_inference("moa-batched-vs-bs1", a.device, a.dtype, a.reps)),
+    "eval-throughput": ("evaluation, one task: batched vs one row at a time", lambda a: case_eval(a.device, a.dtype, a.reps)),
+}
+
+TARGETS = {  # the goals of the benchmark issue, as (minimum ratio, what it means)
+    "svd-qwen2-1.5b": (50.0, "at least 50x faster than PEFT's svd"),
+    "train-same-loss": (1.0, "at least as fast as PEFT"),
+    "folded-vs-base": (0.97, "within 3% of the base model"),
+    "moa-vs-single": (0.85, "at least 0.85x single-LoRA throughput"),
+    "moa-batched-vs-bs1": (3.0, "several times MoA at batch size 1"),
+}
+
+
+def run_all(args) -> dict:
+    results = {"device": args.device, "dtype": str(args.dtype), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "cases": {}}
+    for name in args.cases:
+        cmd = [sys.executable, __file__, "--case", name, "--reps", str(args.reps), "--device", args.device]
+        print(f"== {name}: {CASES[name][0]}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"case {name} failed:\n{proc.stderr[-3000:]}")
+        results["cases"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(results["cases"][name]), flush=True)
+    return results
+
+
+def write_report(results: dict, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    L.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
+    lines = [f"# Benchmarks ({results['device']}, {results['dtype']}, torch {results['torch']}, "
+             f"{results['threads']} threads)", "",
+             "ratio = reference time / our time (above 1: ours faster); medians of alternating runs.", "",
+             "| case | what | ratio | target | met | notes |", "|---|---|---|---|---|---|"]
+    for name, r in results["cases"].items():
+        target = TARGETS.get(name)
+        met = "" if target is None else ("yes" if r["ratio"] >= target[0] else "**no**")
+        notes = []
+        if "max_rel_frobenius_diff" in r:
+            notes.append(f"max rel. Frobenius diff {r['max_rel_frobenius_diff']:.1e} over {r['modules']} modules")
+        if "ours_tokens_per_s" in r:
+            notes.append(f"{r['ours_tokens_per_s']:.0f} vs {r['reference_tokens_per_s']:.0f} tokens/s")
+        if "ours_rows_per_s" in r:
+            notes.append(f"{r['ours_rows_per_s']:.2f} vs {r['reference_rows_per_s']:.2f} rows/s")
+        lines.append(f"| {name} | {CASES[name][0]} | {r['ratio']:.2f} | {target[1] if target else ''} | {met} | "
+                     f"{'; '.join(notes)} |")
+    L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=list(CASES), help="run one case in this process and print its JSON")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated cases for the full run")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(REPO / "results" / "bench"), help="report path without suffix")
+    args = p.parse_args()
+    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.case:
+        print(json.dumps(CASES[args.case][1](args)))
+        return
+    args.cases = [c.strip() for c in args.cases.split(",")]
+    write_report(run_all(args), Path(args.out))
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

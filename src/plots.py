@@ -1,0 +1,210 @@
+"""The figures of visualize_lora.ipynb, drawn from results/ (and adapters/ for the geometry).
+
+Each `fig_*` function takes what it plots and returns a matplotlib Figure; `save` writes it as a PNG. The notebook
+loads the inputs once (`load_results`, `load_adapters`, `load_train_logs`) and calls these.
+"""
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the notebook shows the saved figures inline all the same
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import lora as L  # noqa: E402
+from .evaluation import METHODS, paper_normalized  # noqa: E402
+from .metrics import normalized_score  # noqa: E402
+from .tasks import get_task  # noqa: E402
+
+
+def load_results(results_root: Path, model: str) -> dict:
+    """{n_tasks: {method: result json}} for every results/<model>/<n>-task folder."""
+    out = {}
+    for folder in sorted(Path(results_root, model).glob("*-task")):
+        methods = {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS if (folder / f"{m}.json").exists()}
+        if methods:
+            out[int(folder.name.split("-")[0])] = methods
+    return out
+
+
+def normalized(results: dict) -> dict:
+    """{method: (per-task ratio dict, mean)} for one task set; needs the single run."""
+    primary = {t: get_task(t).primary for t in results["single"]["tasks"]}
+    return {m: normalized_score(r["metrics"], results["single"]["metrics"], primary) for m, r in results.items()}
+
+
+def save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
+    sets = sorted(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, n in zip(axes[0], sets):
+        ours = {m: v["mean"] for m, v in normalized(results[n]).items()}
+        paper = paper_normalized(results[n]["single"]["tasks"]).get(paper_model, {})
+        methods = [m for m in METHODS if m in ours]
+        x = np.arange(len(methods))
+        ax.bar(x - 0.2, [ours[m] or 0 for m in methods], 0.4, label="ours")
+        ax.bar(x + 0.2, [paper.get(m) or 0 for m in methods], 0.4, label=f"paper ({paper_model})")
+        ax.set_xticks(x, methods, rotation=20)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel("normalized score (method / single)")
+        ax.set_title(f"{n}-task set")
+        ax.legend()
+    fig.suptitle("Normalized score per method")
+    return fig
+
+
+def fig_heatmap(results: dict):
+    sets = sorted(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4), squeeze=False)
+    for ax, n in zip(axes[0], sets):
+        norm = normalized(results[n])
+        tasks = results[n]["single"]["tasks"]
+        methods = [m for m in METHODS if m in norm]
+        grid = np.array([[norm[m]["per_task"][t] if norm[m]["per_task"][t] is not None else np.nan for t in tasks]
+                         for m in methods])
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.2, np.nanmax(grid)))
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_yticks(range(len(methods)), methods)
+        for i in range(len(methods)):
+            for j in range(len(tasks)):
+                ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}", ha="center", va="center",
+                        color="white" if not np.isnan(grid[i, j]) and grid[i, j] < 0.6 else "black", fontsize=8)
+        ax.set_xlabel("task")
+        ax.set_ylabel("method")
+        ax.set_title(f"{n}-task set: per-task score / single")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle("Normalized per-task score (method x task)")
+    return fig
+
+
+def fig_router(results: dict):
+    sets = [n for n in sorted(results) if "moa" in results[n]]
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 9), squeeze=False)
+    for col, n in enumerate(sets):
+        router = results[n]["moa"]["router"]
+        tasks = router["confusion"]["rows_true_cols_routed"]
+        counts = np.array(router["confusion"]["counts"], dtype=float)
+        share = counts / counts.sum(1, keepdims=True)
+        ax = axes[0, col]
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("routed task")
+        ax.set_ylabel("true task")
+        ax.set_title(f"{n}-task MoA: routing decisions (all layers), accuracy {router['accuracy']:.2f}")
+        ax = axes[1, col]
+        per_layer = router["per_layer"]
+        ax.plot(range(len(per_layer)), list(per_layer.values()), marker=".")
+        ax.axhline(1 / len(tasks), color="grey", ls="--", lw=0.8, label="chance")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("adapted layer (in model order: layer x q, k, v, o)")
+        ax.set_ylabel("routing accuracy")
+        ax.set_title(f"{n}-task MoA: routing accuracy per layer")
+        ax.legend()
+    fig.suptitle("MoA router")
+    return fig
+
+
+# -------------------------------------------------------------------------------------------- adapter geometry
+def load_adapters(adapters_root: Path, model: str, tasks: list[str]) -> dict | None:
+    folder = Path(adapters_root, model)
+    if not all((folder / t / "adapter_model.safetensors").exists() for t in tasks):
+        return None
+    return {t: L.load_adapter(folder / t) for t in tasks}
+
+
+def frobenius_inner(a: L.Lora, b: L.Lora) -> float:
+    """<s_a B_a A_a, s_b B_b A_b>_F from the factors: sum((B_a^T B_b) * (A_a A_b^T)), no dense matrix."""
+    return float(a.scale * b.scale * ((a.B.double().T @ b.B.double()) * (a.A.double() @ b.A.double().T)).sum())
+
+
+def fig_spectra(adapters: dict, rank: int = 8):
+    tasks = list(adapters)
+    targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})
+    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.6), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
+        for t in tasks:
+            spectra = [L.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
+                       for n in names]
+            ax.plot(np.mean([s.numpy() for s in spectra], 0), marker=".", label=t)
+        merged = [L.svd([adapters[t].modules[n] for t in tasks], rank=rank) for n in names]
+        merged_s = [L.factored_svd(m.scale * m.B, m.A)[1].numpy() for m in merged]
+        ax.plot(np.mean(merged_s, 0), "k--", marker="x", label="SVD merge")
+        ax.set_yscale("log")
+        ax.set_xlabel("singular value index")
+        ax.set_ylabel("singular value (mean over layers)")
+        ax.set_title(target)
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle("Spectra of the task updates s B A and of the SVD-merged update")
+    return fig
+
+
+def fig_interference(adapters: dict):
+    tasks = list(adapters)
+    names = list(adapters[tasks[0]].modules)
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names})
+    cos = np.zeros((len(layers), len(tasks), len(tasks)))
+    for li, layer in enumerate(layers):
+        mods = [n for n in names if f".layers.{layer}." in n]
+        for i, a in enumerate(tasks):
+            for j, b in enumerate(tasks):
+                vals = []
+                for n in mods:
+                    la, lb = adapters[a].modules[n], adapters[b].modules[n]
+                    vals.append(frobenius_inner(la, lb) / np.sqrt(frobenius_inner(la, la) * frobenius_inner(lb, lb)))
+                cos[li, i, j] = np.mean(vals)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    mean = cos.mean(0)
+    im = ax1.imshow(mean, cmap="coolwarm", vmin=-1, vmax=1)
+    for i in range(len(tasks)):
+        for j in range(len(tasks)):
+            ax1.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax1.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax1.set_yticks(range(len(tasks)), tasks)
+    ax1.set_title("cosine similarity of task updates (mean over layers)")
+    fig.colorbar(im, ax=ax1, shrink=0.8)
+    off = ~np.eye(len(tasks), dtype=bool)
+    ax2.plot(layers, [np.abs(c[off]).mean() for c in cos], marker=".")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("mean |cosine| between different tasks")
+    ax2.set_title("interference per layer")
+    fig.suptitle("Pairwise similarity of the task updates s B A")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- training logs
+def load_train_logs(results_root: Path, adapters_root: Path, model: str, tasks: list[str]) -> dict:
+    """{task: log rows} from adapters/<model>/<task>/train_log.jsonl, else results/<model>/train_logs/<task>.jsonl."""
+    logs = {}
+    for t in tasks:
+        for path in (Path(adapters_root, model, t, "train_log.jsonl"), Path(results_root, model, "train_logs", f"{t}.jsonl")):
+            if path.exists():
+                logs[t] = [json.loads(line) for line in path.read_text().splitlines()]
+                break
+    return logs
+
+
+def fig_losses(logs: dict):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k, (task, rows) in enumerate(logs.items()):
+        color = f"C{k}"
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.5, label=f"{task} train")
+        val = [r for r in rows if "val_loss" in r]
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, label=f"{task} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on target tokens")
+    ax.set_title("Training loss per task")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
