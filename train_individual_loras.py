@@ -32,7 +32,8 @@ def main(argv=None):
         out = adapter_dir(args.root, args.model, cfg.task)
         summary = train_lora(cfg, model, tokenizer, out, resume=args.resume)
         publish_log(out, Path(args.root) / "results" / model_slug(args.model) / "train_logs" / f"{cfg.task}.jsonl")
-        print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f} "
+        skipped = f", {summary['skipped_rows']} rows longer than --max-len skipped" if summary["skipped_rows"] else ""
+        print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}{skipped} "
               f"-> {out}")
 
 

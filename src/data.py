@@ -44,11 +44,20 @@ def load_rows(task: Task, split: str, source: str = "local", n: int | None = Non
     return rows
 
 
-def fit_prompt(task: Task, row: dict, tokenizer, budget: int) -> list[int]:
-    """Token ids of the task's prompt, the content field cut (at token boundaries) until it fits `budget`."""
+class PromptTooLong(ValueError):
+    pass
+
+
+def fit_prompt(task: Task, row: dict, tokenizer, budget: int, strict: bool = True) -> list[int]:
+    """Token ids of the task's prompt, the content field cut (at token boundaries) until it fits `budget`.
+
+    When the template alone is longer than the budget (a PIQA row with two long solutions, say), cutting the
+    content cannot help: `strict` raises PromptTooLong (training skips such rows), otherwise the whole prompt is
+    returned over budget (evaluation keeps every row)."""
     ids = tokenizer(task.prompt(row)).input_ids
     if len(ids) <= budget:
         return ids
+    full = ids
     content = [t for t, is_content in task.segments(row) if is_content][0].strip()
     content_ids = tokenizer(content, add_special_tokens=False).input_ids
     keep = len(content_ids) - (len(ids) - budget)
@@ -57,7 +66,9 @@ def fit_prompt(task: Task, row: dict, tokenizer, budget: int) -> list[int]:
         if len(ids) <= budget:
             return ids
         keep -= len(ids) - budget  # re-tokenizing at the cut can merge differently: shave again
-    raise ValueError(f"{task.name}: the prompt template alone is longer than the budget of {budget} tokens")
+    if strict:
+        raise PromptTooLong(f"{task.name}: the prompt template alone is longer than the budget of {budget} tokens")
+    return full
 
 
 def encode_train(task: Task, row: dict, tokenizer, max_len: int, max_target: int) -> dict:

@@ -170,7 +170,7 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     settings = {**asdict(cfg), "adapters": {t: fingerprint(adapter_dir(root, cfg.model, t)) for t in adapters}}
     model, tokenizer = load_model(cfg.model)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
-    prompts = {t: [fit_prompt(get_task(t), r, tokenizer, cfg.max_prompt) for r in rows[t]] for t in tasks}
+    prompts = {t: [fit_prompt(get_task(t), r, tokenizer, cfg.max_prompt, strict=False) for r in rows[t]] for t in tasks}
     out = results_dir(root, cfg.model, tasks)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import lora as L
-from .data import encode_train, fit_prompt, load_rows, pad_batch
+from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .tasks import get_task
 
 
@@ -95,6 +95,17 @@ def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, d
     return total / count
 
 
+def encode_rows(task, rows: list[dict], tokenizer, cfg: TrainConfig) -> tuple[list[dict], int]:
+    """Training examples of the rows that fit max_len (see fit_prompt), and how many did not."""
+    examples = []
+    for row in rows:
+        try:
+            examples.append(encode_train(task, row, tokenizer, cfg.max_len, cfg.max_target))
+        except PromptTooLong:
+            pass
+    return examples, len(rows) - len(examples)
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     # a function of (seed, epoch) alone, so a resumed run sees the same batches
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -141,10 +152,12 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     task = get_task(cfg.task)
     device = model.device
     pad = tokenizer.eos_token_id
-    train_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
-                for r in load_rows(task, "train", cfg.data, n=cfg.train_rows)]
-    val_ex = [encode_train(task, r, tokenizer, cfg.max_len, cfg.max_target)
-              for r in load_rows(task, "train", cfg.data, n=cfg.val_rows, offset=len(train_ex))]
+    train_rows = load_rows(task, "train", cfg.data, n=cfg.train_rows)
+    val_rows = load_rows(task, "train", cfg.data, n=cfg.val_rows, offset=len(train_rows))
+    train_ex, skipped = encode_rows(task, train_rows, tokenizer, cfg)
+    val_ex, skipped_val = encode_rows(task, val_rows, tokenizer, cfg)
+    if not train_ex or not val_ex:
+        raise ValueError(f"{task.name}: no training or validation row fits max_len {cfg.max_len}: raise --max-len")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.safetensors"
@@ -209,7 +222,8 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     os.replace(log_tmp, out_dir / "train_log.jsonl")
     ckpt_path.unlink(missing_ok=True)
     return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
-            "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex)}
+            "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex),
+            "skipped_rows": skipped + skipped_val}
 
 
 def publish_log(adapter_folder: Path, dest: Path):
@@ -222,7 +236,7 @@ def publish_log(adapter_folder: Path, dest: Path):
 # -------------------------------------------------------------------------------------------------- routers
 def prompt_batches(tasks: list[str], rows: dict, tokenizer, budget: int, batch_size: int, order=None):
     """Left-padded prompt batches over the (task index, row) items, with their task labels."""
-    items = [(k, fit_prompt(get_task(t), r, tokenizer, budget)) for k, t in enumerate(tasks) for r in rows[t]]
+    items = [(k, fit_prompt(get_task(t), r, tokenizer, budget, strict=False)) for k, t in enumerate(tasks) for r in rows[t]]
     order = order if order is not None else range(len(items))
     items = [items[i] for i in order]
     for i in range(0, len(items), batch_size):

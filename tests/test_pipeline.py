@@ -156,3 +156,25 @@ def test_empty_data_file(tiny_dir, tmp_path, capsys, monkeypatch):
                                        "--root", str(tmp_path)], capsys)
     assert "sentiment/test.jsonl is empty" in err
     assert not (tmp_path / "adapters").exists() and not (tmp_path / "results").exists()
+
+
+def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys):
+    import merge_adapters
+    import train_individual_loras
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from src import lora as L
+
+    train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "3", "--train-rows", "24",
+                                 "--val-rows", "4", "--lr", "0.05", "--root", str(tmp_path)])
+    folders = [str(tmp_path / "adapters" / "tiny" / t) for t in TASKS.split(",")]
+    merge_adapters.main(["--method", "svd", "--rank", "4", "--out", str(tmp_path / "merged"), *folders])
+    merged = L.load_adapter(tmp_path / "merged")
+    want = L.merge([L.load_adapter(f) for f in folders], "svd", rank=4)
+    assert all(torch.allclose(merged.modules[n].delta(), want.modules[n].delta()) for n in want.modules)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "merged")
+    assert model.peft_config["default"].r == 4
+    err = run_main("merge_adapters", ["--method", "weight_sum", "--weights", "1", "--out", str(tmp_path / "x"), *folders],
+                   capsys)
+    assert "1 merge weights for 2 adapters" in err and not (tmp_path / "x").exists()

@@ -189,3 +189,13 @@ def test_unreachable_hub_model_is_one_clear_line(monkeypatch):
 
     with pytest.raises(RuntimeError, match="cannot load model 'Qwen/Qwen2-0.5B-not-cached'.*smollm2-135m"):
         load_model("Qwen/Qwen2-0.5B-not-cached")
+
+
+def test_template_longer_than_the_budget(tokenizer):
+    from src.data import PromptTooLong
+
+    t = TASKS["commonsense"]
+    row = dict(first_test_row("commonsense"), sol1=" ".join(["a long first solution"] * 30))
+    with pytest.raises(PromptTooLong, match="template alone is longer than the budget of 60"):
+        fit_prompt(t, row, tokenizer, 60)
+    assert tokenizer.decode(fit_prompt(t, row, tokenizer, 60, strict=False)) == t.prompt(row)  # kept whole
