@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# Train one LoRA per task for all seven tasks: MODEL, PRESET, DATA from the environment.
+# Train one LoRA per task for all seven tasks: MODEL, PRESET, DATA from the environment; extra flags pass through.
 # With several GPUs, one task per GPU in parallel (waves of as many tasks as GPUs); else one process for all.
 set -euo pipefail
-cd "$(dirname "$0")"
-MODEL=${MODEL:-smollm2-135m}
-PRESET=${PRESET:-cpu}
-DATA=${DATA:-local}
-PYTHON=${PYTHON:-python}
-read -r -a TASKS <<< "$($PYTHON -c 'from src.tasks import SEVEN_TASKS; print(" ".join(SEVEN_TASKS))')"
+source "$(dirname "$0")/scripts/common.sh"
+IFS=, read -r -a TASKS <<< "$(task_set SEVEN_TASKS)"
 NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 
 if [ "$NGPU" -gt 1 ]; then

@@ -299,7 +299,7 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
 
 
 def case_eval(device, dtype, reps: int) -> dict:
-    """full_evaluation.py's generation path on one task (sentiment, 40 rows, single LoRA): batched (20) against
+    """full_evaluation.py's generation path on one task (sentiment, 20 rows, single LoRA): batched (20) against
     one row at a time (the original's MoA evaluation), rows per second."""
     from src.data import fit_prompt, load_rows
     from src.evaluation import generate
@@ -308,10 +308,11 @@ def case_eval(device, dtype, reps: int) -> dict:
 
     model, tokenizer = load_model("smollm2-135m", device=device, dtype=dtype)
     task = get_task("sentiment")
-    rows = load_rows(task, "eval", n=40)
+    rows = load_rows(task, "eval", n=20)
     prompts = [fit_prompt(task, r, tokenizer, 192) for r in rows]
+    adapter = random_adapters(model, 1, torch.Generator().manual_seed(0))[0]
     L.inject(model)
-    L.add_adapter(model, random_adapters(model, 1, torch.Generator().manual_seed(0))[0])
+    L.add_adapter(model, adapter)
     result = compare(lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 20),
                      lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 1), reps, device)
     return {**result, "rows": len(rows), "ours_rows_per_s": len(rows) / result["ours_s"],

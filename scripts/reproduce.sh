@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The three stages of the paper on $MODEL with $PRESET, timed; prints the summary tables at the end.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-MODEL=${MODEL:-smollm2-135m}
+source "$(dirname "$0")/common.sh"
 slug=$(basename "$MODEL")
 mkdir -p "results/$slug"
 times="results/$slug/reproduce_times.md"
-echo "| stage | wall time (s) |" > "$times.tmp"
-echo "|---|---|" >> "$times.tmp"
+printf '| stage | wall time (s) |\n|---|---|\n' > "$times.tmp"
 for stage in train_all_tasks train_moa run_all_evaluation; do
     start=$(date +%s)
     bash "$stage.sh"

@@ -66,19 +66,44 @@ class LoraLinear(nn.Module):
         self.router: nn.Linear | None = None        # MoA: logits over the N adapters from this layer's input
         self.routing = False                        # route with self.router instead of using self.gate
         self.routes: torch.Tensor | None = None     # (batch,) adapter chosen per sample at the prompt
+        self._route_weights = None                  # rank_weights of those routes
+        self._stack = None                          # inference cache of the stacked factors (see `stacked`)
 
     def add(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool):
         self.A.append(nn.Parameter(A.to(self.base.weight), requires_grad=trainable))
         self.B.append(nn.Parameter(B.to(self.base.weight), requires_grad=trainable))
         self.scales.append(float(scale))
+        ranks = torch.tensor([a.shape[0] for a in self.A])
+        # for each of the R = sum(r_i) rank columns: the adapter it belongs to, and that adapter's scale
+        self.register_buffer("owner", torch.arange(len(self.A)).repeat_interleave(ranks).to(self.base.weight.device),
+                             persistent=False)
+        self.register_buffer("rank_scale", torch.tensor(self.scales).repeat_interleave(ranks).to(self.base.weight),
+                             persistent=False)
+        self._stack = None
 
-    def current_gate(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.routing:
-            return self.gate
-        if self.routes is None:  # the prompt (prefill): each sample is routed once, on its last position
-            last = x[:, -1] if x.dim() == 3 else x
-            self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
-        return F.one_hot(self.routes, len(self.A)).to(x.dtype)
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (R x d_in) and B (d_out x R): all adapters stacked along the rank. Without autograd the stack is kept
+        until a factor changes (an in-place update bumps its version; a move changes its storage)."""
+        if len(self.A) == 1:
+            return self.A[0], self.B[0]
+        if torch.is_grad_enabled():
+            return torch.cat(list(self.A), dim=0), torch.cat(list(self.B), dim=1)
+        key = tuple((p.data_ptr(), p._version) for p in (*self.A, *self.B))
+        if self._stack is None or self._stack[0] != key:
+            self._stack = (key, torch.cat(list(self.A), dim=0), torch.cat(list(self.B), dim=1))
+        return self._stack[1], self._stack[2]
+
+    def rank_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """g[b, i] * s_i on each of adapter i's rank columns: (R,) for one gate for all, (batch, R) per sample."""
+        if self.routing:
+            if self.routes is None:  # the prompt (prefill): each sample is routed once, on its last position
+                last = x[:, -1] if x.dim() == 3 else x
+                self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
+                self._route_weights = (self.owner == self.routes[:, None]) * self.rank_scale
+            return self._route_weights  # kept while generating
+        if self.gate is None:
+            return self.rank_scale
+        return self.gate.to(self.rank_scale.dtype)[..., self.owner] * self.rank_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -86,14 +111,8 @@ class LoraLinear(nn.Module):
             return y
         # All adapters at once: stacked A (R x d_in) and B (d_out x R), R = sum of ranks; the gate scales each
         # adapter's r_i columns of the rank-R intermediate, per sample. Two matmuls, whatever N is.
-        A = self.A[0] if len(self.A) == 1 else torch.cat(list(self.A), dim=0)
-        B = self.B[0] if len(self.B) == 1 else torch.cat(list(self.B), dim=1)
-        weights = torch.tensor(self.scales, dtype=x.dtype, device=x.device)
-        gate = self.current_gate(x)
-        if gate is not None:
-            weights = gate.to(x.dtype) * weights            # (N,) or (batch, N)
-        ranks = torch.tensor([a.shape[0] for a in self.A], device=x.device)
-        weights = weights.repeat_interleave(ranks, dim=-1)  # (R,) or (batch, R)
+        A, B = self.stacked()
+        weights = self.rank_weights(x).to(x.dtype)
         if weights.dim() == 2 and x.dim() == 3:
             weights = weights[:, None, :]
         return y + F.linear(F.linear(self.dropout(x), A) * weights, B)

@@ -129,6 +129,20 @@ def frobenius_inner(a: L.Lora, b: L.Lora) -> float:
     return float(a.scale * b.scale * ((a.B.double().T @ b.B.double()) * (a.A.double() @ b.A.double().T)).sum())
 
 
+def update_norm_ratios(adapters: dict, tasks: list[str], rank: int = 8) -> dict:
+    """For each merge: ||merged update||_F / mean_i ||task update||_F, averaged over modules (how far a merge moves
+    W compared with one task's LoRA)."""
+    loras = [adapters[t] for t in tasks]
+    out = {}
+    for method in L.MERGES:
+        merged = L.merge(loras, method, **({"rank": rank} if method == "svd" else {}))
+        ratios = [np.sqrt(frobenius_inner(m, m)) / np.mean([np.sqrt(frobenius_inner(a.modules[n], a.modules[n]))
+                                                            for a in loras])
+                  for n, m in merged.modules.items()]
+        out[method] = float(np.mean(ratios))
+    return out
+
+
 def fig_spectra(adapters: dict, rank: int = 8):
     tasks = list(adapters)
     targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})

@@ -178,3 +178,26 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     err = run_main("merge_adapters", ["--method", "weight_sum", "--weights", "1", "--out", str(tmp_path / "x"), *folders],
                    capsys)
     assert "1 merge weights for 2 adapters" in err and not (tmp_path / "x").exists()
+
+
+def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
+    """The three wrappers on the tiny model: 7 LoRAs, routers for the 5- and 7-task sets, every method on both."""
+    env = {**os.environ, "MODEL": str(tiny_dir), "PRESET": "cpu", "PYTHON": sys.executable, "TQDM_DISABLE": "1"}
+    small = {"train_all_tasks.sh": ["--max-steps", "1", "--train-rows", "8", "--val-rows", "2", "--max-len", "96",
+                                    "--max-target", "16"],
+             "train_moa.sh": ["--router-rows", "4", "--router-heldout", "2", "--router-epochs", "1", "--max-prompt", "64"],
+             "run_all_evaluation.sh": ["--rows", "2", "--max-new-tokens", "2", "--max-prompt", "64"]}
+    for wrapper, args in small.items():
+        proc = subprocess.run(["bash", str(REPO / wrapper), *args, "--root", str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{wrapper}: {proc.stderr[-3000:]}"
+    assert len(list((tmp_path / "adapters" / "tiny").glob("*/adapter_model.safetensors"))) == 7
+    assert {p.name for p in (tmp_path / "adapters" / "tiny").glob("moa-*")} == {"moa-5", "moa-7"}
+    for n in (5, 7):
+        out = tmp_path / "results" / "tiny" / f"{n}-task"
+        assert all((out / f"{m}.json").exists() for m in METHODS) and (out / "summary.md").exists()
+    assert json.loads((tmp_path / "results" / "tiny" / "5-task" / "single.json").read_text())["reused"] == \
+        ["summarization", "translation", "qa", "sentiment", "nli"]
+    proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
