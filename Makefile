@@ -1,6 +1,7 @@
 # make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data)
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
+# make notebook    execute visualize_lora.ipynb in place (figures in results/figures/)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -34,7 +35,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench.py
 
 notebook: $(VENV)/.installed-test
-	$(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace visualize_lora.ipynb
+	$(BIN)/python -c "import nbformat; from nbclient import NotebookClient; \
+	nb = nbformat.read('visualize_lora.ipynb', as_version=4); NotebookClient(nb, timeout=600, kernel_name='python3').execute(); \
+	nbformat.write(nb, 'visualize_lora.ipynb')"
 
 clean:
 	rm -rf $(VENV) adapters

@@ -43,7 +43,7 @@ def save(fig, folder: Path, name: str) -> Path:
 
 def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
     sets = sorted(results)
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], sets):
         ours = {m: v["mean"] for m, v in normalized(results[n]).items()}
         paper = paper_normalized(results[n]["single"]["tasks"]).get(paper_model, {})
@@ -62,7 +62,7 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
 
 def fig_heatmap(results: dict):
     sets = sorted(results)
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         tasks = results[n]["single"]["tasks"]
@@ -86,7 +86,7 @@ def fig_heatmap(results: dict):
 
 def fig_router(results: dict):
     sets = [n for n in sorted(results) if "moa" in results[n]]
-    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(sets), figsize=(6 * len(sets), 9), squeeze=False, layout="constrained")
     for col, n in enumerate(sets):
         router = results[n]["moa"]["router"]
         tasks = router["confusion"]["rows_true_cols_routed"]
@@ -146,7 +146,7 @@ def update_norm_ratios(adapters: dict, tasks: list[str], rank: int = 8) -> dict:
 def fig_spectra(adapters: dict, rank: int = 8):
     tasks = list(adapters)
     targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})
-    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.6), squeeze=False, layout="constrained")
     for ax, target in zip(axes[0], targets):
         names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
         for t in tasks:
@@ -179,7 +179,7 @@ def fig_interference(adapters: dict):
                     la, lb = adapters[a].modules[n], adapters[b].modules[n]
                     vals.append(frobenius_inner(la, lb) / np.sqrt(frobenius_inner(la, la) * frobenius_inner(lb, lb)))
                 cos[li, i, j] = np.mean(vals)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     mean = cos.mean(0)
     im = ax1.imshow(mean, cmap="coolwarm", vmin=-1, vmax=1)
     for i in range(len(tasks)):
