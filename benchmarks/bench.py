@@ -14,11 +14,13 @@ a merge touches only those modules, so the Qwen2-1.5B case builds just them. Tra
 model: the embedded model on the CPU, a random-initialised Qwen2-1.5B on a GPU.
 """
 import argparse
+import copy
 import json
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -196,8 +198,6 @@ def case_train(loss_kind: str, device, dtype, reps: int) -> dict:
     L.add_adapter(ours_model, r=RANK, alpha=ALPHA, trainable=True)
     ours_opt = torch.optim.AdamW(L.adapter_parameters(ours_model), lr=1e-4)
 
-    import copy
-
     plain = copy.deepcopy(ours_model)
     L.remove(plain)
     peft_model = get_peft_model(plain, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(L.ATTENTION_TARGETS)))
@@ -239,38 +239,25 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
     ids = torch.randint(100, model.config.vocab_size - 1, (8, 64), generator=gen).to(device)
     mask = torch.ones_like(ids)
 
-    def generate(x=ids, m=mask, route=False):
-        from contextlib import nullcontext
-
-        with torch.no_grad(), (L.routing(model) if route else nullcontext()):
-            model.generate(input_ids=x, attention_mask=m, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                           pad_token_id=0)
+    def greedy(m=model, x=ids, x_mask=mask, route=False):
+        with torch.no_grad(), (L.routing(m) if route else nullcontext()):
+            m.generate(input_ids=x, attention_mask=x_mask, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                       pad_token_id=0)
 
     tokens = ids.shape[0] * 32
     if kind == "folded-vs-base":
-        merged = L.merge(adapters, "svd", rank=RANK)
-        base_model = __import__("copy").deepcopy(model)
-        L.fold(model, merged)
-
-        def reference():
-            with torch.no_grad():
-                base_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
-                                    do_sample=False, pad_token_id=0)
-        result = compare(generate, reference, reps, device)
+        base_model = copy.deepcopy(model)
+        L.fold(model, L.merge(adapters, "svd", rank=RANK))
+        result = compare(greedy, lambda: greedy(base_model), reps, device)
     elif kind == "concat-unfolded":
-        folded = __import__("copy").deepcopy(model)
+        folded = copy.deepcopy(model)
         L.fold(folded, L.merge(adapters, "concat"))
         L.inject(model)
         for a in adapters:
             L.add_adapter(model, a)
-
-        def folded_generate():
-            with torch.no_grad():
-                folded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
-                                do_sample=False, pad_token_id=0)
-        result = compare(generate, folded_generate, reps, device)  # ratio < 1: unfolded is slower
+        result = compare(greedy, lambda: greedy(folded), reps, device)  # ratio < 1: unfolded is slower
     elif kind in ("moa-vs-single", "moa-batched-vs-bs1"):
-        single = __import__("copy").deepcopy(model)
+        single = copy.deepcopy(model)
         L.inject(single)
         L.add_adapter(single, adapters[0])
         L.inject(model)
@@ -280,18 +267,11 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
         for layer in L.lora_layers(model).values():
             layer.router.to(device, dtype)
 
-        def moa():
-            generate(route=True)
-        if kind == "moa-vs-single":
-            def reference():
-                with torch.no_grad():
-                    single.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
-                                    do_sample=False, pad_token_id=0)
-        else:
-            def reference():
-                for i in range(ids.shape[0]):
-                    generate(ids[i:i + 1], mask[i:i + 1], route=True)
-        result = compare(moa, reference, reps, device)
+        def moa_bs1():
+            for i in range(ids.shape[0]):
+                greedy(x=ids[i:i + 1], x_mask=mask[i:i + 1], route=True)
+        reference = (lambda: greedy(single)) if kind == "moa-vs-single" else moa_bs1
+        result = compare(lambda: greedy(route=True), reference, reps, device)
     else:
         raise ValueError(kind)
     return {**result, "model": label, "ours_tokens_per_s": tokens / result["ours_s"],

@@ -94,19 +94,12 @@ def moa_command(model: str, preset: str, tasks: list[str]) -> str:
     return f"python train_moa.py --tasks {','.join(tasks)} --model {model} --preset {preset}"
 
 
-def check_inputs(root: Path, cfg: EvalConfig, tasks: list[str], methods: list[str]):
-    """Fail before any work if an adapter or router that a method needs is missing, naming the command."""
-    if set(methods) - {"base"}:
-        for t in tasks:
-            for f in ("adapter_config.json", "adapter_model.safetensors"):
-                if not (adapter_dir(root, cfg.model, t) / f).exists():
-                    raise FileNotFoundError(f"missing adapter {adapter_dir(root, cfg.model, t) / f}: "
-                                            f"create it with `{train_command(cfg.model, cfg.preset, t)}`")
-    if "moa" in methods:
-        for f in ("routers.json", "routers.safetensors"):
-            if not (moa_dir(root, cfg.model, tasks) / f).exists():
-                raise FileNotFoundError(f"missing MoA routers {moa_dir(root, cfg.model, tasks) / f}: "
-                                        f"create them with `{moa_command(cfg.model, cfg.preset, tasks)}`")
+def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
+    """Fail before any work if the MoA routers are missing, naming the command (adapters: see load_adapter)."""
+    for f in ("routers.json", "routers.safetensors"):
+        if not (moa_dir(root, cfg.model, tasks) / f).exists():
+            raise FileNotFoundError(f"missing MoA routers {moa_dir(root, cfg.model, tasks) / f}: "
+                                    f"create them with `{moa_command(cfg.model, cfg.preset, tasks)}`")
 
 
 def fingerprint(folder: Path) -> str:
@@ -146,27 +139,32 @@ def router_report(tasks: list[str], routes: dict, layer_names: list[str]) -> dic
             "confusion": {"rows_true_cols_routed": tasks, "counts": matrix.tolist()}}
 
 
-def _reusable(out_root: Path, method: str, task: str, settings: dict) -> tuple[dict, list] | None:
-    """base and single on a task do not depend on the task set: reuse a finished run with identical settings."""
+def _reusable(out_root: Path, method: str, settings: dict) -> dict:
+    """base and single on a task do not depend on the task set: {task: (metrics, predictions)} from finished runs
+    of `method` with identical settings (and, for single, the same adapter file)."""
+    found = {}
+    same = {k: v for k, v in settings.items() if k != "adapters"}
     for path in sorted(out_root.glob(f"*-task/{method}.json")):
         old = json.loads(path.read_text())
-        same = {k: v for k, v in old["settings"].items() if k != "adapters"} == \
-               {k: v for k, v in settings.items() if k != "adapters"}
-        same_adapter = method == "base" or old["settings"].get("adapters", {}).get(task) == settings["adapters"].get(task)
-        if same and same_adapter and task in old["metrics"]:
+        if {k: v for k, v in old["settings"].items() if k != "adapters"} != same:
+            continue
+        tasks = [t for t in old["metrics"] if t not in found and (method == "base" or
+                 old["settings"].get("adapters", {}).get(t) == settings["adapters"].get(t))]
+        if tasks:
             preds = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
-            return old["metrics"][task], [p for p in preds if p["task"] == task]
-    return None
+            found.update({t: (old["metrics"][t], [p for p in preds if p["task"] == t]) for t in tasks})
+    return found
 
 
 def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path = ROOT, reuse: bool = True) -> dict:
     """Run every method on every task and write the results; returns {method: result dict}."""
     root = Path(root)
-    check_inputs(root, cfg, tasks, methods)
-    adapters = {}
+    adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
     if set(methods) - {"base"}:
         adapters = {t: L.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
                     for t in tasks}
+    if "moa" in methods:
+        check_routers(root, cfg, tasks)
     settings = {**asdict(cfg), "adapters": {t: fingerprint(adapter_dir(root, cfg.model, t)) for t in adapters}}
     model, tokenizer = load_model(cfg.model)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
@@ -187,21 +185,22 @@ def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, ro
     metrics, seconds, predictions, routes, reused = {}, {}, [], {}, []
     merged = L.merge([adapters[t] for t in tasks], method, **({"rank": cfg.svd_rank} if method == "svd" else {})) \
         if method in MERGE_METHODS else None
-    if method in ("single", "moa"):
-        L.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
-        for t in tasks:
-            L.add_adapter(model, adapters[t])
-        if method == "moa":
-            L.load_routers(model, moa_dir(root, cfg.model, tasks), tasks, hint=moa_command(cfg.model, cfg.preset, tasks))
+    reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, settings) \
+        if reuse and method in ("base", "single") else {}
     if merged is not None:
-        L.fold(model, merged)
+        L.fold(model, merged)  # checks every shape before changing W, so the finally below may unfold
     try:
+        if method in ("single", "moa"):
+            L.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
+            for t in tasks:
+                L.add_adapter(model, adapters[t])
+            if method == "moa":
+                L.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
+                               hint=moa_command(cfg.model, cfg.preset, tasks))
         for k, t in enumerate(tasks):
             task = get_task(t)
-            old = _reusable(results_dir(root, cfg.model, tasks).parent, method, t, settings) \
-                if reuse and method in ("base", "single") else None
-            if old is not None:
-                metrics[t], preds = old
+            if t in reusable:
+                metrics[t], preds = reusable[t]
                 predictions += preds
                 reused.append(t)
                 continue

@@ -1,5 +1,4 @@
 """visualize_lora.ipynb runs headless against the committed results/ and writes its figures."""
-import os
 from pathlib import Path
 
 import nbformat
