@@ -3,13 +3,15 @@
     python full_evaluation.py                                  # the task list below, every method
     python full_evaluation.py --tasks all --methods concat,svd
     python full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub
+    accelerate launch full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub   # rows shared over GPUs
 
 Edit the task list below (the original's "line 30") or pass --tasks. The five-task set of the paper is
 summarization, translation, qa, sentiment, nli; add paraphrasing and commonsense for the seven-task set.
 """
 from src import cli
-from src.evaluation import METHODS, evaluate, make_eval_config, parse_methods, results_dir
+from src.evaluation import ALL_METHODS, METHODS, evaluate, make_eval_config, parse_methods, results_dir
 from src.tasks import parse_tasks
+from src.train import make_accelerator
 
 # ---------------------------------------------------------------------------------------------------------------
 # The tasks to evaluate: edit this list (or pass --tasks).
@@ -21,7 +23,7 @@ tasks = ["summarization", "translation", "qa", "sentiment", "nli"]
 def main(argv=None):
     p = cli.common_parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(tasks), help="comma-separated task list, or 'all'")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(ALL_METHODS))
     for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
                        ("svd-rank", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
@@ -30,8 +32,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods)
     cfg = make_eval_config(args.preset, vars(args))
-    evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse)
-    print((results_dir(args.root, args.model, task_list) / "summary.md").read_text())
+    accelerator = make_accelerator()
+    evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print((results_dir(args.root, args.model, task_list) / "summary.md").read_text())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python train_individual_loras.py --task sentiment                     # embedded model, cpu preset, shipped data
     python train_individual_loras.py --task all --model Qwen/Qwen2-1.5B --preset paper --data hub
     python train_individual_loras.py --task qa --resume                   # continue from the last checkpoint
+    accelerate launch train_individual_loras.py --task qa --preset paper ...   # one task data-parallel on N GPUs
 
 Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
 """
@@ -12,7 +13,7 @@ from src import cli
 from src.evaluation import adapter_dir
 from src.models import load_model, model_slug
 from src.tasks import parse_tasks
-from src.train import make_config, publish_log, train_lora
+from src.train import make_accelerator, make_config, publish_log, train_lora
 
 
 def main(argv=None):
@@ -27,10 +28,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     tasks = parse_tasks(args.task)
     configs = [make_config(args.preset, {**vars(args), "task": t}) for t in tasks]
-    model, tokenizer = load_model(args.model)
+    accelerator = make_accelerator()
+    model, tokenizer = load_model(args.model, device=accelerator.device)
     for cfg in configs:
         out = adapter_dir(args.root, args.model, cfg.task)
-        summary = train_lora(cfg, model, tokenizer, out, resume=args.resume)
+        summary = train_lora(cfg, model, tokenizer, out, resume=args.resume, accelerator=accelerator)
+        if not accelerator.is_main_process:
+            continue
         publish_log(out, Path(args.root) / "results" / model_slug(args.model) / "train_logs" / f"{cfg.task}.jsonl")
         skipped = f", {summary['skipped_rows']} rows longer than --max-len skipped" if summary["skipped_rows"] else ""
         print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}{skipped} "

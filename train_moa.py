@@ -2,8 +2,12 @@
 
     python train_moa.py                                   # the task list of full_evaluation.py
     python train_moa.py --tasks all --model Qwen/Qwen2-1.5B --preset paper --data hub
+    python train_moa.py --tasks summarization,translation,qa,sentiment,nli --tasks all    # two sets, one pass
+    accelerate launch train_moa.py --tasks all ...        # router features computed on several GPUs
 
-Needs each task's adapter (train_individual_loras.py). Prints the routing accuracy on held-out prompts.
+Needs each task's adapter (train_individual_loras.py). With several --tasks, the router features (which depend
+only on a prompt and its gold adapter) are computed once for all sets. Prints the routing accuracy on held-out
+prompts.
 """
 import full_evaluation
 from src import cli
@@ -11,25 +15,30 @@ from src import lora as L
 from src.evaluation import adapter_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
-from src.train import make_config, train_routers
+from src.train import make_accelerator, make_config, train_routers
 
 
 def main(argv=None):
     p = cli.common_parser(__doc__.splitlines()[0])
-    p.add_argument("--tasks", default=",".join(full_evaluation.tasks), help="comma-separated task list, or 'all'")
+    p.add_argument("--tasks", action="append", default=None,
+                   help="comma-separated task list, or 'all'; repeat for several sets (default: full_evaluation.tasks)")
     for flag, kind in [("router-lr", float), ("router-epochs", int), ("router-batch-size", int),
                        ("router-rows", int), ("router-heldout", int), ("max-prompt", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
     args = p.parse_args(argv)
-    tasks = parse_tasks(args.tasks)
+    task_sets = [parse_tasks(t) for t in (args.tasks or [",".join(full_evaluation.tasks)])]
     cfg = make_config(args.preset, vars(args))
-    adapters = [L.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
-                for t in tasks]
-    model, tokenizer = load_model(args.model)
-    out = moa_dir(args.root, args.model, tasks)
-    accuracy = train_routers(cfg, tasks, model, tokenizer, adapters, out)
-    print(f"routers for {', '.join(tasks)} -> {out}; held-out routing accuracy {accuracy['accuracy']:.3f} "
-          f"({accuracy['n_prompts']} prompts, {len(accuracy['per_layer'])} layers)")
+    union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
+    adapters = {t: L.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
+                for t in union}
+    accelerator = make_accelerator()
+    model, tokenizer = load_model(args.model, device=accelerator.device)
+    outs = [moa_dir(args.root, args.model, tasks) for tasks in task_sets]
+    accuracies = train_routers(cfg, task_sets, model, tokenizer, adapters, outs, accelerator)
+    for tasks, out, accuracy in zip(task_sets, outs, accuracies):
+        if accuracy is not None:
+            print(f"routers for {', '.join(tasks)} -> {out}; held-out routing accuracy {accuracy['accuracy']:.3f} "
+                  f"({accuracy['n_prompts']} prompts, {len(accuracy['per_layer'])} layers)")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,22 @@
 
 Methods (DESIGN.md section 2):
 * base:        the model without adapters;
+* majority:    no model: every test row gets the most frequent class of the train split (classification tasks only;
+               the baseline a classifier must beat, beside chance = 1 / classes);
 * single:      each task with its own LoRA (the oracle; the normalized score divides by it);
 * moa:         all task LoRAs and the trained routers; each sample is routed once at the prompt, per layer;
 * concat:      all task LoRAs at once, outputs summed (folded into W: the same update, no overhead);
-* weight_sum:  A = sum A_i, B = sum B_i (the original's "weighted"), folded into W;
-* svd:         rank-8 truncation of mean_i s B_i A_i, folded into W.
+* weight_sum:  A = sum A_i, B = sum B_i (the original's "weighted", w_i = 1), folded into W;
+* svd:         rank-8 truncation of mean_i s B_i A_i, folded into W;
+* weighted_avg (on request, not a default): A = mean A_i, B = mean B_i (the thesis log's "weighted_avg").
 
 Generation is greedy, left-padded, in batches of one task sorted by prompt length, stopping at EOS or at the
-task's token budget. For each method, `<method>.json` (metrics, timing, MoA routing) and
-`<method>.predictions.jsonl` are written atomically, then `summary.md` / `summary.csv` are rebuilt from every
-method file present, beside the paper's numbers.
+task's token budget. For each method, `<method>.json` (metrics, each row's metric statistics, timing, MoA routing)
+and `<method>.predictions.jsonl` are written atomically, then `summary.md` / `summary.csv` are rebuilt from every
+method file present, beside the paper's numbers, with 95% paired bootstrap intervals (`metrics.paired_bootstrap`:
+the same resampled rows for a method and for single).
 """
+import collections
 import csv
 import hashlib
 import io
@@ -28,14 +33,17 @@ from tqdm.auto import tqdm
 
 from . import lora as L
 from .data import fit_prompt, load_rows, pad_batch
-from .metrics import normalized_score, score
+from .metrics import example_stats, normalized_score, paired_bootstrap, score
 from .models import load_model, model_slug
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
 
-METHODS = ["base", "single", "moa", "concat", "weight_sum", "svd"]
-MERGE_METHODS = {"concat", "weight_sum", "svd"}
+METHODS = ["base", "majority", "single", "moa", "concat", "weight_sum", "svd"]   # the default --methods
+OPTIONAL_METHODS = ["weighted_avg"]                                                # on request only
+ALL_METHODS = METHODS + OPTIONAL_METHODS
+MERGE_METHODS = {"concat", "weight_sum", "svd", "weighted_avg"}
 PAPER_NAMES = {"base": "base", "single": "single", "moa": "moa", "concat": "concat", "weight_sum": "weighted",
-               "svd": "svd"}
+               "svd": "svd", "weighted_avg": "weighted_avg"}
+MAJORITY_TRAIN_ROWS = 1000   # the majority class is counted on the first rows of the train split
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_RESULTS = ROOT / "results" / "paper" / "paper_results.json"
 
@@ -54,7 +62,7 @@ class EvalConfig:
 
 EVAL_PRESETS = {
     "paper": {},
-    "cpu": dict(rows=40, batch_size=20, max_prompt=192, max_new_tokens=48),
+    "cpu": dict(rows=100, batch_size=20, max_prompt=192, max_new_tokens=48),
 }
 
 
@@ -69,8 +77,8 @@ def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
 def parse_methods(names) -> list[str]:
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     for n in names:
-        if n not in METHODS:
-            raise ValueError(f"unknown method {n!r}: choose from {', '.join(METHODS)}")
+        if n not in ALL_METHODS:
+            raise ValueError(f"unknown method {n!r}: choose from {', '.join(ALL_METHODS)}")
     return names
 
 
@@ -108,12 +116,15 @@ def fingerprint(folder: Path) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             route: bool = False, desc: str = "") -> tuple[list[str], list | None]:
-    """Greedy generations for `prompts` (token ids), longest first; with `route`, also the MoA decisions."""
+             route: bool = False, desc: str = "", accelerator=None) -> tuple[list[str], list | None]:
+    """Greedy generations for `prompts` (token ids), in batches of similar length, longest first; with `route`,
+    also the MoA decisions. Under several processes each takes every N-th batch of that same batching and the
+    results are gathered to all, so every batch has the shape it has in one process (the same predictions)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    texts, routes = [None] * len(prompts), [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        idx = order[start:start + batch_size]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    done = []  # (prompt index, text, routes)
+    for idx in tqdm(batches[rank::world], desc=desc, unit="batch", leave=False, disable=rank != 0):
         batch = pad_batch([prompts[i] for i in idx], tokenizer.eos_token_id, left=True)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with L.routing(model) if route else nullcontext():
@@ -121,8 +132,14 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                                  pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
             decisions = L.route_decisions(model).tolist() if route else [None] * len(idx)
         new = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for j, i in enumerate(idx):
-            texts[i], routes[i] = new[j].strip(), decisions[j]
+        done += [(i, new[j].strip(), decisions[j]) for j, i in enumerate(idx)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        done = gather_object(done)
+    texts, routes = [None] * len(prompts), [None] * len(prompts)
+    for i, text, decision in done:
+        texts[i], routes[i] = text, decision
     return texts, (routes if route else None)
 
 
@@ -152,80 +169,100 @@ def _reusable(out_root: Path, method: str, settings: dict) -> dict:
                  old["settings"].get("adapters", {}).get(t) == settings["adapters"].get(t))]
         if tasks:
             preds = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
-            found.update({t: (old["metrics"][t], [p for p in preds if p["task"] == t]) for t in tasks})
+            found.update({t: (old["metrics"][t], [p for p in preds if p["task"] == t], old["stats"][t]) for t in tasks})
     return found
 
 
-def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path = ROOT, reuse: bool = True) -> dict:
-    """Run every method on every task and write the results; returns {method: result dict}."""
+def majority_class(task, data: str) -> int:
+    """The most frequent class among the first MAJORITY_TRAIN_ROWS rows of the train split (ties: lowest index)."""
+    counts = collections.Counter(r["label"] for r in load_rows(task, "train", data, n=MAJORITY_TRAIN_ROWS))
+    return max(sorted(counts), key=counts.get)
+
+
+def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path = ROOT, reuse: bool = True,
+             accelerator=None) -> dict:
+    """Run every method on every task and write the results (the main process); returns {method: result dict}.
+    Under several processes (`accelerate launch`) the generation batches are shared out (see `generate`)."""
     root = Path(root)
     adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
-    if set(methods) - {"base"}:
+    if set(methods) - {"base", "majority"}:
         adapters = {t: L.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
                     for t in tasks}
     if "moa" in methods:
         check_routers(root, cfg, tasks)
     settings = {**asdict(cfg), "adapters": {t: fingerprint(adapter_dir(root, cfg.model, t)) for t in adapters}}
-    model, tokenizer = load_model(cfg.model)
+    main = accelerator is None or accelerator.is_main_process
+    model, tokenizer = load_model(cfg.model, device=accelerator.device if accelerator else None)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
     prompts = {t: [fit_prompt(get_task(t), r, tokenizer, cfg.max_prompt, strict=False) for r in rows[t]] for t in tasks}
     out = results_dir(root, cfg.model, tasks)
-    out.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in methods:
         results[method] = run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings,
-                                     reuse)
-        write_method(out, method, results[method])
-        write_summary(out)
+                                     reuse, accelerator)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_method(out, method, results[method])
+            write_summary(out)
     return results
 
 
-def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings, reuse) -> dict:
+def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings, reuse,
+               accelerator=None) -> dict:
     started = time.perf_counter()
-    metrics, seconds, predictions, routes, reused = {}, {}, [], {}, []
+    metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
     merged = L.merge([adapters[t] for t in tasks], method, **({"rank": cfg.svd_rank} if method == "svd" else {})) \
         if method in MERGE_METHODS else None
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, settings) \
         if reuse and method in ("base", "single") else {}
-    if merged is not None:
-        L.fold(model, merged)  # checks every shape before changing W, so the finally below may unfold
-    try:
-        if method in ("single", "moa"):
-            L.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
-            for t in tasks:
-                L.add_adapter(model, adapters[t])
-            if method == "moa":
-                L.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
-                               hint=moa_command(cfg.model, cfg.preset, tasks))
-        for k, t in enumerate(tasks):
-            task = get_task(t)
-            if t in reusable:
-                metrics[t], preds = reusable[t]
-                predictions += preds
-                reused.append(t)
-                continue
-            t0 = time.perf_counter()
-            gate = F.one_hot(torch.tensor(k), len(tasks)).float().to(model.device) if method == "single" else None
-            with L.gated(model, gate) if gate is not None else nullcontext():
-                texts, task_routes = generate(model, tokenizer, prompts[t], min(task.max_new_tokens, cfg.max_new_tokens),
-                                              cfg.batch_size, route=method == "moa", desc=f"{method} {t}")
-            refs = [task.references(r) for r in rows[t]]
-            metrics[t] = score(task, texts, refs)
-            seconds[t] = round(time.perf_counter() - t0, 2)
-            routes[t] = task_routes
-            predictions += [{"task": t, "index": i, "prediction": p, "references": ref,
-                             **({"routes": task_routes[i]} if task_routes else {})}
-                            for i, (p, ref) in enumerate(zip(texts, refs))]
-        layer_names = list(L.lora_layers(model))
-    finally:
-        if merged is not None:
-            L.unfold(model, merged)
-        L.remove(model)
+    with L.folded(model, merged) if merged is not None else nullcontext():
+        try:
+            if method in ("single", "moa"):
+                L.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
+                for t in tasks:
+                    L.add_adapter(model, adapters[t])
+                if method == "moa":
+                    L.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
+                                   hint=moa_command(cfg.model, cfg.preset, tasks))
+            for k, t in enumerate(tasks):
+                task = get_task(t)
+                if t in reusable:
+                    metrics[t], preds, stats[t] = reusable[t]
+                    predictions += preds
+                    reused.append(t)
+                    continue
+                if method == "majority" and not task.classes:
+                    continue  # no classes, no majority baseline
+                t0 = time.perf_counter()
+                if method == "majority":
+                    label = majority_class(task, cfg.data)
+                    texts, task_routes = [task.answer(r, label) for r in rows[t]], None
+                else:
+                    gate = F.one_hot(torch.tensor(k), len(tasks)).float().to(model.device) if method == "single" else None
+                    with L.gated(model, gate) if gate is not None else nullcontext():
+                        texts, task_routes = generate(model, tokenizer, prompts[t],
+                                                      min(task.max_new_tokens, cfg.max_new_tokens), cfg.batch_size,
+                                                      route=method == "moa", desc=f"{method} {t}",
+                                                      accelerator=accelerator)
+                refs = [task.references(r) for r in rows[t]]
+                metrics[t] = score(task, texts, refs)
+                stats[t] = example_stats(task, texts, refs)
+                seconds[t] = round(time.perf_counter() - t0, 2)
+                routes[t] = task_routes
+                predictions += [{"task": t, "index": i, "prediction": p, "references": ref,
+                                 **({"routes": task_routes[i]} if task_routes else {})}
+                                for i, (p, ref) in enumerate(zip(texts, refs))]
+            layer_names = list(L.lora_layers(model))
+        finally:
+            L.remove(model)
     result = {"method": method, "model": cfg.model, "tasks": tasks, "metrics": metrics,
-              "primary": {t: metrics[t][get_task(t).primary] for t in tasks},
+              "primary": {t: metrics[t][get_task(t).primary] for t in metrics},
               "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 2),
-              "rows": {t: len(rows[t]) for t in tasks}, "reused": reused, "settings": settings,
-              "predictions": predictions}
+              "rows": {t: len(rows[t]) for t in metrics}, "reused": reused, "settings": settings,
+              "stats": stats, "predictions": predictions}
+    if method == "majority":
+        result["majority_class"] = {t: get_task(t).answer(rows[t][0], majority_class(get_task(t), cfg.data))
+                                    for t in metrics if get_task(t).metric == "label"}
     if method == "moa":
         result["router"] = router_report(tasks, routes, layer_names)
     return result
@@ -257,35 +294,78 @@ def paper_normalized(tasks: list[str]) -> dict:
     return out
 
 
+def load_method_results(out: Path) -> dict:
+    """{method: result} for every method file in a results folder, in table order."""
+    return {m: json.loads((out / f"{m}.json").read_text()) for m in ALL_METHODS if (out / f"{m}.json").exists()}
+
+
+def intervals(found: dict, n_boot: int = 1000) -> dict:
+    """95% paired bootstrap intervals of every method's per-task metric, ratio to single, and normalized score."""
+    tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
+    return paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items()}, reference="single", n_boot=n_boot)
+
+
 def summary_table(out: Path) -> tuple[list[str], list[list]]:
-    found = {m: json.loads((out / f"{m}.json").read_text()) for m in METHODS if (out / f"{m}.json").exists()}
+    """One row per method: per task the primary metric and its interval, then the normalized score and its interval,
+    then the paper's normalized scores. Cells are (value, (lo, hi)) or None."""
+    found = load_method_results(out)
     if not found:
         return [], []
     tasks = next(iter(found.values()))["tasks"]
     primary = {t: get_task(t).primary for t in tasks}
     paper = paper_normalized(tasks)
+    ci = intervals(found)
     header = ["method"] + [f"{t} ({primary[t]})" for t in tasks] + ["normalized"] + [f"paper {m}" for m in paper]
     rows = []
     for m, res in found.items():
-        norm = normalized_score(res["metrics"], found["single"]["metrics"], primary)["mean"] \
-            if "single" in found and set(res["metrics"]) == set(found["single"]["metrics"]) else None
-        rows.append([m] + [res["primary"][t] for t in tasks] + [norm] + [paper[p].get(m) for p in paper])
+        complete = "single" in found and set(res["metrics"]) == set(found["single"]["metrics"]) == set(tasks)
+        norm = normalized_score(res["metrics"], found["single"]["metrics"], primary)["mean"] if complete else None
+        cells = [(res["primary"][t], ci[m]["per_task"].get(t)) if t in res["primary"] else None for t in tasks]
+        rows.append([m] + cells + [(norm, ci[m]["normalized"]) if norm is not None else None]
+                    + [paper[p].get(m) for p in paper])
     return header, rows
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    if v is None:
+        return "n/a"
+    if isinstance(v, tuple):
+        value, (lo, hi) = v[0], v[1] if v[1] is not None else (None, None)
+        big = abs(value) >= 10
+        f = (lambda x: f"{x:.1f}") if big else (lambda x: f"{x:.3f}")
+        return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _csv_cells(v) -> list:
+    if isinstance(v, tuple):
+        lo, hi = v[1] if v[1] is not None else (None, None)
+        return [v[0], lo, hi]
+    return [v, None, None]
 
 
 def write_summary(out: Path):
     header, rows = summary_table(out)
     if not header:
         return
+    tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
+    n_scored = len(tasks) + 1  # the per-task cells and the normalized score carry intervals
+    csv_header = ["method"] + [c for h in header[1:1 + n_scored] for c in (h, f"{h} lo", f"{h} hi")] + header[1 + n_scored:]
     buf = io.StringIO()
-    csv.writer(buf).writerows([header] + rows)
+    csv.writer(buf).writerows([csv_header] + [[row[0]] + [c for v in row[1:1 + n_scored] for c in _csv_cells(v)]
+                                              + row[1 + n_scored:] for row in rows])
     L.atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    note = ("\nPrimary metric per task (QA F1 on 0-100, the rest on 0-1); normalized = mean over tasks of "
-            "method / single. Paper columns: the thesis logs' normalized score for the same task set.\n")
+    found = load_method_results(out)
+    n_rows = sorted({n for r in found.values() for n in r["rows"].values()})
+    chance = ", ".join(f"{t} {get_task(t).chance:.2f}" for t in tasks if get_task(t).chance)
+    majority = found.get("majority", {}).get("majority_class", {})
+    note = (f"\nPrimary metric per task (QA F1 on 0-100, the rest on 0-1) on {'/'.join(map(str, n_rows))} test rows "
+            "per task; normalized = mean over tasks of method / single. [lo, hi]: 95% paired bootstrap interval "
+            "(1,000 resamples of the test rows, the same rows for a method and for single; corpus BLEU recomputed "
+            "per resample). majority: the most frequent class of the train split"
+            + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
+            + (f"; chance level (1 / classes): {chance}" if chance else "")
+            + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
     L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note))

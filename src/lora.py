@@ -6,13 +6,17 @@ What is here, top to bottom:
 * `LoraLinear`: an `nn.Linear` with N adapters and a per-sample gate g (batch x N):
       y = W x + b + sum_i g[b, i] * s_i * B_i A_i dropout(x)
   One-hot g is a single-task LoRA, all ones is concatenation, the router's choice is MoA, no adapter is the base.
+  Factors and routers are float32 even on a bf16/fp16 base (as PEFT's autocast_adapter_dtype): at lr 5e-5 an AdamW
+  step is below half a bf16 rounding step for any entry above about 2^-6, so bf16 factors would not train. The LoRA
+  branch runs in float32 and is added in the base layer's output dtype.
 * `inject` / `remove`: wrap the target Linear modules of a Hugging Face causal LM, and put the originals back.
 * `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
 * `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
 * Merges, pure functions of factors: `concat`, `weight_sum`, `svd` (never forms the dense d_out x d_in update;
   `factored_svd` is its core),
-  `merge` (applies one to every module of a list of adapters), `fold` / `unfold` (add an update into W and back).
-* MoA: `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
+  `merge` (applies one to every module of a list of adapters), `fold` (add an update into W for good) and
+  `folded` (add it for the duration of a block, then restore the original W bit for bit).
+* MoA: `make_routers` / `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
 """
 import contextlib
@@ -69,15 +73,21 @@ class LoraLinear(nn.Module):
         self._route_weights = None                  # rank_weights of those routes
         self._stack = None                          # inference cache of the stacked factors (see `stacked`)
 
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """float32, or float64 on a float64 base: never below float32 (see the module docstring)."""
+        return torch.promote_types(self.base.weight.dtype, torch.float32)
+
     def add(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool):
-        self.A.append(nn.Parameter(A.to(self.base.weight), requires_grad=trainable))
-        self.B.append(nn.Parameter(B.to(self.base.weight), requires_grad=trainable))
+        where = dict(device=self.base.weight.device, dtype=self.factor_dtype)
+        self.A.append(nn.Parameter(A.to(**where), requires_grad=trainable))
+        self.B.append(nn.Parameter(B.to(**where), requires_grad=trainable))
         self.scales.append(float(scale))
         ranks = torch.tensor([a.shape[0] for a in self.A])
         # for each of the R = sum(r_i) rank columns: the adapter it belongs to, and that adapter's scale
-        self.register_buffer("owner", torch.arange(len(self.A)).repeat_interleave(ranks).to(self.base.weight.device),
+        self.register_buffer("owner", torch.arange(len(self.A)).repeat_interleave(ranks).to(where["device"]),
                              persistent=False)
-        self.register_buffer("rank_scale", torch.tensor(self.scales).repeat_interleave(ranks).to(self.base.weight),
+        self.register_buffer("rank_scale", torch.tensor(self.scales).repeat_interleave(ranks).to(**where),
                              persistent=False)
         self._stack = None
 
@@ -112,10 +122,10 @@ class LoraLinear(nn.Module):
         # All adapters at once: stacked A (R x d_in) and B (d_out x R), R = sum of ranks; the gate scales each
         # adapter's r_i columns of the rank-R intermediate, per sample. Two matmuls, whatever N is.
         A, B = self.stacked()
-        weights = self.rank_weights(x).to(x.dtype)
+        weights = self.rank_weights(x).to(A.dtype)
         if weights.dim() == 2 and x.dim() == 3:
             weights = weights[:, None, :]
-        return y + F.linear(F.linear(self.dropout(x), A) * weights, B)
+        return y + F.linear(F.linear(self.dropout(x.to(A.dtype)), A) * weights, B).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"adapters={len(self.A)}, ranks={[a.shape[0] for a in self.A]}, scales={self.scales}"
@@ -155,8 +165,9 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, alpha: float = 16,
-                trainable: bool = False) -> int:
-    """Add `adapter` to every LoRA layer (or a fresh one: A Kaiming-uniform, B zeros); returns its index."""
+                trainable: bool = False, generator: torch.Generator | None = None) -> int:
+    """Add `adapter` to every LoRA layer (or a fresh one: A Kaiming-uniform drawn from `generator`, B zeros);
+    returns its index."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call inject(model, targets) first")
@@ -164,8 +175,8 @@ def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, al
         check_fits(model, adapter)
     for name, layer in layers.items():
         if adapter is None:
-            A = torch.empty(r, layer.base.in_features, dtype=torch.float32)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as loralib and PEFT
+            A = torch.empty(r, layer.base.in_features, dtype=layer.factor_dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as loralib and PEFT
             layer.add(A, torch.zeros(layer.base.out_features, r), alpha / r, trainable)
         else:
             lora = adapter.modules[name]
@@ -337,7 +348,12 @@ def svd(loras: list[Lora], rank: int = 8, weights=None) -> Lora:
     return Lora(Vh[:k].to(dtype), (U[:, :k] * S[:k]).to(dtype), 1.0)
 
 
-MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd}
+def weighted_avg(loras: list[Lora], weights=None) -> Lora:
+    """The thesis log's "weighted_avg": weight_sum with w_i = 1/N (A = mean A_i, B = mean B_i)."""
+    return weight_sum(loras, _weights(len(loras), weights, 1.0 / len(loras)))
+
+
+MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd, "weighted_avg": weighted_avg}
 
 
 def merge(adapters: list[Adapter], method: str, weights=None, **kwargs) -> Adapter:
@@ -363,9 +379,8 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module.base if isinstance(module, LoraLinear) else module
 
 
-@torch.no_grad()
-def fold(model: nn.Module, adapter: Adapter, sign: float = 1.0):
-    """W += sign * s B A for every module of the adapter: inference at the base model's cost."""
+def _fold_targets(model: nn.Module, adapter: Adapter) -> dict:
+    """{module path: nn.Linear} for every module of the adapter; checks every shape before anything changes."""
     linears = {}
     for name, lora in adapter.modules.items():
         try:
@@ -375,29 +390,59 @@ def fold(model: nn.Module, adapter: Adapter, sign: float = 1.0):
         if linears[name].weight.shape != (lora.B.shape[0], lora.A.shape[1]):
             raise ValueError(f"cannot fold into {name}: update {(lora.B.shape[0], lora.A.shape[1])}, "
                              f"weight {tuple(linears[name].weight.shape)}")
-    for name, lora in adapter.modules.items():
-        W = linears[name].weight
+    return linears
+
+
+@torch.no_grad()
+def fold(model: nn.Module, adapter: Adapter):
+    """W += s B A for every module of the adapter, for good (the update is computed in float32, W keeps its dtype):
+    inference at the base model's cost. To take it out again, use `folded`."""
+    for name, linear in _fold_targets(model, adapter).items():
+        lora, W = adapter.modules[name], linear.weight
         delta = lora.scale * (lora.B.to(W.device, torch.float32) @ lora.A.to(W.device, torch.float32))
-        W.copy_((W.float() + sign * delta).to(W.dtype))
+        W.copy_((W.float() + delta).to(W.dtype))
 
 
-def unfold(model: nn.Module, adapter: Adapter):
-    fold(model, adapter, sign=-1.0)
+@contextlib.contextmanager
+@torch.no_grad()
+def folded(model: nn.Module, adapter: Adapter):
+    """Within the block W holds W + s B A; after it, the original W bit for bit (a copy of each targeted weight is
+    kept: subtracting the update again would leave rounding error in bf16, and the next method would inherit it)."""
+    originals = {name: linear.weight.detach().clone() for name, linear in _fold_targets(model, adapter).items()}
+    try:
+        fold(model, adapter)
+        yield model
+    finally:
+        for name, W in originals.items():
+            _linear(model, name).weight.copy_(W)
 
 
 # ---------------------------------------------------------------------------------------------------------- MoA
-def attach_routers(model: nn.Module, n_adapters: int, generator: torch.Generator | None = None):
-    """A router nn.Linear(d_in, N) in every LoRA layer (the original's per-layer MoA router)."""
+def make_routers(model: nn.Module, n_routes: int, generator: torch.Generator | None = None) -> nn.ModuleList:
+    """One float32 router nn.Linear(d_in, n_routes) per LoRA layer (lora_layers order), not attached yet;
+    initialised as nn.Linear is, from `generator` when given."""
+    routers = nn.ModuleList()
     for layer in lora_layers(model).values():
-        if len(layer.A) != n_adapters:
-            raise ValueError(f"{n_adapters} routes asked for, but the layer holds {len(layer.A)} adapters")
-        router = nn.Linear(layer.base.in_features, n_adapters)
+        d_in = layer.base.in_features
+        router = nn.Linear(d_in, n_routes, device=layer.base.weight.device)
         if generator is not None:
             with torch.no_grad():
-                bound = 1 / math.sqrt(layer.base.in_features)
-                router.weight.uniform_(-bound, bound, generator=generator)
-                router.bias.uniform_(-bound, bound, generator=generator)
-        layer.router = router.to(layer.base.weight.device)
+                bound = 1 / math.sqrt(d_in)
+                router.weight.copy_(torch.empty(n_routes, d_in).uniform_(-bound, bound, generator=generator))
+                router.bias.copy_(torch.empty(n_routes).uniform_(-bound, bound, generator=generator))
+        routers.append(router)
+    return routers
+
+
+def attach_routers(model: nn.Module, routers: nn.ModuleList):
+    """Put `routers` (one per LoRA layer, in lora_layers order: the original's per-layer MoA router) into the layers."""
+    layers = list(lora_layers(model).values())
+    if len(routers) != len(layers):
+        raise ValueError(f"{len(routers)} routers for {len(layers)} LoRA layers")
+    for layer, router in zip(layers, routers):
+        if router.out_features != len(layer.A):
+            raise ValueError(f"a router over {router.out_features} adapters, but the layer holds {len(layer.A)}")
+        layer.router = router
 
 
 @contextlib.contextmanager
@@ -423,18 +468,26 @@ def route_decisions(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  gold: torch.Tensor) -> torch.Tensor:
+                  gold: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Every LoRA layer's input at the last prompt position, with each sample's gold adapter active (teacher
-    forcing, as the original trained its routers). Prompts must be left-padded. Returns (layers, batch, d_in).
+    forcing, as the original trained its routers). Prompts must be left-padded.
 
+    Returns (features, where): features (batch, U, d_in) in the model's dtype, the U distinct inputs (q, k and v
+    read the same tensor, so it is kept once), and for each LoRA layer the index of its input among them.
     The routers do not change these inputs (the gold adapter is used, not the routed one), so they can be
     computed once and the routers trained on them as classifiers: the same gradients as the original's loop."""
     layers = list(lora_layers(model).values())
     if len({layer.base.in_features for layer in layers}) != 1:
         raise ValueError("router_inputs needs the LoRA layers to share one input width")
-    captured = []
-    hooks = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0][:, -1].float()))
-             for layer in layers]
+    captured, where, previous = [], [], []
+
+    def hook(module, args):
+        if not previous or args[0] is not previous[0]:
+            captured.append(args[0][:, -1].clone())
+            previous[:] = [args[0]]
+        where.append(len(captured) - 1)
+
+    hooks = [layer.register_forward_pre_hook(hook) for layer in layers]
     gate = F.one_hot(gold, len(layers[0].A)).float()
     try:
         with gated(model, gate):
@@ -442,15 +495,16 @@ def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(captured)
+    return torch.stack(captured, dim=1), where
 
 
-def router_loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over layers of the cross-entropy of each router on its features; also each layer's predictions."""
-    routers = [layer.router for layer in lora_layers(model).values()]
-    logits = torch.stack([r(f.to(r.weight.dtype)) for r, f in zip(routers, features)]).float()  # (layers, batch, N)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(routers)))
-    return loss, logits.argmax(-1)
+def router_loss(routers: nn.ModuleList, features: torch.Tensor, where: list[int],
+                labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over routers of the cross-entropy of each router on its layer's features (batch, U, d_in), with the
+    samples' CE averaged (reduction "mean") or summed ("sum"); also each layer's predictions (layers, batch)."""
+    logits = torch.stack([r(features[:, u].to(r.weight.dtype)) for r, u in zip(routers, where)]).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(routers)), reduction=reduction)
+    return (loss / len(routers) if reduction == "sum" else loss), logits.argmax(-1)
 
 
 def save_routers(model: nn.Module, folder, tasks: list[str], base_model: str, extra: dict | None = None):
@@ -480,9 +534,10 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
     layers = lora_layers(model)
     if meta["layers"] != list(layers):
         raise ValueError(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
-    attach_routers(model, len(tasks))
+    routers = make_routers(model, len(tasks))
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.router.weight.copy_(tensors[f"{name}.router.weight"])
-            layer.router.bias.copy_(tensors[f"{name}.router.bias"])
+        for name, router in zip(layers, routers):
+            router.weight.copy_(tensors[f"{name}.router.weight"])
+            router.bias.copy_(tensors[f"{name}.router.bias"])
+    attach_routers(model, routers)
     return meta

@@ -8,11 +8,17 @@
 * match:  accuracy of the normalized output against the normalized correct solution (commonsense).
 
 `normalized_score` is the paper's number: the mean over tasks of metric(method) / metric(single).
+
+Intervals: `example_stats` gives each example's sufficient statistics for the primary metric (its score, or for
+corpus BLEU its n-gram matches, n-gram counts and lengths), `primary_from_stats` the metric of any sum of them, so
+`paired_bootstrap` recomputes every metric, corpus BLEU included, on each resample of the test rows.
 """
 import collections
 import math
 import re
 import string
+
+import numpy as np
 
 
 def normalize_answer(s: str) -> str:
@@ -57,45 +63,76 @@ def _ngrams(tokens: list[str], max_order: int) -> collections.Counter:
                                for i in range(len(tokens) - n + 1))
 
 
+def bleu_counts(prediction: str, references: list[str], max_order: int = 4, tokenize=None) -> list[float]:
+    """One example's BLEU sufficient statistics: clipped n-gram matches (max_order), candidate n-grams (max_order),
+    candidate length, closest-shortest reference length (13a tokens)."""
+    if tokenize is None:
+        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+        tokenize = Tokenizer13a()
+    pred_toks = tokenize(prediction).split()
+    ref_toks = [tokenize(r).split() for r in references]
+    clipped = collections.Counter()
+    for r in ref_toks:
+        clipped |= _ngrams(r, max_order)
+    matches = [0] * max_order
+    for ngram, count in (_ngrams(pred_toks, max_order) & clipped).items():
+        matches[len(ngram) - 1] += count
+    possible = [max(len(pred_toks) - n + 1, 0) for n in range(1, max_order + 1)]
+    return [*matches, *possible, len(pred_toks), min(len(r) for r in ref_toks)]
+
+
+def bleu_from_counts(counts: np.ndarray, max_order: int = 4) -> np.ndarray:
+    """Corpus BLEU (0-1) of summed counts, (..., 2 * max_order + 2) -> (...): the formula of `evaluate`'s "bleu"
+    (geometric mean of the n-gram precisions, no smoothing, brevity penalty exp(1 - 1/ratio) when ratio <= 1)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    matches, possible = counts[..., :max_order], counts[..., max_order:2 * max_order]
+    pred_len, ref_len = counts[..., 2 * max_order], counts[..., 2 * max_order + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precisions = np.where(possible > 0, matches / np.where(possible > 0, possible, 1), 0.0)
+        geo = np.where(precisions.min(-1) > 0, np.exp(np.log(np.where(precisions > 0, precisions, 1)).mean(-1)), 0.0)
+        ratio = np.where(ref_len > 0, pred_len / np.where(ref_len > 0, ref_len, 1), 0.0)
+        brevity = np.where(ratio > 1.0, 1.0, np.where(ratio > 0, np.exp(1 - 1 / np.where(ratio > 0, ratio, 1)), 0.0))
+    return geo * brevity
+
+
 def bleu(predictions: list[str], references: list[list[str]], max_order: int = 4) -> dict:
     from sacrebleu import corpus_bleu
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
     tokenize = Tokenizer13a()
-    matches, possible = [0] * max_order, [0] * max_order
-    pred_len = ref_len = 0
-    for p, refs in zip(predictions, references):
-        pred_toks = tokenize(p).split()
-        ref_toks = [tokenize(r).split() for r in refs]
-        pred_len += len(pred_toks)
-        ref_len += min(len(r) for r in ref_toks)
-        clipped = collections.Counter()
-        for r in ref_toks:
-            clipped |= _ngrams(r, max_order)
-        for ngram, count in (_ngrams(pred_toks, max_order) & clipped).items():
-            matches[len(ngram) - 1] += count
-        for n in range(1, max_order + 1):
-            possible[n - 1] += max(len(pred_toks) - n + 1, 0)
-    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
-    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order) if min(precisions) > 0 else 0.0
-    ratio = pred_len / ref_len if ref_len else 0.0
+    counts = np.array([bleu_counts(p, refs, max_order, tokenize) for p, refs in zip(predictions, references)]).sum(0)
+    matches, possible = counts[:max_order], counts[max_order:2 * max_order]
+    precisions = [float(m / p) if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    ratio = float(counts[-2] / counts[-1]) if counts[-1] else 0.0
     brevity = 1.0 if ratio > 1.0 else (math.exp(1 - 1 / ratio) if ratio > 0 else 0.0)
     n_refs = max(len(r) for r in references)
     padded = [[r[i] if i < len(r) else r[0] for r in references] for i in range(n_refs)]
-    return {"bleu": geo_mean * brevity, "sacrebleu": corpus_bleu(predictions, padded).score,
+    return {"bleu": float(bleu_from_counts(counts, max_order)), "sacrebleu": corpus_bleu(predictions, padded).score,
             "precisions": precisions, "brevity_penalty": brevity, "length_ratio": ratio}
+
+
+def _first_line(p: str) -> str:
+    return normalize_answer(p.strip().split("\n")[0]) if p.strip() else ""
+
+
+def label_correct(predictions: list[str], references: list[list[str]]) -> list[float]:
+    return [float(_first_line(p) == normalize_answer(refs[0])) for p, refs in zip(predictions, references)]
+
+
+def match_correct(predictions: list[str], references: list[list[str]]) -> list[float]:
+    return [float(normalize_answer(p) == normalize_answer(refs[0])) for p, refs in zip(predictions, references)]
 
 
 def label_accuracy(predictions: list[str], references: list[list[str]], labels: tuple) -> dict:
     valid = {normalize_answer(label) for label in labels}
-    first_lines = [normalize_answer(p.strip().split("\n")[0]) if p.strip() else "" for p in predictions]
-    correct = [float(f == normalize_answer(refs[0])) for f, refs in zip(first_lines, references)]
-    invalid = [float(f not in valid) for f in first_lines]
+    correct = label_correct(predictions, references)
+    invalid = [float(_first_line(p) not in valid) for p in predictions]
     return {"accuracy": sum(correct) / len(correct), "invalid": sum(invalid) / len(invalid)}
 
 
 def match_accuracy(predictions: list[str], references: list[list[str]]) -> dict:
-    correct = [float(normalize_answer(p) == normalize_answer(refs[0])) for p, refs in zip(predictions, references)]
+    correct = match_correct(predictions, references)
     return {"accuracy": sum(correct) / len(correct)}
 
 
@@ -128,3 +165,68 @@ def normalized_score(method: dict, single: dict, primary: dict) -> dict:
         ratios[t] = method[t][primary[t]] / base if base else None
     defined = [r for r in ratios.values() if r is not None]
     return {"per_task": ratios, "mean": sum(defined) / len(defined) if defined else None}
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+def example_stats(task, predictions: list[str], references: list[list[str]]) -> list[list[float]]:
+    """Per example, the sufficient statistics of `task.primary`: [score] for per-example means (ROUGE-L F, SQuAD
+    F1 on 0-100, accuracy), the n-gram counts of `bleu_counts` for corpus BLEU."""
+    if task.metric == "bleu":
+        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+        tokenize = Tokenizer13a()
+        return [bleu_counts(p, refs, tokenize=tokenize) for p, refs in zip(predictions, references)]
+    if task.metric == "rouge":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer([task.primary])
+        return [[scorer.score(refs[0], p)[task.primary].fmeasure] for p, refs in zip(predictions, references)]
+    if task.metric == "squad":
+        return [[100.0 * max(squad_f1(p, g) for g in refs)] for p, refs in zip(predictions, references)]
+    if task.metric == "label":
+        return [[c] for c in label_correct(predictions, references)]
+    if task.metric == "match":
+        return [[c] for c in match_correct(predictions, references)]
+    raise ValueError(f"{task.name}: unknown metric {task.metric!r}")
+
+
+def primary_from_stats(task, summed: np.ndarray, n: int) -> np.ndarray:
+    """The primary metric from statistics summed over n examples, (..., k) -> (...)."""
+    summed = np.asarray(summed, dtype=np.float64)
+    return bleu_from_counts(summed) if task.metric == "bleu" else summed[..., 0] / n
+
+
+def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Percentile intervals by resampling test rows, the same resample of a task's rows for every method.
+
+    `tasks` are src.tasks.Task objects, `stats[method][task name]` the (n, k) example statistics (rows in the same
+    order for every method). Returns {method: {"per_task": {t: (lo, hi)}, "ratio": {t: (lo, hi)},
+    "normalized": (lo, hi)}}; ratios and the normalized score (mean over tasks of method / reference) exist when
+    the reference method has the task. A resample where the reference scores 0 leaves that task out of its mean."""
+    rng = np.random.default_rng(seed)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    draws, values = {}, {}
+    for task in tasks:
+        n = len(next(s[task.name] for s in stats.values() if task.name in s))
+        draws[task.name] = rng.integers(0, n, size=(n_boot, n))
+    for method, per_task in stats.items():
+        values[method] = {t.name: primary_from_stats(t, np.asarray(per_task[t.name])[draws[t.name]].sum(1),
+                                                     draws[t.name].shape[1])
+                          for t in tasks if t.name in per_task}
+    out = {}
+    for method, vals in values.items():
+        entry = {"per_task": {t: tuple(np.percentile(v, q).tolist()) for t, v in vals.items()}, "ratio": {},
+                 "normalized": None}
+        ref = values.get(reference, {})
+        if ref and set(vals) == set(ref):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = {t: np.where(ref[t] > 0, v / np.where(ref[t] > 0, ref[t], 1), np.nan) for t, v in vals.items()}
+            entry["ratio"] = {t: tuple(np.nanpercentile(r, q).tolist()) if np.isfinite(r).any() else None
+                              for t, r in ratios.items()}
+            stacked = np.stack(list(ratios.values()))
+            with np.errstate(invalid="ignore"):
+                mean = np.nanmean(np.where(np.isfinite(stacked), stacked, np.nan), axis=0)
+            entry["normalized"] = tuple(np.nanpercentile(mean, q).tolist()) if np.isfinite(mean).any() else None
+        out[method] = entry
+    return out

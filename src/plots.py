@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import lora as L  # noqa: E402
-from .evaluation import METHODS, paper_normalized  # noqa: E402
+from .evaluation import ALL_METHODS, intervals, paper_normalized  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
 
@@ -22,16 +22,20 @@ def load_results(results_root: Path, model: str) -> dict:
     """{n_tasks: {method: result json}} for every results/<model>/<n>-task folder."""
     out = {}
     for folder in sorted(Path(results_root, model).glob("*-task")):
-        methods = {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS if (folder / f"{m}.json").exists()}
+        methods = {m: json.loads((folder / f"{m}.json").read_text()) for m in ALL_METHODS if (folder / f"{m}.json").exists()}
         if methods:
             out[int(folder.name.split("-")[0])] = methods
     return out
 
 
 def normalized(results: dict) -> dict:
-    """{method: (per-task ratio dict, mean)} for one task set; needs the single run."""
-    primary = {t: get_task(t).primary for t in results["single"]["tasks"]}
-    return {m: normalized_score(r["metrics"], results["single"]["metrics"], primary) for m, r in results.items()}
+    """{method: {"per_task": ratios, "mean": normalized score, "ci": its 95% paired bootstrap interval}} for one
+    task set, for the methods scored on every task (not majority); needs the single run."""
+    tasks = results["single"]["tasks"]
+    primary = {t: get_task(t).primary for t in tasks}
+    ci = intervals(results)
+    return {m: {**normalized_score(r["metrics"], results["single"]["metrics"], primary), "ci": ci[m]["normalized"]}
+            for m, r in results.items() if set(r["metrics"]) == set(tasks)}
 
 
 def save(fig, folder: Path, name: str) -> Path:
@@ -45,11 +49,14 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
     sets = sorted(results)
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], sets):
-        ours = {m: v["mean"] for m, v in normalized(results[n]).items()}
+        norm = normalized(results[n])
         paper = paper_normalized(results[n]["single"]["tasks"]).get(paper_model, {})
-        methods = [m for m in METHODS if m in ours]
+        methods = [m for m in ALL_METHODS if m in norm]
         x = np.arange(len(methods))
-        ax.bar(x - 0.2, [ours[m] or 0 for m in methods], 0.4, label="ours")
+        ours = np.array([norm[m]["mean"] or 0 for m in methods])
+        ci = np.array([norm[m]["ci"] or (norm[m]["mean"] or 0,) * 2 for m in methods])
+        ax.bar(x - 0.2, ours, 0.4, label="ours (95% paired bootstrap interval)",
+               yerr=np.stack([ours - ci[:, 0], ci[:, 1] - ours]), capsize=3)
         ax.bar(x + 0.2, [paper.get(m) or 0 for m in methods], 0.4, label=f"paper ({paper_model})")
         ax.set_xticks(x, methods, rotation=20)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -66,7 +73,7 @@ def fig_heatmap(results: dict):
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         tasks = results[n]["single"]["tasks"]
-        methods = [m for m in METHODS if m in norm]
+        methods = [m for m in ALL_METHODS if m in norm]
         grid = np.array([[norm[m]["per_task"][t] if norm[m]["per_task"][t] is not None else np.nan for t in tasks]
                          for m in methods])
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.2, np.nanmax(grid)))

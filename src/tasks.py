@@ -31,7 +31,17 @@ class Task:
     primary: str               # the primary metric key (used by the normalized score)
     max_new_tokens: int        # generation budget that fits the target
     labels: tuple = ()         # the valid label words of a classification task
+    classes: int = 0           # classification tasks: number of answer classes (row["label"] is the class index)
     keep: Callable = lambda row: True  # rows to keep (mnli drops label -1)
+
+    @property
+    def chance(self) -> float | None:
+        """Accuracy of a uniform random answer (None for tasks that are not classification)."""
+        return 1.0 / self.classes if self.classes else None
+
+    def answer(self, row: dict, label: int) -> str:
+        """The target text this row would have if its class were `label` (the majority baseline's answer)."""
+        return self.target({**row, "label": label})
 
     def prompt(self, row: dict, content: str | None = None) -> str:
         """The original's prompt for `row`; `content` replaces the content field (used to truncate it)."""
@@ -73,14 +83,14 @@ TASKS = {
         content="sentence",
         segments=lambda r: [(r["sentence"], True), ("\n### Sentiment:\n", False)],
         target=lambda r: SENTIMENT_LABELS[r["label"]], references=lambda r: [SENTIMENT_LABELS[r["label"]]],
-        metric="label", primary="accuracy", max_new_tokens=8, labels=SENTIMENT_LABELS),
+        metric="label", primary="accuracy", max_new_tokens=8, labels=SENTIMENT_LABELS, classes=2),
     "nli": Task(
         name="nli", hub=("nyu-mll/glue", "mnli"), train_split="train", eval_split="validation_matched",
         content="premise",
         segments=lambda r: [("### Premise:\n", False), (r["premise"], True),
                             ("\n### Hypothesis:\n" + r["hypothesis"].strip() + "\n### Relationship:\n", False)],
         target=lambda r: NLI_LABELS[r["label"]], references=lambda r: [NLI_LABELS[r["label"]]],
-        metric="label", primary="accuracy", max_new_tokens=8, labels=NLI_LABELS,
+        metric="label", primary="accuracy", max_new_tokens=8, labels=NLI_LABELS, classes=3,
         keep=lambda r: r["label"] in (0, 1, 2)),
     "paraphrasing": Task(
         name="paraphrasing", hub=("google-research-datasets/paws", "labeled_final"), train_split="train", eval_split="validation",
@@ -95,7 +105,7 @@ TASKS = {
                                                  + r["sol2"].strip() + "\n### Correct Solution:\n", False)],
         target=lambda r: (r["sol1"], r["sol2"])[r["label"]].strip(),
         references=lambda r: [(r["sol1"], r["sol2"])[r["label"]].strip()],
-        metric="match", primary="accuracy", max_new_tokens=64),
+        metric="match", primary="accuracy", max_new_tokens=64, classes=2),
 }
 
 FIVE_TASKS = ["summarization", "translation", "qa", "sentiment", "nli"]

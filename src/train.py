@@ -10,7 +10,14 @@ Presets hold every hyperparameter; a flag of the scripts overrides any of them.
 The LoRA loss is the mean cross-entropy over target tokens (and EOS); logits are computed only at those positions.
 A checkpoint (adapter, optimizer, step, early-stopping state, log) is one safetensors file written atomically;
 `resume=True` continues from it and ends with the same adapter as an uninterrupted run.
+
+Data parallel (Hugging Face Accelerate; `accelerate launch` or `torchrun`): every process takes its share of each
+global batch (the batch of a one-process run), the loss runs inside `TargetLoss.forward` (so DDP averages the
+gradients in backward) and is normalised by the global number of target tokens, so N processes make the update of
+one; validation is sharded and summed; only the main process writes checkpoints, logs and adapters. One process is
+the same code with a world of one.
 """
+import hashlib
 import json
 import math
 import os
@@ -22,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from accelerate import Accelerator
+from torch import nn
 
 from . import lora as L
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
@@ -75,23 +85,54 @@ def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def make_accelerator() -> Accelerator:
+    """The Accelerator of the scripts: GPUs when present, else CPU processes (gloo) under torchrun. Without
+    `cpu=True` a CPU-only machine would not see the other processes (each would think it is alone)."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class TargetLoss(nn.Module):
+    """Sum of the cross-entropy over the target tokens of a right-padded batch, and their number. The vocabulary
+    projection runs only at target positions. A module, so that DDP sees the forward that produces the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        labels = labels[:, 1:]
+        where = labels != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][where])
+        return F.cross_entropy(logits.float(), labels[where], reduction="sum"), where.sum()
+
+
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the target tokens; the vocabulary projection runs only at those positions."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    where = labels != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][where])
-    return F.cross_entropy(logits.float(), labels[where]), int(where.sum())
+    """Mean cross-entropy over the target tokens of a batch, and their number (one process)."""
+    total, n = TargetLoss(model)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return total / n, int(n)
+
+
+def _shard(items: list, accelerator: Accelerator) -> list:
+    return items[accelerator.process_index::accelerator.num_processes]
+
+
+def _reduce_sum(values: list[float], accelerator: Accelerator, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return (accelerator.reduce(t, "sum") if accelerator.num_processes > 1 else t).tolist()
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+def validation_loss(model, examples: list[dict], batch_size: int, pad_id: int, accelerator: Accelerator) -> float:
+    """Mean target-token cross-entropy over `examples`, each process taking its share."""
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
+    loss_fn, mine = TargetLoss(model), _shard(examples, accelerator)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
         batch = pad_batch([e["input_ids"] for e in chunk], pad_id, left=False, labels=[e["labels"] for e in chunk])
-        loss, n = lm_loss(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item() * n, count + n
+        s, n = loss_fn(**{k: v.to(model.device) for k, v in batch.items()})
+        total, count = total + s.item(), count + int(n)
+    total, count = _reduce_sum([total, count], accelerator, model.device)
     return total / count
 
 
@@ -104,6 +145,13 @@ def encode_rows(task, rows: list[dict], tokenizer, cfg: TrainConfig) -> tuple[li
         except PromptTooLong:
             pass
     return examples, len(rows) - len(examples)
+
+
+def task_seed(seed: int, task: str) -> int:
+    """The seed of one task's run: a function of the run's seed and the task's name. The original trained each task
+    in its own unseeded process, so every task's A was an independent draw; one shared seed would make all seven A
+    identical (and concat / weight summing would then compute something else). A rerun stays bit-identical."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{task}".encode()).digest()[:4], "little")
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -146,9 +194,11 @@ def _snapshot(model) -> dict:
     return {f"{i}": p.detach().clone() for i, p in enumerate(L.adapter_parameters(model))}
 
 
-def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False) -> dict:
-    """Train cfg.task's LoRA on `model` (injected here, removed at the end); write the best adapter (lowest
-    validation loss) in PEFT format to out_dir with train_log.jsonl. Returns a summary."""
+def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False,
+               accelerator: Accelerator | None = None) -> dict:
+    """Train cfg.task's LoRA on `model` (injected here, removed at the end); the main process writes the best
+    adapter (lowest validation loss) in PEFT format to out_dir with train_log.jsonl. Returns a summary."""
+    acc = accelerator or make_accelerator()
     task = get_task(cfg.task)
     device = model.device
     pad = tokenizer.eos_token_id
@@ -159,16 +209,16 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     if not train_ex or not val_ex:
         raise ValueError(f"{task.name}: no training or validation row fits max_len {cfg.max_len}: raise --max-len")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.safetensors"
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    torch.manual_seed(cfg.seed)
+    seed = task_seed(cfg.seed, cfg.task)
+    torch.manual_seed(seed)
     L.inject(model, cfg.targets)
     try:
-        L.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True)
+        L.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True, generator=torch.Generator().manual_seed(seed))
         model.train()
         optimizer = torch.optim.AdamW(L.adapter_parameters(model), lr=cfg.lr)
         state = {"step": 0, "best_val": None, "bad": 0, "log": [], "stopped": False, "config": asdict(cfg)}
@@ -177,26 +227,35 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
             state, best = _load_checkpoint(ckpt_path, model, optimizer)
             if state["config"] != json.loads(json.dumps(asdict(cfg))):
                 raise ValueError(f"{ckpt_path} was written with other settings: delete it or drop --resume")
-        bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.task}", unit="step")
+        loss_module = acc.prepare_model(TargetLoss(model))  # DDP under several processes, itself under one
+        bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.task}", unit="step",
+                   disable=not acc.is_main_process)
         tokens, started = 0, time.perf_counter()
         while state["step"] < total and not state["stopped"]:
             step = state["step"]
-            order = _epoch_order(len(train_ex), cfg.seed, step // steps_per_epoch)
+            order = _epoch_order(len(train_ex), seed, step // steps_per_epoch)
             start = (step % steps_per_epoch) * cfg.batch_size
             chunk = [train_ex[i] for i in order[start:start + cfg.batch_size]]
-            batch = pad_batch([e["input_ids"] for e in chunk], pad, left=False, labels=[e["labels"] for e in chunk])
+            # this process's share of the global batch; a process left without a row runs one with weight 0, so
+            # that DDP's gradient all-reduce still happens everywhere
+            mine, weight = (_shard(chunk, acc), 1.0) if len(chunk) > acc.process_index else (chunk[:1], 0.0)
+            batch = pad_batch([e["input_ids"] for e in mine], pad, left=False, labels=[e["labels"] for e in mine])
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, _ = lm_loss(model, batch)
-            loss.backward()
+            n_local = int((batch["labels"][:, 1:] != -100).sum()) * weight
+            n_global, seen = _reduce_sum([n_local, float(batch["attention_mask"].sum()) * weight], acc, device)
+            loss_sum, _ = loss_module(**batch)
+            # DDP averages gradients over processes: scale so the result is the gradient of the global mean
+            (loss_sum * (weight * acc.num_processes / n_global)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
+            loss = _reduce_sum([loss_sum.item() * weight], acc, device)[0] / n_global
+            tokens += seen
             state["step"] = step = step + 1
-            entry = {"step": step, "loss": round(loss.item(), 6),
+            entry = {"step": step, "loss": round(loss, 6),
                      "tokens_per_s": round(tokens / (time.perf_counter() - started), 1)}
             if step % cfg.eval_every == 0 or step == total:
                 model.eval()
-                entry["val_loss"] = round(validation_loss(model, val_ex, cfg.batch_size, pad, device), 6)
+                entry["val_loss"] = round(validation_loss(model, val_ex, cfg.batch_size, pad, acc), 6)
                 model.train()
                 if state["best_val"] is None or entry["val_loss"] < state["best_val"]:
                     state["best_val"], state["bad"], best = entry["val_loss"], 0, _snapshot(model)
@@ -206,7 +265,8 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
             state["log"].append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"val": f"{entry['val_loss']:.3f}"} if "val_loss" in entry else {}))
             bar.update(1)
-            if step % cfg.save_every == 0:
+            if step % cfg.save_every == 0 and acc.is_main_process:
+                out_dir.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(ckpt_path, model, optimizer, state, best)
         bar.close()
         with torch.no_grad():
@@ -214,13 +274,14 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
                 p.copy_(best[str(i)])
         adapter = L.get_adapter(model, 0, base_model=cfg.model)
     finally:
+        acc.free_memory()
         L.remove(model)
         model.eval()
-    L.save_adapter(adapter, out_dir, cfg.targets)
-    log_tmp = out_dir / f".train_log.jsonl.tmp{os.getpid()}"
-    log_tmp.write_text("".join(json.dumps(e) + "\n" for e in state["log"]))
-    os.replace(log_tmp, out_dir / "train_log.jsonl")
-    ckpt_path.unlink(missing_ok=True)
+    if acc.is_main_process:
+        L.save_adapter(adapter, out_dir, cfg.targets)
+        L.atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
+        ckpt_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
             "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex),
             "skipped_rows": skipped + skipped_val}
@@ -234,14 +295,16 @@ def publish_log(adapter_folder: Path, dest: Path):
 
 
 # -------------------------------------------------------------------------------------------------- routers
-def prompt_batches(tasks: list[str], rows: dict, tokenizer, budget: int, batch_size: int, order=None):
-    """Left-padded prompt batches over the (task index, row) items, with their task labels."""
-    items = [(k, fit_prompt(get_task(t), r, tokenizer, budget, strict=False)) for k, t in enumerate(tasks) for r in rows[t]]
-    order = order if order is not None else range(len(items))
-    items = [items[i] for i in order]
+def prompt_items(tasks: list[str], rows: dict, tokenizer, budget: int) -> list[tuple[int, list[int]]]:
+    """(task index, prompt ids) for every row of every task, in task order."""
+    return [(k, fit_prompt(get_task(t), r, tokenizer, budget, strict=False)) for k, t in enumerate(tasks) for r in rows[t]]
+
+
+def prompt_batches(items: list, pad_id: int, batch_size: int):
+    """Left-padded prompt batches of (task index, ids) items, with their task labels."""
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        yield pad_batch([ids for _, ids in chunk], tokenizer.eos_token_id, left=True), torch.tensor([k for k, _ in chunk])
+        yield pad_batch([ids for _, ids in chunk], pad_id, left=True), torch.tensor([k for k, _ in chunk])
 
 
 @torch.no_grad()
@@ -249,7 +312,7 @@ def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
     """Route held-out prompts for real (each layer's router picks an adapter at the prompt) and compare with the
     gold task: overall share of (sample, layer) decisions that are right, and the share per layer."""
     decisions, labels = [], []
-    for batch, gold in prompt_batches(tasks, rows, tokenizer, budget, batch_size):
+    for batch, gold in prompt_batches(prompt_items(tasks, rows, tokenizer, budget), tokenizer.eos_token_id, batch_size):
         with L.routing(model):
             model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
             decisions.append(L.route_decisions(model).cpu())
@@ -259,41 +322,98 @@ def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
     return {"accuracy": right.mean().item(), "per_layer": right.mean(0).tolist(), "n_prompts": len(labels)}
 
 
-def train_routers(cfg: TrainConfig, tasks: list[str], model, tokenizer, adapters: list, out_dir) -> dict:
-    """Train one router per LoRA layer over the frozen task adapters (in `tasks` order) with teacher forcing: the
-    gold task's adapter is active, the loss is the mean over routers of the cross-entropy against the task."""
-    targets = sorted({n.rpartition(".")[2] for n in adapters[0].modules})
-    rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in tasks}
-    heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in tasks}
-    torch.manual_seed(cfg.seed)
-    L.inject(model, targets)
-    try:
-        for a in adapters:
-            L.add_adapter(model, a)
-        L.attach_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
-        routers = [p for layer in L.lora_layers(model).values() for p in layer.router.parameters()]
-        optimizer = torch.optim.AdamW(routers, lr=cfg.router_lr)
-        n_items = sum(len(v) for v in rows.values())
-        steps = cfg.router_epochs * math.ceil(n_items / cfg.router_batch_size)
-        bar = tqdm(total=steps, desc=f"routers {len(tasks)} tasks", unit="step")
-        log = []
+@torch.no_grad()
+def router_features(model, items: list, pad_id: int, batch_size: int, accelerator: Accelerator):
+    """`L.router_inputs` of every (gold task, prompt) item, with each item's gold adapter active; the items are
+    shared out over the processes and the features gathered back to all. Returns (features (items, U, d), where)."""
+    if len(items) < accelerator.num_processes:
+        raise ValueError(f"{len(items)} router prompts for {accelerator.num_processes} processes: raise --router-rows")
+    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    feats, where = [], None
+    for i in tqdm(range(0, len(mine), batch_size), desc="router features", unit="batch",
+                  disable=not accelerator.is_main_process):
+        chunk = [items[j] for j in mine[i:i + batch_size]]
+        batch, gold = next(prompt_batches(chunk, pad_id, len(chunk)))
+        f, where = L.router_inputs(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
+                                   gold.to(model.device))
+        feats.append(f.cpu())
+    feats = torch.cat(feats)
+    if accelerator.num_processes > 1:  # back into item order: process p computed items p, p + N, p + 2N, ...
+        counts = [len(range(p, len(items), accelerator.num_processes)) for p in range(accelerator.num_processes)]
+        padded = accelerator.pad_across_processes(feats.to(accelerator.device), dim=0)
+        gathered = accelerator.gather(padded).cpu().reshape(accelerator.num_processes, -1, *feats.shape[1:])
+        out = torch.empty(len(items), *feats.shape[1:], dtype=feats.dtype)
+        for p, n in enumerate(counts):
+            out[p::accelerator.num_processes] = gathered[p, :n]
+        feats = out
+    return feats, where
+
+
+def train_router_set(cfg: TrainConfig, features: torch.Tensor, where: list[int], labels: torch.Tensor,
+                     routers: nn.ModuleList, desc: str) -> list[dict]:
+    """Train `routers` on precomputed features: epochs of shuffled batches, loss = mean over routers of the
+    cross-entropy against the task. Returns the log."""
+    optimizer = torch.optim.AdamW(routers.parameters(), lr=cfg.router_lr)
+    device = next(routers.parameters()).device
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / cfg.router_batch_size)
+    log = []
+    with tqdm(total=cfg.router_epochs * steps_per_epoch, desc=desc, unit="step") as bar:
         for epoch in range(cfg.router_epochs):
-            order = _epoch_order(n_items, cfg.seed, epoch)
-            for batch, gold in prompt_batches(tasks, rows, tokenizer, cfg.max_prompt, cfg.router_batch_size, order):
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                features = L.router_inputs(model, batch["input_ids"], batch["attention_mask"], gold.to(model.device))
-                loss, predicted = L.router_loss(model, features, gold.to(model.device))
+            order = torch.tensor(_epoch_order(n, cfg.seed, epoch))
+            for i in range(0, n, cfg.router_batch_size):
+                idx = order[i:i + cfg.router_batch_size]
+                gold = labels[idx].to(device)
+                loss, predicted = L.router_loss(routers, features[idx].to(device), where, gold)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 log.append({"epoch": epoch, "loss": loss.item(),
-                            "train_accuracy": (predicted.cpu() == gold).float().mean().item()})
+                            "train_accuracy": (predicted == gold).float().mean().item()})
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{log[-1]['train_accuracy']:.2f}")
                 bar.update(1)
-        bar.close()
-        accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
-        L.save_routers(model, out_dir, tasks, cfg.model,
-                       extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log})
+    return log
+
+
+def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer, adapters: dict, out_dirs: list,
+                  accelerator: Accelerator | None = None) -> list[dict]:
+    """Train one router per LoRA layer over the frozen task adapters, for each task set (in its order), with
+    teacher forcing: the gold task's adapter is active, the loss is the mean over routers of the cross-entropy
+    against the task. A prompt's features depend only on its gold adapter, so they are computed once for the
+    union of the sets (sharded over the processes) and shared by every set and epoch; the routers, a few linear
+    classifiers, are then trained on the main process. Returns each set's held-out routing accuracy."""
+    acc = accelerator or make_accelerator()
+    union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
+    targets = sorted({n.rpartition(".")[2] for n in adapters[union[0]].modules})
+    rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in union}
+    heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in union}
+    items = prompt_items(union, rows, tokenizer, cfg.max_prompt)
+    L.inject(model, targets)
+    try:
+        for t in union:
+            L.add_adapter(model, adapters[t])
+        features, where = router_features(model, items, tokenizer.eos_token_id, cfg.router_batch_size, acc)
     finally:
         L.remove(model)
-    return accuracy
+    task_of = torch.tensor([k for k, _ in items])
+    results = []
+    for tasks, out_dir in zip(task_sets, out_dirs):
+        accuracy = None
+        if acc.is_main_process:
+            pick = torch.cat([(task_of == union.index(t)).nonzero()[:, 0] for t in tasks])
+            labels = torch.cat([torch.full(((task_of == union.index(t)).sum(),), k) for k, t in enumerate(tasks)])
+            L.inject(model, targets)
+            try:
+                for t in tasks:
+                    L.add_adapter(model, adapters[t])
+                routers = L.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
+                log = train_router_set(cfg, features[pick], where, labels, routers, desc=f"routers {len(tasks)} tasks")
+                L.attach_routers(model, routers)
+                accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
+                L.save_routers(model, out_dir, tasks, cfg.model,
+                               extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log})
+            finally:
+                L.remove(model)
+        acc.wait_for_everyone()
+        results.append(accuracy)
+    return results

@@ -165,7 +165,7 @@ def test_merge_rejects_different_modules_and_shapes():
         L.merge([a, a], "ties")
 
 
-def test_fold_unfold_restores_and_matches_unfolded(tiny_model):
+def test_folded_matches_unfolded_and_restores_w_exactly(tiny_model):
     gen = torch.Generator().manual_seed(7)
     x = ids()
     L.inject(tiny_model)
@@ -174,15 +174,16 @@ def test_fold_unfold_restores_and_matches_unfolded(tiny_model):
     L.add_adapter(tiny_model, adapter)
     with torch.no_grad():
         want = tiny_model(x).logits
-        with L.gated(tiny_model, torch.zeros(1)):  # adapter off, folded into W instead
-            L.fold(tiny_model, adapter)
+        with L.gated(tiny_model, torch.zeros(1)), L.folded(tiny_model, adapter):  # adapter off, folded into W
             assert torch.allclose(tiny_model(x).logits, want, atol=1e-5)
-            L.unfold(tiny_model, adapter)
+            assert not torch.equal(L.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"].base.weight,
+                                   weights["model.layers.0.self_attn.q_proj"])
     for n, m in L.lora_layers(tiny_model).items():
-        assert (m.base.weight - weights[n]).norm() / weights[n].norm() <= 1e-6
+        assert torch.equal(m.base.weight, weights[n])
     bad = L.Adapter({"model.layers.0.self_attn.q_proj": random_lora(32, 64, 2, 1.0, gen, torch.float32)})
     with pytest.raises(ValueError, match="cannot fold into model.layers.0.self_attn.q_proj"):
-        L.fold(tiny_model, bad)
+        with L.folded(tiny_model, bad):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- PEFT format
@@ -260,14 +261,15 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
     for a in adapters:
         L.add_adapter(model, a)
-    L.attach_routers(model, 3)
-    routers = [p for layer in L.lora_layers(model).values() for p in layer.router.parameters()]
-    opt = torch.optim.AdamW(routers, lr=1e-2)
+    routers = L.make_routers(model, 3)
+    L.attach_routers(model, routers)
+    opt = torch.optim.AdamW(routers.parameters(), lr=1e-2)
     for step in range(200):
         labels = torch.randint(0, 3, (8,), generator=gen)
         x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
-        feats = L.router_inputs(model, x, torch.ones_like(x), labels)
-        loss, _ = L.router_loss(model, feats, labels)
+        feats, where = L.router_inputs(model, x, torch.ones_like(x), labels)
+        assert feats.shape == (8, 2 * 2, 64) and where == [0, 0, 0, 1, 2, 2, 2, 3]  # q, k, v share their input
+        loss, _ = L.router_loss(routers, feats, where, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,23 +1,40 @@
-"""visualize_lora.ipynb runs headless against the committed results/ and writes its figures."""
+"""visualize_lora.ipynb runs headless against the committed results/ and adapters, and writes its figures."""
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
+
+from src import lora as L
+from src.tasks import SEVEN_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_notebook_executes_and_writes_figures(tmp_path, monkeypatch):
+def write_random_adapters(folder: Path, layers: int = 3, d: int = 48, r: int = 4):
+    """Seven PEFT-format adapters on q/k/v/o of a small model's module paths (the geometry cells need no model)."""
+    gen = torch.Generator().manual_seed(0)
+    for k, task in enumerate(SEVEN_TASKS):
+        modules = {f"model.layers.{i}.self_attn.{p}": L.Lora(torch.randn(r, d, generator=gen) * 0.1,
+                                                             torch.randn(d, r, generator=gen) * 0.1, 2.0)
+                   for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        L.save_adapter(L.Adapter(modules, "smollm2-135m"), folder / "smollm2-135m" / task)
+
+
+def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):
     if not (REPO / "results" / "smollm2-135m" / "7-task" / "moa.json").exists():
         pytest.fail("results/smollm2-135m is missing: it is committed by `make reproduce`")
+    write_random_adapters(tmp_path / "adapters")
     monkeypatch.setenv("FIGURES_DIR", str(tmp_path / "figures"))
-    monkeypatch.setenv("ADAPTERS_DIR", str(tmp_path / "no-adapters"))  # the geometry cells must cope without them
+    monkeypatch.setenv("ADAPTERS_DIR", str(tmp_path / "adapters"))
     nb = nbformat.read(REPO / "visualize_lora.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "no adapters under" in outputs and "train them with" in outputs
-    for name in ("normalized_score", "method_task_heatmap", "moa_router", "training_loss"):
+    assert "adapters found" in outputs and "no adapters under" not in outputs
+    assert "5-task set: concat" in outputs and "7-task set: concat" in outputs  # the update-norm ratios
+    for name in ("normalized_score", "method_task_heatmap", "moa_router", "training_loss", "adapter_spectra",
+                 "adapter_interference"):
         png = tmp_path / "figures" / f"{name}.png"
         assert png.exists() and png.stat().st_size > 10_000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

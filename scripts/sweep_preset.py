@@ -1,0 +1,125 @@
+"""Choose the cpu preset on validation rows: train every task's LoRA under a few settings, score each on held-out
+rows of the train split, and write the table to results/<model>/preset_sweep.{json,md}.
+
+    python scripts/sweep_preset.py                 # every setting below (resumes: finished (setting, task) pairs are kept)
+    python scripts/sweep_preset.py --settings B,C  # some of them
+
+Rows, per task, all from the train split (the test files are never read):
+    [0, train_rows)                          training rows of the setting
+    [train_rows, train_rows + 32)            validation loss for early stopping (as in the preset)
+    [VAL_OFFSET, VAL_OFFSET + VAL_ROWS)      the validation metric that chooses the setting (the same rows for all)
+
+The chosen setting maximises the mean over tasks of (validation metric / the best any setting reached on that task).
+Training time per setting is measured here; settings are sized to cost about what `make reproduce` can spend.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from src import lora as L  # noqa: E402
+from src.data import fit_prompt, load_rows  # noqa: E402
+from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
+from src.metrics import score  # noqa: E402
+from src.models import EMBEDDED, load_model, model_slug  # noqa: E402
+from src.tasks import SEVEN_TASKS, get_task  # noqa: E402
+from src.train import make_config, train_lora  # noqa: E402
+
+VAL_OFFSET, VAL_ROWS = 432, 64
+COMMON = dict(val_rows=32, max_target=64, epochs=100, patience=3)
+SETTINGS = {  # name -> overrides of the cpu preset; A is the preset of the first version
+    "A": dict(lr=1e-3, max_steps=30, batch_size=8, train_rows=240, max_len=192, eval_every=10),
+    "B": dict(lr=3e-4, max_steps=70, batch_size=8, train_rows=400, max_len=192, eval_every=20),
+    "C": dict(lr=1e-3, max_steps=70, batch_size=8, train_rows=400, max_len=192, eval_every=20),
+    "D": dict(lr=1e-3, max_steps=140, batch_size=4, train_rows=400, max_len=192, eval_every=40),
+    "E": dict(lr=1e-3, max_steps=100, batch_size=8, train_rows=400, max_len=128, eval_every=25),
+}
+
+
+@torch.no_grad()
+def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) -> dict:
+    """The task's metrics on the validation block, generating as the cpu evaluation preset does."""
+    task, ev = get_task(task_name), EVAL_PRESETS["cpu"]
+    rows = load_rows(task, "train", n=VAL_ROWS, offset=VAL_OFFSET)
+    prompts = [fit_prompt(task, r, tokenizer, ev["max_prompt"], strict=False) for r in rows]
+    adapter = L.load_adapter(adapter_folder)
+    L.inject(model, sorted({n.rpartition(".")[2] for n in adapter.modules}))
+    try:
+        L.add_adapter(model, adapter)
+        texts, _ = generate(model, tokenizer, prompts, min(task.max_new_tokens, ev["max_new_tokens"]),
+                            ev["batch_size"], desc=f"validate {task_name}")
+    finally:
+        L.remove(model)
+    return score(task, texts, [task.references(r) for r in rows])
+
+
+def choose(results: dict, tasks: list[str]) -> dict:
+    """Mean over tasks of metric / best metric of that task over the finished settings."""
+    done = {s: r for s, r in results.items() if all(t in r["tasks"] for t in tasks)}
+    best = {t: max(r["tasks"][t]["val_metric"] for r in done.values()) for t in tasks} if done else {}
+    rel = {s: sum(r["tasks"][t]["val_metric"] / best[t] if best[t] else 1.0 for t in tasks) / len(tasks)
+           for s, r in done.items()}
+    return {"relative": rel, "chosen": max(rel, key=rel.get) if rel else None}
+
+
+def write_report(results: dict, tasks: list[str], out: Path):
+    choice = choose(results, tasks)
+    payload = {"val_offset": VAL_OFFSET, "val_rows": VAL_ROWS, "common": COMMON, "settings": SETTINGS,
+               "results": results, **choice}
+    L.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
+    keys = ["lr", "max_steps", "batch_size", "train_rows", "max_len"]
+    header = ["setting", *keys] + [f"{t} ({get_task(t).primary})" for t in tasks] + ["relative", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s, r in results.items():
+        cells = [s + (" (chosen)" if s == choice["chosen"] else "")] + [str(SETTINGS[s][k]) for k in keys]
+        cells += [f"{r['tasks'][t]['val_metric']:.3f}" if t in r["tasks"] else "" for t in tasks]
+        rel = choice["relative"].get(s)
+        cells += [f"{rel:.3f}" if rel is not None else "", f"{sum(x['train_s'] for x in r['tasks'].values()):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nValidation metric: the task's primary metric on train-split rows {VAL_OFFSET}-{VAL_OFFSET + VAL_ROWS - 1} "
+            "(never trained on, never test rows), greedy, as the cpu evaluation preset. relative = mean over tasks of "
+            "metric / best metric of that task over the settings. Common to all: "
+            + ", ".join(f"{k} {v}" for k, v in COMMON.items()) + ".\n")
+    L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--tasks", default=",".join(SEVEN_TASKS))
+    p.add_argument("--root", default=str(REPO))
+    args = p.parse_args()
+    tasks = args.tasks.split(",")
+    out = Path(args.root) / "results" / model_slug(args.model) / "preset_sweep"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
+    model, tokenizer = load_model(args.model)
+    for name in args.settings.split(","):
+        entry = results.setdefault(name, {"overrides": SETTINGS[name], "tasks": {}})
+        for t in tasks:
+            if t in entry["tasks"]:
+                continue
+            cfg = make_config("cpu", {**COMMON, **SETTINGS[name], "task": t, "model": args.model})
+            folder = Path(args.root) / "adapters" / "sweep" / model_slug(args.model) / name / t
+            start = time.perf_counter()
+            summary = train_lora(cfg, model, tokenizer, folder)
+            train_s = time.perf_counter() - start
+            metrics = validation_metric(model, tokenizer, t, folder)
+            entry["tasks"][t] = {"val_metric": metrics[get_task(t).primary], "metrics": metrics,
+                                 "train_s": round(train_s, 1), "steps": summary["steps"],
+                                 "best_val_loss": summary["best_val_loss"], "skipped_rows": summary["skipped_rows"]}
+            print(f"{name} {t}: {get_task(t).primary} {entry['tasks'][t]['val_metric']:.3f}, {train_s:.0f} s", flush=True)
+            write_report(results, tasks, out)
+    write_report(results, tasks, out)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
