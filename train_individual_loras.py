@@ -37,8 +37,8 @@ def main(argv=None):
             continue
         publish_log(out, Path(args.root) / "results" / model_slug(args.model) / "train_logs" / f"{cfg.task}.jsonl")
         skipped = f", {summary['skipped_rows']} rows longer than --max-len skipped" if summary["skipped_rows"] else ""
-        print(f"{cfg.task}: {summary['steps']} steps, best validation loss {summary['best_val_loss']:.4f}{skipped} "
-              f"-> {out}")
+        print(f"{cfg.task}: {summary['steps']} steps on {summary['processes']} process(es), best validation loss "
+              f"{summary['best_val_loss']:.4f}{skipped} -> {out}")
 
 
 if __name__ == "__main__":

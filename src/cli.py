@@ -1,7 +1,9 @@
-"""What the three scripts share: common flags, and one-line errors instead of tracebacks for bad input."""
+"""What the scripts share: common flags, and one-line errors instead of tracebacks for bad input (BadInput only:
+every other exception, a CUDA out-of-memory or a shape bug, keeps its traceback)."""
 import argparse
 import sys
 
+from .errors import BadInput
 from .models import EMBEDDED
 
 
@@ -18,6 +20,6 @@ def run(main):
     """Call main(); bad input (unknown task, missing or corrupt file, ...) exits 2 with its one-line message."""
     try:
         main()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,11 +12,12 @@ Token budgets are met by cutting the task's content field (article, context, sen
 """
 import torch
 
+from .errors import BadInput, MissingFile
 from .tasks import Task
 
 
-def load_rows(task: Task, split: str, source: str = "local", n: int | None = None, offset: int = 0) -> list[dict]:
-    """`split` is "train" (training and validation rows) or "eval"."""
+def load_split(task: Task, split: str, source: str = "local"):
+    """The `datasets.Dataset` that rows of `split` ("train" or "eval") come from: a shipped file, or the hub."""
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -24,23 +25,36 @@ def load_rows(task: Task, split: str, source: str = "local", n: int | None = Non
     if source == "local":
         path = task.local_path("train" if split == "train" else "test")
         if not path.exists():
-            raise FileNotFoundError(f"missing data file {path}: restore it with `git checkout -- data/`")
+            raise MissingFile(f"missing data file {path}: restore it with `git checkout -- data/`")
         if path.stat().st_size == 0:
-            raise ValueError(f"data file {path} is empty: restore it with `git checkout -- data/`")
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif source == "hub":
+            raise BadInput(f"data file {path} is empty: restore it with `git checkout -- data/`")
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    if source == "hub":
         hub_split = task.train_split if split == "train" else task.eval_split
         try:
-            ds = datasets.load_dataset(*task.hub, split=hub_split)
-        except Exception as e:  # the hub raises many types; the user needs one line
-            raise RuntimeError(f"cannot load {'/'.join(task.hub)} [{hub_split}] from the Hugging Face hub "
-                               f"({type(e).__name__}); use --data local for the shipped samples") from None
-    else:
-        raise ValueError(f"unknown data source {source!r}: use local or hub")
-    rows = [r for r in ds if task.keep(r)]
-    rows = rows[offset:offset + n] if n is not None else rows[offset:]
+            return datasets.load_dataset(*task.hub, split=hub_split,
+                                         **({"revision": task.hub_revision} if task.hub_revision else {}))
+        except Exception as e:  # the hub raises many types; the cause stays attached (__cause__)
+            raise BadInput(f"cannot load {'/'.join(task.hub)} [{hub_split}] from the Hugging Face hub "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "use --data local for the shipped samples") from e
+    raise BadInput(f"unknown data source {source!r}: use local or hub")
+
+
+def load_rows(task: Task, split: str, source: str = "local", n: int | None = None, offset: int = 0) -> list[dict]:
+    """Rows offset .. offset + n of `split` ("train": training and validation rows; "eval") among the rows the task
+    keeps; reads the dataset only as far as it needs (a hub train split has up to 393k rows)."""
+    rows, kept = [], 0
+    for row in load_split(task, split, source):
+        if not task.keep(row):
+            continue
+        if kept >= offset:
+            rows.append(row)
+            if n is not None and len(rows) == n:
+                break
+        kept += 1
     if not rows:
-        raise ValueError(f"no {split} rows for task {task.name} (source {source}, offset {offset}, n {n})")
+        raise BadInput(f"no {split} rows for task {task.name} (source {source}, offset {offset}, n {n})")
     return rows
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import lora as L
 from .data import fit_prompt, load_rows, pad_batch
+from .errors import BadInput, MissingFile
 from .metrics import example_stats, normalized_score, paired_bootstrap, score
 from .models import load_model, model_slug
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
@@ -68,7 +69,7 @@ EVAL_PRESETS = {
 
 def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
     if preset not in EVAL_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(EVAL_PRESETS)}")
+        raise BadInput(f"unknown preset {preset!r}: choose from {', '.join(EVAL_PRESETS)}")
     known = {f.name for f in fields(EvalConfig)} - {"preset"}
     return EvalConfig(preset=preset, **{**EVAL_PRESETS[preset],
                                         **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}})
@@ -78,7 +79,7 @@ def parse_methods(names) -> list[str]:
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     for n in names:
         if n not in ALL_METHODS:
-            raise ValueError(f"unknown method {n!r}: choose from {', '.join(ALL_METHODS)}")
+            raise BadInput(f"unknown method {n!r}: choose from {', '.join(ALL_METHODS)}")
     return names
 
 
@@ -106,7 +107,7 @@ def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
     """Fail before any work if the MoA routers are missing, naming the command (adapters: see load_adapter)."""
     for f in ("routers.json", "routers.safetensors"):
         if not (moa_dir(root, cfg.model, tasks) / f).exists():
-            raise FileNotFoundError(f"missing MoA routers {moa_dir(root, cfg.model, tasks) / f}: "
+            raise MissingFile(f"missing MoA routers {moa_dir(root, cfg.model, tasks) / f}: "
                                     f"create them with `{moa_command(cfg.model, cfg.preset, tasks)}`")
 
 

@@ -33,6 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import BadInput, MissingFile
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")                      # the original README
 ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORIGINAL_CODE_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the original code
@@ -143,12 +145,12 @@ def _set_module(model: nn.Module, name: str, module: nn.Module):
 def inject(model: nn.Module, targets=ATTENTION_TARGETS, dropout: float = 0.0) -> list[str]:
     """Wrap every nn.Linear whose last name is in `targets` in a LoraLinear (no adapters yet) and freeze the model."""
     if lora_layers(model):
-        raise ValueError("the model already has LoRA layers: call remove(model) first")
+        raise BadInput("the model already has LoRA layers: call remove(model) first")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     candidates = sorted({name.rpartition(".")[2] for name in linears})
     unmatched = [t for t in targets if not any(name.rpartition(".")[2] == t for name in linears)]
     if unmatched or not targets:
-        raise ValueError(f"target modules {unmatched or list(targets)} match no Linear layer of the model; "
+        raise BadInput(f"target modules {unmatched or list(targets)} match no Linear layer of the model; "
                          f"candidates: {', '.join(candidates)}")
     model.requires_grad_(False)
     names = [name for name in linears if name.rpartition(".")[2] in targets]
@@ -170,7 +172,7 @@ def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, al
     returns its index."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA layers: call inject(model, targets) first")
+        raise BadInput("the model has no LoRA layers: call inject(model, targets) first")
     if adapter is not None:
         check_fits(model, adapter)
     for name, layer in layers.items():
@@ -189,13 +191,13 @@ def check_fits(model: nn.Module, adapter: Adapter):
     layers = lora_layers(model)
     missing, extra = sorted(set(layers) - set(adapter.modules)), sorted(set(adapter.modules) - set(layers))
     if missing or extra:
-        raise ValueError(f"adapter modules do not match the model's LoRA layers: missing {missing[:3]}"
+        raise BadInput(f"adapter modules do not match the model's LoRA layers: missing {missing[:3]}"
                          f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
                          " (were the adapter's target modules the same?)")
     for name, lora in adapter.modules.items():
         base = layers[name].base
         if lora.A.shape[1] != base.in_features or lora.B.shape[0] != base.out_features or lora.A.shape[0] != lora.B.shape[1]:
-            raise ValueError(f"adapter does not fit module {name}: A {tuple(lora.A.shape)}, B {tuple(lora.B.shape)} "
+            raise BadInput(f"adapter does not fit module {name}: A {tuple(lora.A.shape)}, B {tuple(lora.B.shape)} "
                              f"for a Linear of in {base.in_features}, out {base.out_features}")
 
 
@@ -270,32 +272,32 @@ def load_adapter(folder, hint: str = "") -> Adapter:
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for p in (config_path, weights_path):
         if not p.exists():
-            raise FileNotFoundError(f"missing adapter file {p}" + (f": create it with `{hint}`" if hint else ""))
+            raise MissingFile(f"missing adapter file {p}" + (f": create it with `{hint}`" if hint else ""))
     try:
         config = json.loads(config_path.read_text())
         tensors = load_file(str(weights_path))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ValueError(f"corrupt adapter in {folder} ({str(e).splitlines()[0]}): delete the folder and "
-                         f"{'run `' + hint + '`' if hint else 'save it again'}") from None
+        raise BadInput(f"corrupt adapter in {folder} ({str(e).splitlines()[0]}): delete the folder and "
+                       f"{'run `' + hint + '`' if hint else 'save it again'}") from e
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise ValueError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)")
+        raise BadInput(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)")
     modules = {}
     for key in tensors:
         if not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
+            raise BadInput(f"{weights_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
         name = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
         if name in modules:
             continue
         A, B = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight"), tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
         if A is None or B is None:
-            raise ValueError(f"{weights_path}: module {name} has only one of lora_A / lora_B")
+            raise BadInput(f"{weights_path}: module {name} has only one of lora_A / lora_B")
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         if A.shape[0] != r:
-            raise ValueError(f"{weights_path}: module {name} has rank {A.shape[0]}, the config says {r}")
+            raise BadInput(f"{weights_path}: module {name} has rank {A.shape[0]}, the config says {r}")
         modules[name] = Lora(A, B, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
     if not modules:
-        raise ValueError(f"{weights_path} holds no LoRA weights")
+        raise BadInput(f"{weights_path} holds no LoRA weights")
     return Adapter(modules, config.get("base_model_name_or_path", ""))
 
 
@@ -303,7 +305,7 @@ def load_adapter(folder, hint: str = "") -> Adapter:
 def _weights(n: int, weights, default: float) -> list[float]:
     weights = [default] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n:
-        raise ValueError(f"{len(weights)} merge weights for {n} adapters")
+        raise BadInput(f"{len(weights)} merge weights for {n} adapters")
     return weights
 
 
@@ -321,7 +323,7 @@ def weight_sum(loras: list[Lora], weights=None) -> Lora:
     w = _weights(len(loras), weights, 1.0)
     ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
     if len(ranks) > 1 or len(scales) > 1:
-        raise ValueError(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
+        raise BadInput(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
                          f"{sorted(scales)}: use concat or svd for these adapters")
     A = sum(wi * l.A for wi, l in zip(w, loras))
     B = sum(wi * l.B for wi, l in zip(w, loras))
@@ -359,16 +361,16 @@ MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd, "weighted_avg"
 def merge(adapters: list[Adapter], method: str, weights=None, **kwargs) -> Adapter:
     """Apply a merge to every module; the adapters must cover the same modules with the same shapes."""
     if method not in MERGES:
-        raise ValueError(f"unknown merge {method!r}: choose from {', '.join(MERGES)}")
+        raise BadInput(f"unknown merge {method!r}: choose from {', '.join(MERGES)}")
     names = set(adapters[0].modules)
     for a in adapters[1:]:
         if set(a.modules) != names:
             diff = sorted(names ^ set(a.modules))
-            raise ValueError(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
+            raise BadInput(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
     for name in names:
         shapes = {(l.modules[name].A.shape[1], l.modules[name].B.shape[0]) for l in adapters}
         if len(shapes) > 1:
-            raise ValueError(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
+            raise BadInput(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
     fn = MERGES[method]
     return Adapter({n: fn([a.modules[n] for a in adapters], weights=weights, **kwargs) for n in sorted(names)},
                    adapters[0].base_model)
@@ -386,9 +388,9 @@ def _fold_targets(model: nn.Module, adapter: Adapter) -> dict:
         try:
             linears[name] = _linear(model, name)
         except AttributeError:
-            raise ValueError(f"cannot fold: the model has no module {name}") from None
+            raise BadInput(f"cannot fold: the model has no module {name}") from None
         if linears[name].weight.shape != (lora.B.shape[0], lora.A.shape[1]):
-            raise ValueError(f"cannot fold into {name}: update {(lora.B.shape[0], lora.A.shape[1])}, "
+            raise BadInput(f"cannot fold into {name}: update {(lora.B.shape[0], lora.A.shape[1])}, "
                              f"weight {tuple(linears[name].weight.shape)}")
     return linears
 
@@ -438,10 +440,10 @@ def attach_routers(model: nn.Module, routers: nn.ModuleList):
     """Put `routers` (one per LoRA layer, in lora_layers order: the original's per-layer MoA router) into the layers."""
     layers = list(lora_layers(model).values())
     if len(routers) != len(layers):
-        raise ValueError(f"{len(routers)} routers for {len(layers)} LoRA layers")
+        raise BadInput(f"{len(routers)} routers for {len(layers)} LoRA layers")
     for layer, router in zip(layers, routers):
         if router.out_features != len(layer.A):
-            raise ValueError(f"a router over {router.out_features} adapters, but the layer holds {len(layer.A)}")
+            raise BadInput(f"a router over {router.out_features} adapters, but the layer holds {len(layer.A)}")
         layer.router = router
 
 
@@ -451,7 +453,7 @@ def routing(model: nn.Module):
     following forwards (generated tokens) keep those choices. Read them with `route_decisions` inside the block."""
     layers = list(lora_layers(model).values())
     if not layers or any(layer.router is None for layer in layers):
-        raise ValueError("the model has no MoA routers: attach_routers / load_routers first")
+        raise BadInput("the model has no MoA routers: attach_routers / load_routers first")
     for layer in layers:
         layer.routing, layer.routes = True, None
     try:
@@ -478,7 +480,7 @@ def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     computed once and the routers trained on them as classifiers: the same gradients as the original's loop."""
     layers = list(lora_layers(model).values())
     if len({layer.base.in_features for layer in layers}) != 1:
-        raise ValueError("router_inputs needs the LoRA layers to share one input width")
+        raise BadInput("router_inputs needs the LoRA layers to share one input width")
     captured, where, previous = [], [], []
 
     def hook(module, args):
@@ -523,17 +525,17 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
     folder = Path(folder)
     for p in (folder / "routers.json", folder / "routers.safetensors"):
         if not p.exists():
-            raise FileNotFoundError(f"missing router file {p}" + (f": create it with `{hint}`" if hint else ""))
+            raise MissingFile(f"missing router file {p}" + (f": create it with `{hint}`" if hint else ""))
     try:
         meta = json.loads((folder / "routers.json").read_text())
         tensors = load_file(str(folder / "routers.safetensors"))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ValueError(f"corrupt routers in {folder} ({str(e).splitlines()[0]}): train them again") from None
+        raise BadInput(f"corrupt routers in {folder} ({str(e).splitlines()[0]}): train them again") from e
     if meta["tasks"] != list(tasks):
-        raise ValueError(f"routers in {folder} were trained for tasks {meta['tasks']}, not {list(tasks)}")
+        raise BadInput(f"routers in {folder} were trained for tasks {meta['tasks']}, not {list(tasks)}")
     layers = lora_layers(model)
     if meta["layers"] != list(layers):
-        raise ValueError(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
+        raise BadInput(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
     routers = make_routers(model, len(tasks))
     with torch.no_grad():
         for name, router in zip(layers, routers):

@@ -20,6 +20,8 @@ import string
 
 import numpy as np
 
+from .errors import BadInput
+
 
 def normalize_answer(s: str) -> str:
     """The official SQuAD v1.1 normalization: lowercase, drop punctuation and articles, collapse whitespace."""
@@ -139,7 +141,7 @@ def match_accuracy(predictions: list[str], references: list[list[str]]) -> dict:
 def score(task, predictions: list[str], references: list[list[str]]) -> dict:
     """All metrics of `task` (a src.tasks.Task) for the predictions; the primary one is `task.primary`."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"{task.name}: {len(predictions)} predictions for {len(references)} references")
+        raise BadInput(f"{task.name}: {len(predictions)} predictions for {len(references)} references")
     if task.metric == "rouge":
         return rouge(predictions, references)
     if task.metric == "bleu":
@@ -150,7 +152,7 @@ def score(task, predictions: list[str], references: list[list[str]]) -> dict:
         return label_accuracy(predictions, references, task.labels)
     if task.metric == "match":
         return match_accuracy(predictions, references)
-    raise ValueError(f"{task.name}: unknown metric {task.metric!r}")
+    raise BadInput(f"{task.name}: unknown metric {task.metric!r}")
 
 
 def normalized_score(method: dict, single: dict, primary: dict) -> dict:
@@ -187,7 +189,7 @@ def example_stats(task, predictions: list[str], references: list[list[str]]) -> 
         return [[c] for c in label_correct(predictions, references)]
     if task.metric == "match":
         return [[c] for c in match_correct(predictions, references)]
-    raise ValueError(f"{task.name}: unknown metric {task.metric!r}")
+    raise BadInput(f"{task.name}: unknown metric {task.metric!r}")
 
 
 def primary_from_stats(task, summed: np.ndarray, n: int) -> np.ndarray:

