@@ -2,6 +2,7 @@
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
 # make notebook    execute visualize_lora.ipynb in place (figures in results/figures/)
+# make gpu-check   on a CUDA machine: the paper path on a random Qwen2-1.5B in bf16, then the benchmark on the GPU
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ PRESET ?= cpu
 DATA ?= local
 export MODEL PRESET DATA
 
-.PHONY: setup test reproduce bench notebook clean
+.PHONY: setup test reproduce bench notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ reproduce: $(VENV)/.installed
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench.py
+
+gpu-check: $(VENV)/.installed-test
+	$(BIN)/python scripts/gpu_check.py --out results/gpu-check.json
+	$(BIN)/python benchmarks/bench.py --device cuda --out results/bench-gpu
 
 notebook: $(VENV)/.installed-test
 	$(BIN)/python -c "import nbformat; from nbclient import NotebookClient; \

@@ -1,7 +1,8 @@
-"""Evaluate base / single / MoA / concat / weight_sum / svd on a task list; write results/<model>/<N>-task/.
+"""Evaluate base / single / MoA and every merge on a task list; write results/<model>/<N>-task/.
 
-    python full_evaluation.py                                  # the task list below, every method
+    python full_evaluation.py                                  # the task list below, every default method
     python full_evaluation.py --tasks all --methods concat,svd
+    python full_evaluation.py --methods ties,ties_dense --set ties.density=0.5   # fix a merge's parameter
     python full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub
     accelerate launch full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub   # rows shared over GPUs
 
@@ -9,7 +10,8 @@ Edit the task list below (the original's "line 30") or pass --tasks. The five-ta
 summarization, translation, qa, sentiment, nli; add paraphrasing and commonsense for the seven-task set.
 """
 from src import cli
-from src.evaluation import ALL_METHODS, METHODS, evaluate, make_eval_config, parse_methods, results_dir
+from src.evaluation import (ALL_METHODS, METHODS, evaluate, make_eval_config, parse_merge_params, parse_methods,
+                            results_dir)
 from src.tasks import parse_tasks
 from src.train import make_accelerator
 
@@ -25,13 +27,16 @@ def main(argv=None):
     p.add_argument("--tasks", default=",".join(tasks), help="comma-separated task list, or 'all'")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(ALL_METHODS))
     for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
-                       ("svd-rank", int)]:
+                       ("select-rows", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    p.add_argument("--set", action="append", default=None, metavar="METHOD.PARAM=VALUE",
+                   help="fix a merge's hyperparameter (else its default, or the best of its grid on validation rows); "
+                        "python merge_adapters.py --help lists them")
     p.add_argument("--no-reuse", action="store_true",
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)
     task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods)
-    cfg = make_eval_config(args.preset, vars(args))
+    cfg = make_eval_config(args.preset, {**vars(args), "merge_params": parse_merge_params(args.set)})
     accelerator = make_accelerator()
     evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse, accelerator=accelerator)
     if accelerator.is_main_process:

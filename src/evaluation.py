@@ -6,10 +6,10 @@ Methods (DESIGN.md section 2):
                the baseline a classifier must beat, beside chance = 1 / classes);
 * single:      each task with its own LoRA (the oracle; the normalized score divides by it);
 * moa:         all task LoRAs and the trained routers; each sample is routed once at the prompt, per layer;
-* concat:      all task LoRAs at once, outputs summed (folded into W: the same update, no overhead);
-* weight_sum:  A = sum A_i, B = sum B_i (the original's "weighted", w_i = 1), folded into W;
-* svd:         rank-8 truncation of mean_i s B_i A_i, folded into W;
-* weighted_avg (on request, not a default): A = mean A_i, B = mean B_i (the thesis log's "weighted_avg").
+* every merge of src/merges.py (the paper's concat, weight_sum, svd; task arithmetic, TIES, DARE, magnitude
+  pruning, KnOTS, TSV-M, Iso-C/CTS; the learned CAT and LoraHub): built by src/merge_fit.py (a hyperparameter with
+  a grid is chosen on validation rows of the train split), then folded into W, so it runs at the base model's cost.
+  weighted_avg and ties_dense are evaluated on request only.
 
 Generation is greedy, left-padded, in batches of one task sorted by prompt length, stopping at EOS or at the
 task's token budget. For each method, `<method>.json` (metrics, each row's metric statistics, timing, MoA routing)
@@ -32,16 +32,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import lora as L
+from . import merge_fit
+from . import merges as M
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
 from .metrics import example_stats, normalized_score, paired_bootstrap, score
 from .models import load_model, model_slug
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
 
-METHODS = ["base", "majority", "single", "moa", "concat", "weight_sum", "svd"]   # the default --methods
-OPTIONAL_METHODS = ["weighted_avg"]                                                # on request only
-ALL_METHODS = METHODS + OPTIONAL_METHODS
-MERGE_METHODS = {"concat", "weight_sum", "svd", "weighted_avg"}
+MODEL_METHODS = ["base", "majority", "single", "moa"]
+METHODS = MODEL_METHODS + M.DEFAULT_MERGES                      # the default --methods
+ALL_METHODS = MODEL_METHODS + list(M.METHODS)
+MERGE_METHODS = set(M.METHODS)
 PAPER_NAMES = {"base": "base", "single": "single", "moa": "moa", "concat": "concat", "weight_sum": "weighted",
                "svd": "svd", "weighted_avg": "weighted_avg"}
 MAJORITY_TRAIN_ROWS = 1000   # the majority class is counted on the first rows of the train split
@@ -58,12 +60,14 @@ class EvalConfig:
     batch_size: int = 16
     max_prompt: int = 400        # prompt budget in tokens (the content field is cut, never the template)
     max_new_tokens: int = 128    # cap on every task's own budget
-    svd_rank: int = 8
+    select_rows: int = 32        # validation rows per task that choose a merge's lambda / alpha (train split)
+    seed: int = 0                # DARE's masks, CAT's batches, LoraHub's optimiser
+    merge_params: dict = None    # {method: {parameter: value}} fixed from the command line (--set)
 
 
 EVAL_PRESETS = {
     "paper": {},
-    "cpu": dict(rows=100, batch_size=20, max_prompt=192, max_new_tokens=48),
+    "cpu": dict(rows=100, batch_size=20, max_prompt=192, max_new_tokens=48, select_rows=8),
 }
 
 
@@ -73,6 +77,22 @@ def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
     known = {f.name for f in fields(EvalConfig)} - {"preset"}
     return EvalConfig(preset=preset, **{**EVAL_PRESETS[preset],
                                         **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}})
+
+
+def parse_merge_params(items) -> dict:
+    """`--set method.param=value` items -> {method: {param: value}}, checked against the registry."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, param = key.partition(".")
+        if not sep or not dot:
+            raise BadInput(f"--set {item!r}: write method.param=value, e.g. --set ties.density=0.5")
+        if param not in M.get_method(method).params:
+            raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
+                           f"{', '.join(M.get_method(method).params) or 'none'})")
+        default = M.get_method(method).params[param].default
+        out.setdefault(method, {})[param] = type(default)(value) if default is not None else float(value)
+    return out
 
 
 def parse_methods(names) -> list[str]:
@@ -212,8 +232,11 @@ def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, ro
                accelerator=None) -> dict:
     started = time.perf_counter()
     metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
-    merged = L.merge([adapters[t] for t in tasks], method, **({"rank": cfg.svd_rank} if method == "svd" else {})) \
-        if method in MERGE_METHODS else None
+    merged, merge_info = None, None
+    if method in MERGE_METHODS:
+        data = merge_fit.FitData(model, tokenizer, tasks, cfg.data, cfg.preset, cfg.seed, accelerator=accelerator)
+        merged, merge_info = merge_fit.build(method, [adapters[t] for t in tasks], data, cfg.select_rows,
+                                             (cfg.merge_params or {}).get(method), cfg.seed)
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, settings) \
         if reuse and method in ("base", "single") else {}
     with L.folded(model, merged) if merged is not None else nullcontext():
@@ -261,6 +284,8 @@ def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, ro
               "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 2),
               "rows": {t: len(rows[t]) for t in metrics}, "reused": reused, "settings": settings,
               "stats": stats, "predictions": predictions}
+    if merge_info is not None:
+        result["merge"] = merge_info
     if method == "majority":
         result["majority_class"] = {t: get_task(t).answer(rows[t][0], majority_class(get_task(t), cfg.data))
                                     for t in metrics if get_task(t).metric == "label"}

@@ -12,10 +12,8 @@ What is here, top to bottom:
 * `inject` / `remove`: wrap the target Linear modules of a Hugging Face causal LM, and put the originals back.
 * `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
 * `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
-* Merges, pure functions of factors: `concat`, `weight_sum`, `svd` (never forms the dense d_out x d_in update;
-  `factored_svd` is its core),
-  `merge` (applies one to every module of a list of adapters), `fold` (add an update into W for good) and
-  `folded` (add it for the duration of a block, then restore the original W bit for bit).
+* `fold` (add an adapter's update into W for good) and `folded` (for the duration of a block, then the original W
+  bit for bit). The merges themselves are in src/merges.py.
 * MoA: `make_routers` / `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
 """
@@ -301,81 +299,7 @@ def load_adapter(folder, hint: str = "") -> Adapter:
     return Adapter(modules, config.get("base_model_name_or_path", ""))
 
 
-# ---------------------------------------------------------------------------------------------------- merges
-def _weights(n: int, weights, default: float) -> list[float]:
-    weights = [default] * n if weights is None else [float(w) for w in weights]
-    if len(weights) != n:
-        raise BadInput(f"{len(weights)} merge weights for {n} adapters")
-    return weights
-
-
-def concat(loras: list[Lora], weights=None) -> Lora:
-    """One adapter of rank sum(r_i) whose update is exactly sum_i w_i s_i B_i A_i (w_i = 1: the original)."""
-    w = _weights(len(loras), weights, 1.0)
-    A = torch.cat([l.A for l in loras], dim=0)
-    B = torch.cat([wi * l.scale * l.B for wi, l in zip(w, loras)], dim=1)
-    return Lora(A, B, 1.0)
-
-
-def weight_sum(loras: list[Lora], weights=None) -> Lora:
-    """The original's "weighted": A = sum w_i A_i, B = sum w_i B_i, common scale (so s * B A has the cross terms
-    B_i A_j). w_i = 1 is the paper's weight summing, w_i = 1/N the log's "weighted_avg"."""
-    w = _weights(len(loras), weights, 1.0)
-    ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
-    if len(ranks) > 1 or len(scales) > 1:
-        raise BadInput(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
-                         f"{sorted(scales)}: use concat or svd for these adapters")
-    A = sum(wi * l.A for wi, l in zip(w, loras))
-    B = sum(wi * l.B for wi, l in zip(w, loras))
-    return Lora(A, B, loras[0].scale)
-
-
-def factored_svd(B: torch.Tensor, A: torch.Tensor):
-    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
-    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
-    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    return Qb @ U, S, Vh @ Qa.T
-
-
-def svd(loras: list[Lora], rank: int = 8, weights=None) -> Lora:
-    """The rank-`rank` truncated SVD of sum_i w_i s_i B_i A_i (w_i = 1/N: the original's mean), computed from the
-    concatenated factors (rank R = sum r_i) by `factored_svd`: the same truncation as a dense SVD, at O(d R^2)."""
-    stacked = concat(loras, _weights(len(loras), weights, 1.0 / len(loras)))
-    U, S, Vh = factored_svd(stacked.B, stacked.A)
-    k = min(rank, S.shape[0])
-    dtype = loras[0].A.dtype
-    return Lora(Vh[:k].to(dtype), (U[:, :k] * S[:k]).to(dtype), 1.0)
-
-
-def weighted_avg(loras: list[Lora], weights=None) -> Lora:
-    """The thesis log's "weighted_avg": weight_sum with w_i = 1/N (A = mean A_i, B = mean B_i)."""
-    return weight_sum(loras, _weights(len(loras), weights, 1.0 / len(loras)))
-
-
-MERGES = {"concat": concat, "weight_sum": weight_sum, "svd": svd, "weighted_avg": weighted_avg}
-
-
-def merge(adapters: list[Adapter], method: str, weights=None, **kwargs) -> Adapter:
-    """Apply a merge to every module; the adapters must cover the same modules with the same shapes."""
-    if method not in MERGES:
-        raise BadInput(f"unknown merge {method!r}: choose from {', '.join(MERGES)}")
-    names = set(adapters[0].modules)
-    for a in adapters[1:]:
-        if set(a.modules) != names:
-            diff = sorted(names ^ set(a.modules))
-            raise BadInput(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
-    for name in names:
-        shapes = {(l.modules[name].A.shape[1], l.modules[name].B.shape[0]) for l in adapters}
-        if len(shapes) > 1:
-            raise BadInput(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
-    fn = MERGES[method]
-    return Adapter({n: fn([a.modules[n] for a in adapters], weights=weights, **kwargs) for n in sorted(names)},
-                   adapters[0].base_model)
-
-
+# ------------------------------------------------------------------------------------------------- folding
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     module = model.get_submodule(name)
     return module.base if isinstance(module, LoraLinear) else module

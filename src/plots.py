@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import lora as L  # noqa: E402
+from . import merges as M  # noqa: E402
 from .evaluation import ALL_METHODS, intervals, paper_normalized  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
@@ -136,13 +137,13 @@ def frobenius_inner(a: L.Lora, b: L.Lora) -> float:
     return float(a.scale * b.scale * ((a.B.double().T @ b.B.double()) * (a.A.double() @ b.A.double().T)).sum())
 
 
-def update_norm_ratios(adapters: dict, tasks: list[str], rank: int = 8) -> dict:
-    """For each merge: ||merged update||_F / mean_i ||task update||_F, averaged over modules (how far a merge moves
-    W compared with one task's LoRA)."""
+def update_norm_ratios(adapters: dict, tasks: list[str], methods=("concat", "weight_sum", "svd")) -> dict:
+    """For each merge (at its default parameters): ||merged update||_F / mean_i ||task update||_F, averaged over
+    modules (how far a merge moves W compared with one task's LoRA)."""
     loras = [adapters[t] for t in tasks]
     out = {}
-    for method in L.MERGES:
-        merged = L.merge(loras, method, **({"rank": rank} if method == "svd" else {}))
+    for method in methods:
+        merged = M.merge(loras, method)
         ratios = [np.sqrt(frobenius_inner(m, m)) / np.mean([np.sqrt(frobenius_inner(a.modules[n], a.modules[n]))
                                                             for a in loras])
                   for n, m in merged.modules.items()]
@@ -154,14 +155,15 @@ def fig_spectra(adapters: dict, rank: int = 8):
     tasks = list(adapters)
     targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})
     fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.6), squeeze=False, layout="constrained")
+    merged = M.merge([adapters[t] for t in tasks], "svd", rank=rank)
     for ax, target in zip(axes[0], targets):
         names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
         for t in tasks:
-            spectra = [L.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
+            spectra = [M.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
                        for n in names]
             ax.plot(np.mean([s.numpy() for s in spectra], 0), marker=".", label=t)
-        merged = [L.svd([adapters[t].modules[n] for t in tasks], rank=rank) for n in names]
-        merged_s = [L.factored_svd(m.scale * m.B, m.A)[1].numpy() for m in merged]
+        merged_s = [M.factored_svd(merged.modules[n].scale * merged.modules[n].B, merged.modules[n].A)[1].numpy()
+                    for n in names]
         ax.plot(np.mean(merged_s, 0), "k--", marker="x", label="SVD merge")
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")

@@ -1,4 +1,4 @@
-"""src/lora.py against independent references: dense float64 formulas, torch.linalg.svd, and PEFT."""
+"""src/lora.py against independent references: dense float64 formulas and PEFT (the merges: tests/test_merges.py)."""
 import json
 import math
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import tiny_qwen2
 from src import lora as L
+from src import merges as M
 
 
 def random_lora(d_in, d_out, r, scale, gen, dtype=torch.float64):
@@ -95,76 +96,14 @@ def test_one_hot_gate_is_that_adapter_alone_and_concat_is_all_at_once():
         assert torch.allclose(multi(x).logits, alone(x).logits, atol=1e-5)
     merged = tiny_qwen2()
     L.inject(merged)
-    L.add_adapter(merged, L.merge(adapters, "concat"))
+    L.add_adapter(merged, M.merge(adapters, "concat"))
     with torch.no_grad():
         all_at_once = multi(x).logits  # gate None: every adapter with weight 1
         assert torch.allclose(merged(x).logits, all_at_once, atol=1e-5)
         assert not torch.allclose(alone(x).logits, all_at_once, atol=1e-3)
 
 
-# ---------------------------------------------------------------------------------------------------- merges
-def dense(loras, weights):
-    return sum(w * lo.scale * lo.B.double() @ lo.A.double() for w, lo in zip(weights, loras))
-
-
-def test_concat_and_weight_sum_against_dense_float64():
-    gen = torch.Generator().manual_seed(3)
-    loras = [random_lora(40, 30, r, s, gen) for r, s in [(3, 2.0), (6, 0.5), (4, 1.5)]]
-    w = [0.7, -1.3, 2.1]
-    got = L.concat(loras, w)
-    assert got.A.shape == (13, 40) and torch.allclose(got.delta(), dense(loras, w), atol=1e-12)
-    same = [random_lora(40, 30, 4, 2.0, gen) for _ in range(3)]
-    ws = L.weight_sum(same, w)
-    sum_A = sum(wi * lo.A for wi, lo in zip(w, same))
-    sum_B = sum(wi * lo.B for wi, lo in zip(w, same))
-    assert torch.allclose(ws.delta(), 2.0 * sum_B @ sum_A, atol=1e-12)
-    # the cross terms B_i A_j are really there: this is not the sum of the updates
-    assert not torch.allclose(ws.delta(), dense(same, w), atol=1e-3)
-    avg = L.weight_sum(same, [1 / 3] * 3)
-    assert torch.allclose(avg.delta(), 2.0 * (sum(lo.B for lo in same) / 3) @ (sum(lo.A for lo in same) / 3))
-    with pytest.raises(ValueError, match="equal ranks and scales"):
-        L.weight_sum(loras)
-
-
-def truncated_dense_svd(M, k):
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return (U[:, :k] * S[:k]) @ Vh[:k]
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
-def test_factored_svd_equals_dense_truncated_svd(dtype, tol):
-    gen = torch.Generator().manual_seed(4)
-    loras = [random_lora(1536, 1536, 8, 2.0, gen, dtype) for _ in range(7)]
-    got = L.svd(loras, rank=8)
-    assert got.A.dtype == dtype and got.A.shape == (8, 1536) and got.B.shape == (1536, 8)
-    want = truncated_dense_svd(dense(loras, [1 / 7] * 7), 8)
-    assert (got.delta().double() - want).norm() / want.norm() <= tol
-
-
-def test_svd_unequal_ranks_weights_and_rectangular():
-    gen = torch.Generator().manual_seed(5)
-    loras = [random_lora(96, 40, r, s, gen) for r, s in [(2, 1.0), (8, 2.0), (5, 0.25)]]
-    w = [0.5, 1.5, -2.0]
-    for k in (3, 8, 15, 40):
-        got = L.svd(loras, rank=k, weights=w)
-        want = truncated_dense_svd(dense(loras, w), min(k, 15))
-        assert got.A.shape[0] == min(k, 15)
-        assert (got.delta() - want).norm() / want.norm() <= 1e-10
-
-
-def test_merge_rejects_different_modules_and_shapes():
-    gen = torch.Generator().manual_seed(6)
-    a = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen), "x.v_proj": random_lora(8, 4, 2, 1.0, gen)})
-    b = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen)})
-    c = L.Adapter({"x.q_proj": random_lora(8, 8, 2, 1.0, gen), "x.v_proj": random_lora(8, 6, 2, 1.0, gen)})
-    with pytest.raises(ValueError, match="different target modules"):
-        L.merge([a, b], "concat")
-    with pytest.raises(ValueError, match="x.v_proj has different"):
-        L.merge([a, c], "svd")
-    with pytest.raises(ValueError, match="unknown merge 'ties'"):
-        L.merge([a, a], "ties")
-
-
+# --------------------------------------------------------------------------------------------------- folding
 def test_folded_matches_unfolded_and_restores_w_exactly(tiny_model):
     gen = torch.Generator().manual_seed(7)
     x = ids()

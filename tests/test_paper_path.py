@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from conftest import save_tiny_model, tiny_qwen2
 from src import cli
 from src import lora as L
+from src import merges as M
 from src.errors import BadInput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,8 +87,8 @@ def test_bf16_fold_restores_w_bit_for_bit_and_methods_in_sequence_equal_fresh_mo
         adapters.append(L.Adapter(modules))
     L.remove(model)
     original = {n: p.clone() for n, p in model.named_parameters()}
-    merges = {"concat": L.merge(adapters, "concat"), "svd": L.merge(adapters, "svd", rank=8),
-              "weight_sum": L.merge(adapters[1:], "weight_sum")}
+    merges = {"concat": M.merge(adapters, "concat"), "svd": M.merge(adapters, "svd", rank=8),
+              "weight_sum": M.merge(adapters[1:], "weight_sum")}
     with torch.no_grad():
         in_sequence = {}
         for name, merged in merges.items():
@@ -272,4 +273,16 @@ def test_other_errors_keep_their_traceback():
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         cli.run(out_of_memory)
     with pytest.raises(TypeError):
-        cli.run(lambda: L.merge(None, "svd"))
+        cli.run(lambda: M.merge(None, "svd"))
+
+
+def test_gpu_check_runs_on_a_tiny_model(tmp_path):
+    """`make gpu-check` cannot run here (no GPU); its script runs the same checks on a tiny model on the CPU."""
+    out = tmp_path / "gpu-check.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--tiny",
+                           "--steps", "3", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["training"]["every_touched_entry_moved"] and report["fold"]["restored_bit_identical"]
+    assert report["moa"]["same_routes_as_alone"] and len(report["training"]["losses"]) == 3

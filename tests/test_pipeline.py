@@ -17,7 +17,7 @@ from src import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = "sentiment,nli"
-METHODS = ["base", "majority", "single", "moa", "concat", "weight_sum", "svd"]
+from src.evaluation import METHODS  # noqa: E402  (the defaults: base, majority, single, moa and every merge)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert float(single[table[0].index("normalized")]) == 1.0
     assert float(single[table[0].index("sentiment (accuracy) lo")]) <= float(single[1]) <= float(single[3])
     summary = (out / "summary.md").read_text()
-    assert "| svd |" in summary and "| moa |" in proc.stdout and "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
+    assert "| svd |" in summary and "| iso_cts |" in summary and "| moa |" in proc.stdout
+    assert results["ties"]["merge"]["params"]["density"] == 0.2 and len(results["ties"]["merge"]["selection"]["candidates"]) == 4
+    assert results["cat"]["merge"]["fit_seconds"] > 0 and results["lorahub"]["merge"]["evaluations"] == 41 and "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
 
 
 def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
@@ -190,13 +192,14 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     from transformers import AutoModelForCausalLM
 
     from src import lora as L
+    from src import merges as M
 
     train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "3", "--train-rows", "24",
                                  "--val-rows", "4", "--lr", "0.05", "--root", str(tmp_path)])
     folders = [str(tmp_path / "adapters" / "tiny" / t) for t in TASKS.split(",")]
     merge_adapters.main(["--method", "svd", "--rank", "4", "--out", str(tmp_path / "merged"), *folders])
     merged = L.load_adapter(tmp_path / "merged")
-    want = L.merge([L.load_adapter(f) for f in folders], "svd", rank=4)
+    want = M.merge([L.load_adapter(f) for f in folders], "svd", rank=4)
     assert all(torch.allclose(merged.modules[n].delta(), want.modules[n].delta()) for n in want.modules)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "merged")
     assert model.peft_config["default"].r == 4

@@ -1,0 +1,174 @@
+"""Merges that look at data: the two learned merges, and the choice of a method's hyperparameters. Train rows only.
+
+* `cat` (LoRA Soups, CAT): the concatenated task LoRAs with one learnable scalar per adapter per adapted module,
+  trained by gradient (AdamW) on a mixed set of the first `rows` train rows of every task, LoRAs frozen; then
+  folded into one concatenated adapter with those scalars as weights.
+* `lorahub` (LoraHub): weights w of the factor sum s (sum_i w_i B_i)(sum_i w_i A_i), found by Nevergrad's NGOpt
+  (gradient-free, `budget` evaluations, w in [-bound, bound], starting at 0 as LoraHub does) on the mean target-token
+  loss of `rows` train rows per task plus l1 * sum |w_i|.
+* `build` is what evaluation calls for any merge: a data method is fitted; a data-free method with a grid (lambda,
+  alpha) is merged at every candidate and the one with the lowest validation loss is kept. Validation rows are the
+  rows of the train split right after the training rows (the early-stopping rows), never test rows.
+"""
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import lora as L
+from . import merges as M
+from .data import load_rows, pad_batch
+from .errors import BadInput
+from .train import TargetLoss, encode_rows, make_accelerator, make_config, validation_loss
+from .tasks import get_task
+
+
+@dataclass
+class FitData:
+    """What a data-driven step needs: the model, its tokenizer, the tasks in adapter order and where rows come from."""
+    model: object
+    tokenizer: object
+    tasks: list
+    data: str = "local"
+    preset: str = "cpu"
+    seed: int = 0
+    batch_size: int = 8
+    accelerator: object = None
+
+    def examples(self, n: int, offset: int = 0) -> dict:
+        """{task: training examples} of n train rows per task from `offset` (rows longer than the preset's max_len
+        are skipped, as in training)."""
+        cfg = make_config(self.preset, {"data": self.data})
+        return {t: encode_rows(get_task(t), load_rows(get_task(t), "train", self.data, n=n, offset=offset),
+                               self.tokenizer, cfg)[0] for t in self.tasks}
+
+    def loss(self, examples: dict) -> dict:
+        """Mean target-token loss per task of the model as it is now."""
+        acc = self.accelerator or make_accelerator()
+        self.model.eval()
+        return {t: validation_loss(self.model, ex, self.batch_size, self.tokenizer.eos_token_id, acc)
+                for t, ex in examples.items()}
+
+
+def _targets(adapters: list) -> list[str]:
+    return sorted({n.rpartition(".")[2] for n in adapters[0].modules})
+
+
+# ------------------------------------------------------------------------------------------------------ CAT
+def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: float | None) -> tuple:
+    n = len(adapters)
+    init = 1.0 / n if init is None else float(init)
+    examples = data.examples(rows)
+    mixed = [e for t in data.tasks for e in examples[t]]
+    model, pad = data.model, data.tokenizer.eos_token_id
+    started = time.perf_counter()
+    L.inject(model, _targets(adapters))
+    try:
+        for a in adapters:
+            L.add_adapter(model, a)
+        layers = L.lora_layers(model)
+        alphas = {}
+        for name, layer in layers.items():  # a plain tensor gate: rank_weights reads it, autograd follows it
+            alphas[name] = torch.full((n,), init, dtype=layer.factor_dtype, device=layer.base.weight.device,
+                                      requires_grad=True)
+            layer.gate = alphas[name]
+        before = data.loss(examples)
+        optimizer = torch.optim.AdamW(list(alphas.values()), lr=lr, weight_decay=0.0)
+        loss_fn = TargetLoss(model)
+        log = []
+        for epoch in range(epochs):
+            order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(data.seed * 1000 + epoch))
+            for i in range(0, len(mixed), data.batch_size):
+                chunk = [mixed[j] for j in order[i:i + data.batch_size].tolist()]
+                batch = pad_batch([e["input_ids"] for e in chunk], pad, left=False, labels=[e["labels"] for e in chunk])
+                total, count = loss_fn(**{k: v.to(model.device) for k, v in batch.items()})
+                loss = total / count
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.append(round(loss.item(), 6))
+        with torch.no_grad():
+            after = data.loss(examples)
+        weights = {name: a.detach().cpu().tolist() for name, a in alphas.items()}
+    finally:
+        for layer in L.lora_layers(model).values():
+            layer.gate = None
+        L.remove(model)
+    merged = L.Adapter({name: M.concat([a.modules[name] for a in adapters], weights=weights[name])
+                        for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+    info = {"loss_before": before, "loss_after": after, "train_log": log, "alphas": weights,
+            "rows_per_task": {t: len(e) for t, e in examples.items()}, "fit_seconds": round(time.perf_counter() - started, 1)}
+    return merged, info
+
+
+# -------------------------------------------------------------------------------------------------- LoraHub
+def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bound: float) -> tuple:
+    import nevergrad as ng
+    import numpy as np
+
+    n = len(adapters)
+    examples = data.examples(rows)
+    started = time.perf_counter()
+    history = []
+
+    def objective(w) -> float:
+        merged = M.merge(adapters, "weight_sum", weights=[float(x) for x in w])
+        with torch.no_grad(), L.folded(data.model, merged):
+            losses = data.loss(examples)
+        value = sum(losses.values()) / len(losses) + l1 * float(np.abs(w).sum())
+        history.append({"w": [round(float(x), 6) for x in w], "loss": sum(losses.values()) / len(losses),
+                        "objective": value})
+        return value
+
+    start = np.zeros(n)
+    objective(start)  # the starting point (w = 0, the base model), so the result is never worse than it
+    parametrization = ng.p.Array(init=start, lower=-bound, upper=bound)
+    parametrization.random_state = np.random.RandomState(data.seed)
+    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
+    optimizer.minimize(objective)
+    best = min(history, key=lambda h: h["objective"])
+    merged = M.merge(adapters, "weight_sum", weights=best["w"])
+    info = {"weights": best["w"], "objective_start": history[0]["objective"], "objective_best": best["objective"],
+            "loss_start": history[0]["loss"], "loss_best": best["loss"], "evaluations": len(history),
+            "rows_per_task": {t: len(e) for t, e in examples.items()}, "history": history,
+            "fit_seconds": round(time.perf_counter() - started, 1)}
+    return merged, info
+
+
+# ---------------------------------------------------------------------------------------------- build a merge
+def build(name: str, adapters: list, data: FitData | None, select_rows: int, fixed: dict | None = None,
+          seed: int = 0) -> tuple:
+    """The merged adapter of method `name` and what was done to get it: parameters (fixed ones as given, grids
+    searched on the validation rows by mean target-token loss), the losses of every candidate, and the time."""
+    method = M.get_method(name)
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    started = time.perf_counter()
+    if method.space == "data":
+        if data is None:
+            raise BadInput(f"{name} learns from train rows: it needs the model and data")
+        merged, info = method.fn(adapters, data, **M.resolve_params(method, fixed))
+        return merged, {"params": M.resolve_params(method, fixed), **info,
+                        "seconds": round(time.perf_counter() - started, 1)}
+    grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
+    if not grids or data is None or select_rows <= 0:
+        params = M.resolve_params(method, fixed)
+        return M.merge(adapters, name, seed=seed, **params), {"params": params,
+                                                               "seconds": round(time.perf_counter() - started, 1)}
+    offset = make_config(data.preset).train_rows
+    examples = data.examples(select_rows, offset=offset)
+    candidates = []
+    for values in itertools.product(*grids.values()):
+        params = M.resolve_params(method, {**fixed, **dict(zip(grids, values))})
+        merged = M.merge(adapters, name, seed=seed, **params)
+        with torch.no_grad(), L.folded(data.model, merged):
+            losses = data.loss(examples)
+        candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
+                           "per_task": {t: round(v, 6) for t, v in losses.items()}})
+    best = min(candidates, key=lambda c: c["val_loss"])
+    return M.merge(adapters, name, seed=seed, **best["params"]), {
+        "params": best["params"], "selection": {"rows_per_task": select_rows, "train_row_offset": offset,
+                                                "criterion": "mean over tasks of the target-token loss",
+                                                "candidates": candidates},
+        "seconds": round(time.perf_counter() - started, 1)}
+

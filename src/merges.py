@@ -1,0 +1,482 @@
+"""Merges of task LoRAs: one registry, and every data-free method computed on the factors, in the LoRAs' core space.
+
+Each method declares its paper, its hyperparameters (defaults from the paper, and a small grid that evaluation
+searches on validation rows), the space it works in and its output; `merge(adapters, name, **params)` applies it to
+every module. Adding a method is one `register(Method(...))`.
+
+The core space (Panariello et al., NeurIPS 2025). For one module with task updates D_i = s_i B_i A_i (rank r_i,
+R = sum r_i), stack the factors, B = [s_1 B_1 ... s_n B_n] (d_out x R) and A = [A_1; ...; A_n] (R x d_in), and take
+thin QRs B = Q_b R_b, A^T = Q_a R_a. Then, exactly,
+
+    D_i = Q_b M_i Q_a^T,   M_i = R_b[:, cols_i] R_a[:, cols_i]^T   (R x R, cols_i: task i's rank columns)
+
+A method maps the n cores M_i to one R x R core M; the merged LoRA is B = Q_b M, A = Q_a^T (rank R, exact), or its
+rank-k truncation from the SVD of M. Cost O(d R^2) per module, never a d_out x d_in matrix, and the modules that
+share a shape are processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs,
+orthogonalisation: task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the
+dense one exactly; entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i, the variant the
+core-space paper evaluates, and differ from their dense definition by design (`ties_dense` runs TIES on the dense
+D_i for comparison). Inside, everything is float64; the merged factors come back in the adapters' dtype.
+
+Ranks: TSV-M and Iso-CTS split "the space" between tasks; here its dimension is R, the rank of the space the task
+updates span (for a full fine-tuning update it is the matrix dimension, as in their papers): so the split does
+not depend on the basis, and the dense and core computations agree.
+"""
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import BadInput
+from .lora import Adapter, Lora
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class Param:
+    default: object
+    help: str
+    grid: tuple = ()          # candidates tried on validation rows by evaluation (lowest loss wins); () keeps default
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    paper: str                # one line: authors, venue
+    formula: str              # one line, for the README table and --help
+    space: str                # "factors" (per module, on the factors), "core", "dense", or "data" (needs rows)
+    fn: Callable              # factors: (loras, **p) -> Lora; core/dense: (M, w, ctx, **p) -> M; data: see merge_fit
+    params: dict = field(default_factory=dict)   # name -> Param
+    output: str = "exact, rank R"
+    exact: str = ""           # core result against the dense definition: "equal" or what differs
+    default: bool = True      # in evaluation's default --methods
+    mean: bool = False        # per-task weights default to 1/n (not 1)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise BadInput(f"unknown merge {name!r}: choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_params(method: Method, given: dict) -> dict:
+    """The method's parameters: its defaults, overridden by `given` (None means "the default")."""
+    unknown = sorted(set(given) - set(method.params))
+    if unknown:
+        raise BadInput(f"merge {method.name} has no parameter {', '.join(unknown)}: it takes "
+                       f"{', '.join(method.params) or 'none'}")
+    return {k: (given[k] if given.get(k) is not None else p.default) for k, p in method.params.items()}
+
+
+# ------------------------------------------------------------------------------------ the paper's factor merges
+def _weights(n: int, weights, default: float) -> list[float]:
+    weights = [default] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise BadInput(f"{len(weights)} merge weights for {n} adapters")
+    return weights
+
+
+def concat(loras: list[Lora], weights=None) -> Lora:
+    """One adapter of rank sum(r_i) whose update is exactly sum_i w_i s_i B_i A_i (w_i = 1: the original)."""
+    w = _weights(len(loras), weights, 1.0)
+    A = torch.cat([l.A for l in loras], dim=0)
+    B = torch.cat([wi * l.scale * l.B for wi, l in zip(w, loras)], dim=1)
+    return Lora(A, B, 1.0)
+
+
+def weight_sum(loras: list[Lora], weights=None) -> Lora:
+    """The original's "weighted": A = sum w_i A_i, B = sum w_i B_i, common scale (so s * B A has the cross terms
+    B_i A_j). w_i = 1 is the paper's weight summing, w_i = 1/N the log's "weighted_avg"."""
+    w = _weights(len(loras), weights, 1.0)
+    ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise BadInput(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
+                       f"{sorted(scales)}: use concat or svd for these adapters")
+    A = sum(wi * l.A for wi, l in zip(w, loras))
+    B = sum(wi * l.B for wi, l in zip(w, loras))
+    return Lora(A, B, loras[0].scale)
+
+
+def weighted_avg(loras: list[Lora], weights=None) -> Lora:
+    """The thesis log's "weighted_avg": weight_sum with w_i = 1/N (A = mean A_i, B = mean B_i)."""
+    return weight_sum(loras, _weights(len(loras), weights, 1.0 / len(loras)))
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor):
+    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
+    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
+    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+# -------------------------------------------------------------------------------------- core-space primitives
+@dataclass(frozen=True)
+class Context:
+    """What a core/dense method may need besides the cores: each task's rank, and a seeded generator (DARE)."""
+    ranks: tuple
+    generator: torch.Generator
+
+
+def weighted_sum(M, w):
+    """sum_i w_i M_i over the task axis: M (m, n, p, q), w (n,) -> (m, p, q)."""
+    return torch.einsum("n,mnpq->mpq", w, M)
+
+
+def trim(M, density: float):
+    """TIES's trim: in each task's matrix keep the int(density * entries) largest entries by magnitude."""
+    flat = M.flatten(2)
+    k = int(density * flat.shape[-1])
+    if k >= flat.shape[-1]:
+        return M
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.abs().topk(k, dim=-1).indices, True)
+    return (flat * keep).reshape(M.shape)
+
+
+def numerical_zeros_out(M, rtol: float = 1e-12):
+    """Entries below rtol times the largest of their task's matrix set to 0: where the exact value is 0 an SVD or a
+    product of bases leaves ~1e-16, and the disjoint mean counts entries, so it must not count those."""
+    return torch.where(M.abs() > rtol * M.abs().amax((-2, -1), keepdim=True), M, torch.zeros((), dtype=M.dtype))
+
+
+def disjoint_mean(M):
+    """TIES's elect + disjoint merge: each entry's sign is the sign of the sum over tasks (0 counts as +), and the
+    entry is the mean over the tasks whose value is nonzero and of that sign."""
+    M = numerical_zeros_out(M)
+    sign = torch.where(M.sum(1) >= 0, 1.0, -1.0).to(M.dtype)
+    agree = (torch.sign(M) == sign[:, None]) & (M != 0)
+    return (M * agree).sum(1) / agree.sum(1).clamp(min=1)
+
+
+def dare(M, p: float, generator: torch.Generator):
+    """DARE: drop each entry with probability p, rescale the rest by 1 / (1 - p)."""
+    if p == 0:
+        return M
+    keep = torch.rand(M.shape, generator=generator, dtype=M.dtype) >= p
+    return M * keep / (1 - p)
+
+
+def svd_parts(M):
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def polar(X):
+    """The nearest matrix with orthonormal columns (polar factor): X = P S Q^T -> P Q^T."""
+    P, _, Qh = svd_parts(X)
+    return P @ Qh
+
+
+def nonzero(S, rtol: float = 1e-9):
+    """Mask of the singular values that are not numerically zero (relative to the largest of each matrix)."""
+    return S > rtol * S.amax(-1, keepdim=True).clamp(min=torch.finfo(S.dtype).tiny)
+
+
+def _w(ctx: Context, w, n: int, dtype):
+    return torch.as_tensor(w if w is not None else [1.0] * n, dtype=dtype)
+
+
+# -------------------------------------------------------------------------------- data-free methods, on cores
+def task_arithmetic(M, w, ctx, lam):
+    """lambda * sum_i w_i D_i."""
+    return lam * weighted_sum(M, w)
+
+
+def ties(M, w, ctx, density, lam):
+    """lambda * disjoint_mean(trim(w_i D_i, density))."""
+    return lam * disjoint_mean(trim(M, density) * w[None, :, None, None])
+
+
+def dare_linear(M, w, ctx, p, lam):
+    """lambda * sum_i w_i DARE(D_i, p)."""
+    return lam * weighted_sum(dare(M, p, ctx.generator), w)
+
+
+def dare_ties(M, w, ctx, p, lam):
+    """lambda * disjoint_mean(w_i DARE(D_i, p))."""
+    return lam * disjoint_mean(dare(M, p, ctx.generator) * w[None, :, None, None])
+
+
+def magnitude_prune(M, w, ctx, density, lam):
+    """lambda * sum_i w_i trim(D_i, density)."""
+    return lam * weighted_sum(trim(M, density), w)
+
+
+def svd_mean(M, w, ctx):
+    """The paper's SVD merge before truncation: sum_i w_i D_i with w_i = 1/n (the mean)."""
+    return weighted_sum(M, w)
+
+
+def knots(M, w, ctx, merge: str, density: float, p: float, lam):
+    """KnOTS: SVD of the column-wise concatenation [w_1 D_1 ... w_n D_n] = U S [V_1^T ... V_n^T]; each task is
+    U (S V_i^T) in the shared basis U; the blocks S V_i^T are merged ("ties": trim + disjoint mean, "dare_ties":
+    DARE + disjoint mean, "sum": their plain sum, which gives task arithmetic back) and rebuilt with U."""
+    n, q = M.shape[1], M.shape[-1]
+    stacked = torch.cat(list((M * w[None, :, None, None]).unbind(1)), dim=-1)     # (m, p, n q)
+    U, S, Vh = svd_parts(stacked)                                                   # Vh (m, k, n q)
+    blocks = torch.stack((S[..., None] * Vh).split(q, dim=-1), dim=1)              # (m, n, k, q)
+    if merge == "ties":
+        merged = disjoint_mean(trim(blocks, density))
+    elif merge == "dare_ties":
+        merged = disjoint_mean(dare(blocks, p, ctx.generator))
+    elif merge == "sum":
+        merged = blocks.sum(1)
+    else:
+        raise BadInput(f"KnOTS merges its blocks by ties, dare_ties or sum, not {merge!r}")
+    return lam * (U @ merged)
+
+
+def tsv_m(M, w, ctx, fraction, alpha):
+    """TSV-M: keep each task's top k_i = min(r_i, floor(fraction * R)) singular components (fraction 1/n: each task
+    gets 1/n of the R-dimensional space), stack the U's, S's and V's, replace the stacked U and V by their nearest
+    orthogonal matrices (polar factors), rebuild: alpha * U_perp diag(S) V_perp^T."""
+    n = M.shape[1]
+    fraction = 1.0 / n if fraction is None else fraction
+    budget = math.floor(fraction * sum(ctx.ranks) + 1e-9)
+    U, S, Vh = svd_parts(M * w[None, :, None, None])                                # per task
+    keep = [min(r, budget, S.shape[-1]) for r in ctx.ranks]
+    Us = torch.cat([U[:, i, :, :k] for i, k in enumerate(keep)], dim=-1)
+    Ss = torch.cat([S[:, i, :k] for i, k in enumerate(keep)], dim=-1)
+    Vs = torch.cat([Vh[:, i, :k].transpose(-1, -2) for i, k in enumerate(keep)], dim=-1)
+    return alpha * (polar(Us) * Ss[:, None, :]) @ polar(Vs).transpose(-1, -2)
+
+
+def iso_c(M, w, ctx, alpha):
+    """Iso-C: the SVD of sum_i w_i D_i with its nonzero singular values all replaced by their mean (the public code
+    averages over the full spectrum, zeros included, and so adds a spurious full-rank term to a sum of LoRAs)."""
+    U, S, Vh = svd_parts(weighted_sum(M, w))
+    nz = nonzero(S)
+    mean = (S * nz).sum(-1, keepdim=True) / nz.sum(-1, keepdim=True).clamp(min=1)
+    return alpha * (U * (mean * nz)[:, None, :]) @ Vh
+
+
+def iso_cts(M, w, ctx, common_fraction, alpha):
+    """Iso-CTS: the top k_c = fraction * R singular directions of the sum (the common subspace), plus for each task
+    the top (R - k_c) / n directions of its update with the common subspace projected out; the stacked U and V are
+    orthogonalised (polar factors) and every kept direction gets the mean of the kept nonzero singular values."""
+    n = M.shape[1]
+    R = sum(ctx.ranks)
+    k_c = int(R * common_fraction)
+    per_task = round((R - k_c) / n)
+    k_c = min(R - per_task * n, M.shape[-1], M.shape[-2])
+    Mw = M * w[None, :, None, None]
+    U, S, Vh = svd_parts(Mw.sum(1))
+    Uc = U[..., :k_c]
+    parts_u, parts_s, parts_v = [Uc], [S[..., :k_c]], [Vh[..., :k_c, :].transpose(-1, -2)]
+    if per_task > 0:
+        specific = Mw - Uc[:, None] @ (Uc[:, None].transpose(-1, -2) @ Mw)
+        Ut, St, Vht = svd_parts(specific)
+        k_t = min(per_task, St.shape[-1])
+        for i in range(n):
+            parts_u.append(Ut[:, i, :, :k_t])
+            parts_s.append(St[:, i, :k_t])
+            parts_v.append(Vht[:, i, :k_t].transpose(-1, -2))
+    Us, Ss, Vs = torch.cat(parts_u, -1), torch.cat(parts_s, -1), torch.cat(parts_v, -1)
+    nz = nonzero(Ss)
+    mean = (Ss * nz).sum(-1, keepdim=True) / nz.sum(-1, keepdim=True).clamp(min=1)
+    Us, Vs = polar(Us * nz[:, None, :]), polar(Vs * nz[:, None, :])  # zero directions stay out of the rotation
+    return alpha * (Us * (mean * nz)[:, None, :]) @ Vs.transpose(-1, -2)
+
+
+# ---------------------------------------------------------------------------------------------- registrations
+LAMBDA_SUM = (0.125, 0.25, 0.5, 1.0)      # methods that add n updates: a good lambda can be near 1/n
+LAMBDA_ONE = (0.5, 1.0, 1.5, 2.0)         # methods that average (disjoint means): lambda near 1
+
+
+def _lam(default=1.0, grid=LAMBDA_SUM):
+    return Param(default, "scale of the merged update", grid)
+
+
+register(Method("concat", "the thesis (Lee, UNIST): concatenation", "sum_i s_i B_i A_i (all LoRAs at once)",
+                "factors", concat, {}, "exact, rank R"))
+register(Method("weight_sum", "the thesis: weight summing (its \"weighted\")",
+                "s (sum_i B_i)(sum_i A_i): the factors summed, with the cross terms B_i A_j", "factors", weight_sum,
+                {}, "exact, rank r"))
+register(Method("weighted_avg", "the thesis log's \"weighted_avg\"", "s (mean_i B_i)(mean_i A_i)", "factors",
+                weighted_avg, {}, "exact, rank r", default=False))
+register(Method("svd", "the thesis: SVD merge", "rank-8 truncated SVD of mean_i s_i B_i A_i", "core", svd_mean,
+                {"rank": Param(8, "rank of the truncation")}, "rank-k truncation (exact)", "equal", mean=True))
+register(Method("task_arithmetic", "Ilharco et al., ICLR 2023", "lambda sum_i D_i", "core", task_arithmetic,
+                {"lam": _lam()}, exact="equal"))
+register(Method("ties", "Yadav et al., NeurIPS 2023", "lambda disjoint_mean(trim(D_i, density)) (on the cores)", "core",
+                ties, {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, LAMBDA_ONE)},
+                exact="entry-wise on the R x R cores: differs from ties_dense by design"))
+register(Method("ties_dense", "Yadav et al., NeurIPS 2023 (on the dense d_out x d_in updates)",
+                "lambda disjoint_mean(trim(D_i, density)) (dense)", "dense", ties,
+                {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, LAMBDA_ONE)},
+                "dense update (folded; as an adapter, rank d_in)", "is the dense definition", default=False))
+register(Method("dare_linear", "Yu et al., ICML 2024", "lambda sum_i DARE(D_i, p) (on the cores, seeded)", "core",
+                dare_linear, {"p": Param(0.9, "drop probability"), "lam": _lam()},
+                exact="entry-wise on the cores: differs from dense DARE by design"))
+register(Method("dare_ties", "Yu et al., ICML 2024", "lambda disjoint_mean(DARE(D_i, p)) (on the cores, seeded)",
+                "core", dare_ties, {"p": Param(0.9, "drop probability"), "lam": _lam(1.0, LAMBDA_ONE)},
+                exact="entry-wise on the cores: differs from dense DARE-TIES by design"))
+register(Method("magnitude_prune", "magnitude pruning (Yadav et al.'s trim, then the sum)",
+                "lambda sum_i trim(D_i, density) (on the cores)", "core", magnitude_prune,
+                {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, (0.25, 0.5, 1.0, 2.0))},
+                exact="entry-wise on the cores: differs from dense pruning by design"))
+register(Method("knots_ties", "Stoica et al., ICLR 2025 (KnOTS-TIES)",
+                "U lambda disjoint_mean(trim(S V_i^T)), [D_1..D_n] = U S [V_1..V_n]^T", "core",
+                lambda M, w, ctx, density, lam: knots(M, w, ctx, "ties", density, 0.0, lam),
+                {"density": Param(1.0, "share of block entries kept (KnOTS's LLaMA config: 1.0)"),
+                 "lam": _lam(1.0, LAMBDA_ONE)},
+                exact="TIES on the blocks of the core: differs from dense KnOTS by design (with a plain sum: equal)"))
+register(Method("knots_dare_ties", "Stoica et al., ICLR 2025 (KnOTS-DARE-TIES)",
+                "U lambda disjoint_mean(DARE(S V_i^T, p))", "core",
+                lambda M, w, ctx, p, lam: knots(M, w, ctx, "dare_ties", 1.0, p, lam),
+                {"p": Param(0.9, "drop probability"), "lam": _lam(1.0, LAMBDA_ONE)},
+                exact="DARE on the blocks of the core: differs from dense KnOTS by design"))
+register(Method("tsv_m", "Gargiulo et al., CVPR 2025 (TSV-M)",
+                "alpha polar([U_i,k]) diag(S) polar([V_i,k])^T, top k = R/n components per task", "core", tsv_m,
+                {"fraction": Param(None, "share of the R-dim space per task (None: 1/n)"),
+                 "alpha": Param(1.0, "scale of the merged update", (0.25, 0.5, 1.0, 2.0))}, exact="equal"))
+register(Method("iso_c", "Marczak et al., ICML 2025 (Iso-C)",
+                "alpha mean(S) U V^T over the nonzero spectrum of sum_i D_i", "core", iso_c,
+                {"alpha": Param(1.0, "scale of the merged update", (0.5, 1.0, 2.0, 4.0))}, exact="equal"))
+register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
+                "alpha mean(S) U V^T over common (top fraction R of the sum) + task-specific directions", "core",
+                iso_cts, {"common_fraction": Param(0.8, "share of the R-dim space for the common subspace"),
+                          "alpha": Param(1.0, "scale of the merged update", (0.5, 1.0, 2.0, 4.0))},
+                exact="equal"))
+
+
+def _learned(name):
+    def fit(*args, **kwargs):
+        from . import merge_fit
+
+        return getattr(merge_fit, name)(*args, **kwargs)
+    return fit
+
+
+register(Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
+                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on train rows",
+                "data", _learned("cat"),
+                {"rows": Param(32, "train rows per task"), "epochs": Param(2, "passes over those rows"),
+                 "lr": Param(1e-2, "AdamW learning rate of the alphas"), "init": Param(None, "initial alpha (None: 1/n)")},
+                "exact, rank R"))
+register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
+                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on train-row loss + L1",
+                "data", _learned("lorahub"),
+                {"rows": Param(5, "train rows per task"), "budget": Param(40, "loss evaluations of the optimiser"),
+                 "l1": Param(0.05, "weight of the L1 penalty on w"), "bound": Param(1.5, "search box |w_i| <= bound")},
+                "exact, rank r"))
+
+DEFAULT_MERGES = [name for name, m in METHODS.items() if m.default]
+
+
+# ------------------------------------------------------------------------------------------------ applying one
+def _check_compatible(adapters: list[Adapter]):
+    names = set(adapters[0].modules)
+    for a in adapters[1:]:
+        if set(a.modules) != names:
+            diff = sorted(names ^ set(a.modules))
+            raise BadInput(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
+    for name in sorted(names):
+        shapes = {(a.modules[name].A.shape[1], a.modules[name].B.shape[0]) for a in adapters}
+        if len(shapes) > 1:
+            raise BadInput(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
+
+
+def _groups(adapters: list[Adapter]) -> dict:
+    """Module names grouped by (d_out, d_in, ranks): each group is merged as one batch."""
+    groups = defaultdict(list)
+    for name in sorted(adapters[0].modules):
+        loras = [a.modules[name] for a in adapters]
+        groups[(loras[0].B.shape[0], loras[0].A.shape[1], tuple(l.A.shape[0] for l in loras))].append(name)
+    return groups
+
+
+def core_project(loras_by_module: list[list[Lora]]):
+    """The core space of a batch of modules (same shapes and ranks): Q_b (m, d_out, K_b), M (m, n, K_b, K_a),
+    Q_a (m, d_in, K_a), float64, with D_i = Q_b M_i Q_a^T for every module and task."""
+    n = len(loras_by_module[0])
+    scales = [torch.tensor([mod[i].scale for mod in loras_by_module], dtype=torch.float64)[:, None, None]
+              for i in range(n)]
+    B = torch.cat([torch.stack([mod[i].B for mod in loras_by_module]).double() * scales[i] for i in range(n)], dim=-1)
+    A = torch.cat([torch.stack([mod[i].A for mod in loras_by_module]).double() for i in range(n)], dim=-2)
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))
+    cols = torch.tensor([l.A.shape[0] for l in loras_by_module[0]]).cumsum(0).tolist()
+    M = torch.stack([Rb[..., s:e] @ Ra[..., s:e].transpose(-1, -2) for s, e in zip([0] + cols[:-1], cols)], dim=1)
+    return Qb, M, Qa
+
+
+def dense_updates(loras_by_module: list[list[Lora]]):
+    """D_i = s_i B_i A_i, float64, (m, n, d_out, d_in): the dense reference (and `ties_dense`)."""
+    return torch.stack([torch.stack([l.scale * l.B.double() @ l.A.double() for l in loras])
+                        for loras in loras_by_module])
+
+
+def _to_lora(Qb, M, Qa, rank: int | None, dtype) -> list[Lora]:
+    """Merged cores back to factors: B = Q_b M, A = Q_a^T, or the rank-k truncation from the SVD of M."""
+    if rank is not None:
+        U, S, Vh = svd_parts(M)
+        k = min(rank, S.shape[-1])
+        Bm, Am = Qb @ (U[..., :k] * S[..., None, :k]), Vh[..., :k, :] @ Qa.transpose(-1, -2)
+    else:
+        Bm, Am = Qb @ M, Qa.transpose(-1, -2)
+    return [Lora(a, b, 1.0) for a, b in zip(Am.to(dtype).contiguous().unbind(), Bm.to(dtype).contiguous().unbind())]
+
+
+def _dense_to_lora(delta, rank: int | None, dtype) -> list[Lora]:
+    if rank is not None:
+        U, S, Vh = svd_parts(delta)
+        k = min(rank, S.shape[-1])
+        return [Lora(v.to(dtype), (u * s).to(dtype), 1.0) for u, s, v in zip(U[..., :k], S[..., None, :k], Vh[..., :k, :])]
+    eye = torch.eye(delta.shape[-1], dtype=dtype)
+    return [Lora(eye, d.to(dtype), 1.0) for d in delta]
+
+
+def merge(adapters: list[Adapter], method: str, weights=None, seed: int = 0, rank: int | None = None,
+          dense: bool = False, **params) -> Adapter:
+    """Merge `adapters` (one per task) with a data-free method of the registry, every module.
+
+    weights: per-task weights w_i (default 1, or 1/n for the methods that average); seed: DARE's masks; rank:
+    truncate a core method's result to this rank (the SVD merge's own `rank` parameter defaults to 8); dense: run a
+    core method on the dense d_out x d_in updates instead, one module at a time (the reference form: slow, and
+    for entry-wise methods a different merge)."""
+    m = get_method(method)
+    if m.space == "data":
+        raise BadInput(f"{method} learns its merge from train rows: run it through full_evaluation.py "
+                       f"(--methods {method}) or src.merge_fit")
+    p = resolve_params(m, params)
+    _check_compatible(adapters)
+    n = len(adapters)
+    if m.space == "factors":
+        return Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
+                        for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+    if "rank" in p:  # the method's own rank (svd); an explicit `rank` argument wins
+        default_rank = p.pop("rank")
+        rank = default_rank if rank is None else rank
+    w = torch.tensor(_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(iter(adapters[0].modules.values())).A.dtype
+    out = {}
+    for (_, _, ranks), names in _groups(adapters).items():
+        ctx = Context(ranks, generator)
+        if m.space == "core" and not dense:
+            loras = [[a.modules[name] for a in adapters] for name in names]
+            Qb, M, Qa = core_project(loras)
+            out.update(zip(names, _to_lora(Qb, m.fn(M, w, ctx, **p), Qa, rank, dtype)))
+            continue
+        for name in names:  # dense: one module at a time (n d_out x d_in matrices in float64)
+            D = dense_updates([[a.modules[name] for a in adapters]])
+            out[name] = _dense_to_lora(m.fn(D, w, ctx, **p), rank, dtype)[0]
+    return Adapter(dict(sorted(out.items())), adapters[0].base_model)
+
+
+def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:
+    """`merge` for one module: the task LoRAs of that module in, the merged LoRA out."""
+    return merge([Adapter({"m": lora}) for lora in loras], method, **kwargs).modules["m"]

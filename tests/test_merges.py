@@ -1,0 +1,291 @@
+"""src/merges.py against references written here from each paper's definition: dense float64 updates, numpy where
+an entry-wise rule reads better element by element, fresh random factors with unequal ranks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from src import lora as L
+from src import merges as M
+from src.errors import BadInput
+
+RANKS, SCALES = (3, 5, 2), (2.0, 0.5, 1.5)
+D_OUT, D_IN = 14, 11
+
+
+def random_adapters(seed: int, ranks=RANKS, scales=SCALES, modules=("a.q_proj", "b.q_proj", "c.v_proj"), d_out=D_OUT,
+                    d_in=D_IN) -> list[L.Adapter]:
+    """One adapter per task over a few modules of the same shape (so the batched path runs), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    return [L.Adapter({m: L.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+                                 torch.randn(d_out, r, generator=gen, dtype=torch.float64), s) for m in modules})
+            for r, s in zip(ranks, scales)]
+
+
+def updates(adapters, module) -> list[np.ndarray]:
+    return [(a.modules[module].scale * a.modules[module].B @ a.modules[module].A).numpy() for a in adapters]
+
+
+def delta(adapter, module) -> np.ndarray:
+    return adapter.modules[module].delta().double().numpy()
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def core_reference(adapters, module):
+    """The core space as the issue defines it: orthonormal bases of the stacked factors, M_i = Q_b^T D_i Q_a.
+    Q_b and Q_a come from thin QRs, so M_i is exactly zero outside its leading (r_1 + ... + r_i) block; the
+    products here leave 1e-15 there, which TIES's disjoint mean would count as entries: they are set to 0."""
+    B = np.concatenate([a.modules[module].scale * a.modules[module].B.numpy() for a in adapters], axis=1)
+    A = np.concatenate([a.modules[module].A.numpy() for a in adapters], axis=0)
+    Qb, Qa = np.linalg.qr(B)[0], np.linalg.qr(A.T)[0]
+    Ms = [Qb.T @ D @ Qa for D in updates(adapters, module)]
+    return Qb, [np.where(np.abs(X) > 1e-12 * np.abs(X).max(), X, 0.0) for X in Ms], Qa
+
+
+# ----------------------------------------------------------------------------- references from the papers
+def ref_trim(X, density):
+    k = int(density * X.size)
+    keep = np.zeros(X.size, dtype=bool)
+    keep[np.argsort(-np.abs(X).ravel(), kind="stable")[:k]] = True
+    return np.where(keep.reshape(X.shape), X, 0.0)
+
+
+def ref_disjoint_mean(Xs):
+    """Elect the sign of the sum, average the agreeing nonzero entries; entries below 1e-12 of their matrix's
+    largest are zeros (an SVD leaves 1e-16 where the exact value is 0)."""
+    Xs = [np.where(np.abs(X) > 1e-12 * np.abs(X).max(), X, 0.0) for X in Xs]
+    out = np.zeros_like(Xs[0])
+    for idx in np.ndindex(out.shape):
+        values = [X[idx] for X in Xs]
+        sign = 1.0 if sum(values) >= 0 else -1.0
+        agree = [v for v in values if v != 0 and np.sign(v) == sign]
+        out[idx] = sum(agree) / len(agree) if agree else 0.0
+    return out
+
+
+def ref_polar(X):
+    P, _, Qh = np.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+def ref_tsv_m(Ds, ranks, alpha=1.0):
+    budget = sum(ranks) // len(Ds)
+    us, ss, vs = [], [], []
+    for D, r in zip(Ds, ranks):
+        U, S, Vh = np.linalg.svd(D, full_matrices=False)
+        k = min(r, budget)
+        us.append(U[:, :k]), ss.append(S[:k]), vs.append(Vh[:k].T)
+    U, S, V = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vs, 1)
+    return alpha * ref_polar(U) @ np.diag(S) @ ref_polar(V).T
+
+
+def ref_iso_c(Ds, alpha=1.0):
+    U, S, Vh = np.linalg.svd(sum(Ds), full_matrices=False)
+    nz = S > 1e-9 * S.max()
+    return alpha * S[nz].mean() * U[:, nz] @ Vh[nz]
+
+
+def ref_iso_cts(Ds, ranks, fraction=0.8, alpha=1.0):
+    n, R = len(Ds), sum(ranks)
+    k_c = int(R * fraction)
+    per_task = round((R - k_c) / n)
+    k_c = R - per_task * n
+    U, S, Vh = np.linalg.svd(sum(Ds), full_matrices=False)
+    us, ss, vs = [U[:, :k_c]], [S[:k_c]], [Vh[:k_c].T]
+    for D in Ds:
+        Ut, St, Vht = np.linalg.svd(D - U[:, :k_c] @ U[:, :k_c].T @ D, full_matrices=False)
+        us.append(Ut[:, :per_task]), ss.append(St[:per_task]), vs.append(Vht[:per_task].T)
+    U, S, V = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vs, 1)
+    nz = S > 1e-9 * S.max()
+    return alpha * S[nz].mean() * ref_polar(U[:, nz]) @ ref_polar(V[:, nz]).T
+
+
+def ref_knots(Ds, merge_blocks):
+    """[D_1 ... D_n] = U S [V_1 ... V_n]^T; merge the blocks S V_i^T; rebuild with U."""
+    U, S, Vh = np.linalg.svd(np.concatenate(Ds, axis=1), full_matrices=False)
+    blocks = [np.diag(S) @ V for V in np.split(Vh, len(Ds), axis=1)]
+    return U @ merge_blocks(blocks)
+
+
+# --------------------------------------------------------------------------------- the paper's own merges
+def test_concat_and_weight_sum_against_dense_float64():
+    adapters = random_adapters(3)
+    loras = [a.modules["a.q_proj"] for a in adapters]
+    w = [0.7, -1.3, 2.1]
+    got = M.merge_loras(loras, "concat", weights=w)
+    assert got.A.shape == (10, D_IN) and rel(got.delta().numpy(), sum(wi * D for wi, D in zip(w, updates(adapters, "a.q_proj")))) <= 1e-12
+    same = [a.modules["a.q_proj"] for a in random_adapters(4, ranks=(4, 4, 4), scales=(2.0,) * 3)]
+    ws = M.merge_loras(same, "weight_sum", weights=w)
+    sum_A, sum_B = sum(wi * l.A for wi, l in zip(w, same)), sum(wi * l.B for wi, l in zip(w, same))
+    assert torch.allclose(ws.delta(), 2.0 * sum_B @ sum_A, atol=1e-12)
+    assert not torch.allclose(ws.delta(), sum(wi * l.delta() for wi, l in zip(w, same)), atol=1e-3)  # cross terms
+    avg = M.merge_loras(same, "weighted_avg")
+    assert torch.allclose(avg.delta(), 2.0 * (sum(l.B for l in same) / 3) @ (sum(l.A for l in same) / 3))
+    with pytest.raises(BadInput, match="equal ranks and scales"):
+        M.merge_loras(loras, "weight_sum")
+
+
+def truncated(D, k):
+    U, S, Vh = np.linalg.svd(D, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_svd_merge_equals_dense_truncated_svd_at_qwen_size(dtype, tol):
+    gen = torch.Generator().manual_seed(4)
+    loras = [L.Lora(torch.randn(8, 1536, generator=gen, dtype=dtype), torch.randn(1536, 8, generator=gen, dtype=dtype), 2.0)
+             for _ in range(7)]
+    got = M.merge_loras(loras, "svd", rank=8)
+    assert got.A.dtype == dtype and got.A.shape == (8, 1536) and got.B.shape == (1536, 8)
+    want = truncated(sum(l.delta().double().numpy() for l in loras) / 7, 8)
+    assert rel(got.delta().double().numpy(), want) <= tol
+
+
+def test_svd_merge_unequal_ranks_weights_and_ranks():
+    adapters = random_adapters(5)
+    w = [0.5, 1.5, -2.0]
+    dense = sum(wi * D for wi, D in zip(w, updates(adapters, "c.v_proj")))
+    for k in (3, 8, 10, 40):
+        got = M.merge(adapters, "svd", rank=k, weights=w).modules["c.v_proj"]
+        assert got.A.shape[0] == min(k, 10) and rel(got.delta().numpy(), truncated(dense, min(k, 10))) <= 1e-10
+    default = M.merge(adapters, "svd").modules["c.v_proj"]  # rank 8 of the mean
+    assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
+
+
+# ----------------------------------------------------------------- basis-invariant methods: core == dense
+@pytest.mark.parametrize("seed", [0, 1])
+def test_core_space_equals_dense_for_basis_invariant_methods(seed):
+    adapters = random_adapters(seed)
+    for module in ("a.q_proj", "c.v_proj"):
+        Ds = updates(adapters, module)
+        cases = {
+            "task_arithmetic": (dict(lam=0.7), 0.7 * sum(Ds)),
+            "tsv_m": (dict(alpha=1.3), ref_tsv_m(Ds, RANKS, 1.3)),
+            "iso_c": (dict(alpha=0.9), ref_iso_c(Ds, 0.9)),
+            "iso_cts": (dict(alpha=1.1, common_fraction=0.6), ref_iso_cts(Ds, RANKS, 0.6, 1.1)),
+            "svd": (dict(rank=4), truncated(sum(Ds) / 3, 4)),
+        }
+        for name, (params, want) in cases.items():
+            got = delta(M.merge(adapters, name, **params), module)
+            assert rel(got, want) <= 1e-10, name
+    # KnOTS with a plain sum of its blocks is task arithmetic, in the core as in the dense definition
+    Ds = updates(adapters, "b.q_proj")
+    Qb, Ms, Qa = M.core_project([[a.modules["b.q_proj"] for a in adapters]])
+    ctx = M.Context(RANKS, torch.Generator().manual_seed(0))
+    core_sum = (Qb @ M.knots(Ms, torch.ones(3, dtype=torch.float64), ctx, "sum", 1.0, 0.0, 1.0) @ Qa.transpose(-1, -2))[0]
+    assert rel(core_sum.numpy(), ref_knots(Ds, sum)) <= 1e-10 and rel(ref_knots(Ds, sum), sum(Ds)) <= 1e-10
+
+
+def test_tsv_m_budget_and_iso_c_rank_on_a_sum_of_loras():
+    """TSV-M keeps min(r_i, R/n) components per task; Iso-C flattens only the nonzero spectrum, so a sum of LoRAs
+    stays rank R (the public code's mean over the full spectrum would add a full-rank term)."""
+    adapters = random_adapters(7, ranks=(6, 1, 3))
+    got = delta(M.merge(adapters, "iso_c"), "a.q_proj")
+    assert np.linalg.matrix_rank(got, tol=1e-8) == 10
+    S = np.linalg.svd(got, compute_uv=False)[:10]
+    assert np.allclose(S, S.mean(), rtol=1e-10)
+    tsv = delta(M.merge(adapters, "tsv_m"), "a.q_proj")
+    assert np.linalg.matrix_rank(tsv, tol=1e-8) == 3 + 1 + 3  # min(6, 10 // 3), min(1, 3), min(3, 3)
+
+
+# ----------------------------------------------------------------- entry-wise methods: on the cores, by design
+def test_ties_dare_magnitude_knots_on_the_cores_against_references():
+    adapters = random_adapters(11)
+    module = "a.q_proj"
+    Qb, Ms, Qa = core_reference(adapters, module)
+    back = lambda X: Qb @ X @ Qa.T  # noqa: E731
+    w = [1.0, 0.5, 2.0]
+    checks = {
+        "ties": (dict(density=0.3, lam=0.8), back(0.8 * ref_disjoint_mean([wi * ref_trim(X, 0.3) for wi, X in zip(w, Ms)]))),
+        "magnitude_prune": (dict(density=0.4, lam=1.2), back(1.2 * sum(wi * ref_trim(X, 0.4) for wi, X in zip(w, Ms)))),
+        "knots_ties": (dict(density=0.5, lam=0.9), None),
+    }
+    for name, (params, want) in checks.items():
+        if name == "knots_ties":
+            U, S, Vh = np.linalg.svd(np.concatenate([wi * X for wi, X in zip(w, Ms)], axis=1), full_matrices=False)
+            blocks = [np.diag(S) @ V for V in np.split(Vh, 3, axis=1)]
+            want = back(0.9 * U @ ref_disjoint_mean([ref_trim(b, 0.5) for b in blocks]))
+        got = delta(M.merge(adapters, name, weights=w, **params), module)
+        assert rel(got, want) <= 1e-10, name
+    # ties_dense is TIES on the dense updates; it differs from TIES on the cores
+    Ds = updates(adapters, module)
+    dense = delta(M.merge(adapters, "ties_dense", weights=w, density=0.3, lam=0.8), module)
+    assert rel(dense, 0.8 * ref_disjoint_mean([wi * ref_trim(D, 0.3) for wi, D in zip(w, Ds)])) <= 1e-12
+    assert rel(dense, checks["ties"][1]) > 0.05
+
+
+def test_dare_with_a_fixed_seed_against_the_same_masks():
+    """DARE's masks come from the seed: drawn here in the same order (one draw over the batch of modules of a
+    shape, task by task), the reference reproduces them."""
+    adapters = random_adapters(12)
+    modules = sorted(adapters[0].modules)
+    groups = {}
+    for m in modules:  # the module groups of equal shape and ranks, in name order (all three here)
+        groups.setdefault("all", []).append(m)
+    cores = [core_reference(adapters, m) for m in modules]
+    gen = torch.Generator().manual_seed(5)
+    R = sum(RANKS)
+    keep = (torch.rand((len(modules), 3, R, R), generator=gen, dtype=torch.float64) >= 0.7).numpy()
+    got = M.merge(adapters, "dare_linear", seed=5, p=0.7, lam=0.6)
+    got_ties = M.merge(adapters, "dare_ties", seed=5, p=0.7, lam=1.4)
+    for j, (module, (Qb, Ms, Qa)) in enumerate(zip(modules, cores)):
+        dropped = [X * keep[j, i] / 0.3 for i, X in enumerate(Ms)]
+        assert rel(delta(got, module), Qb @ (0.6 * sum(dropped)) @ Qa.T) <= 1e-10
+        assert rel(delta(got_ties, module), Qb @ (1.4 * ref_disjoint_mean(dropped)) @ Qa.T) <= 1e-10
+    again = M.merge(adapters, "dare_linear", seed=5, p=0.7, lam=0.6)
+    other = M.merge(adapters, "dare_linear", seed=6, p=0.7, lam=0.6)
+    assert all(torch.equal(got.modules[m].B, again.modules[m].B) for m in modules)
+    assert not torch.equal(got.modules[modules[0]].B, other.modules[modules[0]].B)
+
+
+# ------------------------------------------------------------------------------------------------ reductions
+def test_reductions_to_task_arithmetic():
+    adapters = random_adapters(13)
+    ta = M.merge(adapters, "task_arithmetic", lam=1.0)
+    for name, params in (("dare_linear", dict(p=0.0, lam=1.0)), ("magnitude_prune", dict(density=1.0, lam=1.0))):
+        got = M.merge(adapters, name, **params)
+        assert all(rel(delta(got, m), delta(ta, m)) <= 1e-12 for m in ta.modules), name
+    # TIES at density 1 is the disjoint mean: for tasks whose updates agree in sign it is their mean, so lambda = n
+    # gives task arithmetic back
+    base = random_adapters(14, ranks=(4,), scales=(2.0,))[0]
+    agreeing = [L.Adapter({m: L.Lora(l.A, c * l.B, l.scale) for m, l in base.modules.items()}) for c in (0.5, 1.0, 3.0)]
+    ties = M.merge(agreeing, "ties", density=1.0, lam=3.0)
+    dare_ties = M.merge(agreeing, "dare_ties", p=0.0, lam=3.0)
+    sum_ = M.merge(agreeing, "task_arithmetic")
+    assert all(rel(delta(ties, m), delta(sum_, m)) <= 1e-10 and rel(delta(dare_ties, m), delta(sum_, m)) <= 1e-10
+               for m in sum_.modules)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("concat", {}), ("weight_sum", {}), ("weighted_avg", {}), ("svd", {}), ("task_arithmetic", {}),
+    ("ties", dict(density=1.0)), ("ties_dense", dict(density=1.0)), ("dare_linear", dict(p=0.0)),
+    ("dare_ties", dict(p=0.0)), ("magnitude_prune", dict(density=1.0)), ("knots_ties", {}),
+    ("knots_dare_ties", dict(p=0.0)), ("tsv_m", {})])
+def test_one_adapter_comes_back_unchanged(name, params):
+    adapter = random_adapters(15, ranks=(5,), scales=(2.0,))[0]
+    got = M.merge([adapter], name, **params)
+    assert all(rel(delta(got, m), delta(adapter, m)) <= 1e-10 for m in adapter.modules)
+
+
+def test_every_method_is_documented_and_bad_input_is_clear():
+    for name, method in M.METHODS.items():
+        assert method.paper and method.formula and method.space in ("factors", "core", "dense", "data"), name
+        assert all(p.help for p in method.params.values()), name
+    assert {"cat", "lorahub"} <= {n for n, m in M.METHODS.items() if m.space == "data"}
+    adapters = random_adapters(16)
+    with pytest.raises(BadInput, match="unknown merge 'slerp'"):
+        M.merge(adapters, "slerp")
+    with pytest.raises(BadInput, match="merge ties has no parameter alpha: it takes density, lam"):
+        M.merge(adapters, "ties", alpha=1.0)
+    with pytest.raises(BadInput, match="different target modules"):
+        M.merge([adapters[0], L.Adapter({"a.q_proj": adapters[1].modules["a.q_proj"]})], "concat")
+    odd = random_adapters(17, modules=("a.q_proj", "b.q_proj", "c.v_proj"), d_out=9)
+    with pytest.raises(BadInput, match="module a.q_proj has different"):
+        M.merge([adapters[0], odd[1]], "svd")
+    with pytest.raises(BadInput, match="learns its merge from train rows"):
+        M.merge(adapters, "cat")
+    assert math.isclose(M.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
