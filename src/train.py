@@ -4,8 +4,10 @@ Presets hold every hyperparameter; a flag of the scripts overrides any of them.
 * paper: the original's settings (DESIGN.md section 2): r 8, alpha 16, AdamW lr 5e-5, batch 2, max length 512 of
   which up to 128 target tokens, 5,000 train rows, validation every 100 steps, patience 3, up to 10 epochs;
   routers: AdamW lr 1e-4, 1 epoch, batch 4.
-* cpu: the same recipe sized for `make reproduce` on a 2-core laptop: fewer rows and steps, shorter sequences,
-  a larger learning rate so that 30 steps learn the output format. Same code path.
+* cpu: the same recipe sized for `make reproduce` on a 2-core laptop, chosen on validation rows by
+  scripts/sweep_preset.py among five settings of learning rate, steps, batch, training rows and max length
+  (results/smollm2-135m/preset_sweep.md): lr 1e-3, 140 steps of batch 4, 400 training rows, max length 192 with up
+  to 64 target tokens. Same code path.
 
 The LoRA loss is the mean cross-entropy over target tokens (and EOS); logits are computed only at those positions.
 A checkpoint (adapter, optimizer, step, early-stopping state, log) is one safetensors file written atomically;
@@ -70,9 +72,10 @@ class TrainConfig:
 
 PRESETS = {
     "paper": {},
-    "cpu": dict(lr=1e-3, batch_size=8, epochs=1, max_steps=30, train_rows=240, val_rows=32, max_len=192,
-                max_target=64, eval_every=10, save_every=10, router_lr=1e-3, router_epochs=3, router_batch_size=8,
-                router_rows=48, router_heldout=24, max_prompt=192),
+    # setting D of scripts/sweep_preset.py, the best on validation rows (results/smollm2-135m/preset_sweep.md)
+    "cpu": dict(lr=1e-3, batch_size=4, epochs=100, max_steps=140, train_rows=400, val_rows=32, max_len=192,
+                max_target=64, eval_every=40, patience=3, save_every=20, router_lr=1e-3, router_epochs=3,
+                router_batch_size=8, router_rows=48, router_heldout=24, max_prompt=192),
 }
 
 

@@ -117,7 +117,8 @@ def test_concat_and_weight_sum_against_dense_float64():
     loras = [a.modules["a.q_proj"] for a in adapters]
     w = [0.7, -1.3, 2.1]
     got = M.merge_loras(loras, "concat", weights=w)
-    assert got.A.shape == (10, D_IN) and rel(got.delta().numpy(), sum(wi * D for wi, D in zip(w, updates(adapters, "a.q_proj")))) <= 1e-12
+    want = sum(wi * D for wi, D in zip(w, updates(adapters, "a.q_proj")))
+    assert got.A.shape == (10, D_IN) and rel(got.delta().numpy(), want) <= 1e-12
     same = [a.modules["a.q_proj"] for a in random_adapters(4, ranks=(4, 4, 4), scales=(2.0,) * 3)]
     ws = M.merge_loras(same, "weight_sum", weights=w)
     sum_A, sum_B = sum(wi * l.A for wi, l in zip(w, same)), sum(wi * l.B for wi, l in zip(w, same))
@@ -137,8 +138,8 @@ def truncated(D, k):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
 def test_svd_merge_equals_dense_truncated_svd_at_qwen_size(dtype, tol):
     gen = torch.Generator().manual_seed(4)
-    loras = [L.Lora(torch.randn(8, 1536, generator=gen, dtype=dtype), torch.randn(1536, 8, generator=gen, dtype=dtype), 2.0)
-             for _ in range(7)]
+    loras = [L.Lora(torch.randn(8, 1536, generator=gen, dtype=dtype),
+                    torch.randn(1536, 8, generator=gen, dtype=dtype), 2.0) for _ in range(7)]
     got = M.merge_loras(loras, "svd", rank=8)
     assert got.A.dtype == dtype and got.A.shape == (8, 1536) and got.B.shape == (1536, 8)
     want = truncated(sum(l.delta().double().numpy() for l in loras) / 7, 8)
@@ -176,7 +177,8 @@ def test_core_space_equals_dense_for_basis_invariant_methods(seed):
     Ds = updates(adapters, "b.q_proj")
     Qb, Ms, Qa = M.core_project([[a.modules["b.q_proj"] for a in adapters]])
     ctx = M.Context(RANKS, torch.Generator().manual_seed(0))
-    core_sum = (Qb @ M.knots(Ms, torch.ones(3, dtype=torch.float64), ctx, "sum", 1.0, 0.0, 1.0) @ Qa.transpose(-1, -2))[0]
+    merged_core = M.knots(Ms, torch.ones(3, dtype=torch.float64), ctx, "sum", 1.0, 0.0, 1.0)
+    core_sum = (Qb @ merged_core @ Qa.transpose(-1, -2))[0]
     assert rel(core_sum.numpy(), ref_knots(Ds, sum)) <= 1e-10 and rel(ref_knots(Ds, sum), sum(Ds)) <= 1e-10
 
 
@@ -200,7 +202,8 @@ def test_ties_dare_magnitude_knots_on_the_cores_against_references():
     back = lambda X: Qb @ X @ Qa.T  # noqa: E731
     w = [1.0, 0.5, 2.0]
     checks = {
-        "ties": (dict(density=0.3, lam=0.8), back(0.8 * ref_disjoint_mean([wi * ref_trim(X, 0.3) for wi, X in zip(w, Ms)]))),
+        "ties": (dict(density=0.3, lam=0.8),
+                 back(0.8 * ref_disjoint_mean([wi * ref_trim(X, 0.3) for wi, X in zip(w, Ms)]))),
         "magnitude_prune": (dict(density=0.4, lam=1.2), back(1.2 * sum(wi * ref_trim(X, 0.4) for wi, X in zip(w, Ms)))),
         "knots_ties": (dict(density=0.5, lam=0.9), None),
     }

@@ -34,7 +34,7 @@ def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):
     assert "adapters found" in outputs and "no adapters under" not in outputs
     assert "5-task set: concat" in outputs and "7-task set: concat" in outputs  # the update-norm ratios
     for name in ("normalized_score", "method_task_heatmap", "moa_router", "training_loss", "adapter_spectra",
-                 "adapter_interference"):
+                 "adapter_interference", "merge_selection"):
         png = tmp_path / "figures" / f"{name}.png"
         assert png.exists() and png.stat().st_size > 10_000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

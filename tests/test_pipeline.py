@@ -36,7 +36,7 @@ def script(name: str, *args, root: Path, check: bool = True) -> subprocess.Compl
 
 def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     script("train_individual_loras.py", "--task", TASKS, "--model", str(tiny_dir), "--max-steps", "40", "--lr", "0.03",
-           "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
+           "--batch-size", "8", "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
     script("train_moa.py", "--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "32", "--router-heldout", "16",
            "--router-lr", "0.01", "--router-epochs", "10", root=tmp_path)
     proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", root=tmp_path)
@@ -91,8 +91,11 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert float(single[table[0].index("sentiment (accuracy) lo")]) <= float(single[1]) <= float(single[3])
     summary = (out / "summary.md").read_text()
     assert "| svd |" in summary and "| iso_cts |" in summary and "| moa |" in proc.stdout
-    assert results["ties"]["merge"]["params"]["density"] == 0.2 and len(results["ties"]["merge"]["selection"]["candidates"]) == 4
-    assert results["cat"]["merge"]["fit_seconds"] > 0 and results["lorahub"]["merge"]["evaluations"] == 41 and "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
+    ties = results["ties"]["merge"]
+    assert ties["params"]["density"] == 0.2 and len(ties["selection"]["candidates"]) == 4
+    assert results["cat"]["merge"]["fit_seconds"] > 0 and results["lorahub"]["merge"]["evaluations"] == 41
+    assert "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
+    assert "| ties | density=0.2, lam=" in summary and "lowest validation loss of 4 candidates" in summary
 
 
 def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
@@ -229,3 +232,45 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
+
+
+def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_dir, tmp_path):
+    """The original trained each task in its own unseeded process (independent draws of A); here each task's seed
+    comes from the run's seed and the task's name, so tasks differ and reruns do not."""
+    import torch.nn.functional as F
+
+    from src import lora as L
+    from src.models import load_model
+    from src.train import make_config, task_seed, train_lora
+
+    assert task_seed(0, "qa") == task_seed(0, "qa") != task_seed(0, "nli") != task_seed(1, "nli")
+    model, tokenizer = load_model(str(tiny_dir))
+    fresh = {}
+    for t in ("sentiment", "nli"):
+        L.inject(model)
+        L.add_adapter(model, r=8, alpha=16, generator=torch.Generator().manual_seed(task_seed(0, t)))
+        fresh[t] = L.get_adapter(model).modules["model.layers.0.self_attn.q_proj"].A
+        L.remove(model)
+    cosine = F.cosine_similarity(fresh["sentiment"].flatten(), fresh["nli"].flatten(), dim=0)
+    assert abs(cosine) < 0.2  # independent draws (the same seed would give 1.0)
+    runs = []
+    for k in range(2):
+        cfg = make_config("cpu", dict(task="nli", max_steps=4, eval_every=2, train_rows=16, val_rows=4))
+        train_lora(cfg, model, tokenizer, tmp_path / f"run{k}")
+        runs.append(load_file(str(tmp_path / f"run{k}" / "adapter_model.safetensors")))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    first_A = runs[0]["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert not torch.equal(first_A, fresh["nli"])  # it trained, from that draw
+    assert F.cosine_similarity(first_A.flatten(), fresh["nli"].flatten(), dim=0) > 0.9
+
+
+def test_the_cpu_preset_is_the_setting_the_sweep_chose():
+    """The cpu preset is not typed by hand: it is the committed sweep's choice on validation rows."""
+    from src.train import make_config
+
+    sweep = json.loads((REPO / "results" / "smollm2-135m" / "preset_sweep.json").read_text())
+    chosen = {**sweep["common"], **sweep["settings"][sweep["chosen"]]}
+    assert sweep["chosen"] == max(sweep["relative"], key=sweep["relative"].get)
+    preset = vars(make_config("cpu"))
+    assert {k: preset[k] for k in chosen} == chosen
+    assert sweep["val_offset"] >= chosen["train_rows"] + chosen["val_rows"]  # never trained on, not the ES rows

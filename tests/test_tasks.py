@@ -187,8 +187,11 @@ def test_unreachable_hub_model_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from src.models import load_model
 
-    with pytest.raises(RuntimeError, match="cannot load model 'Qwen/Qwen2-0.5B-not-cached'.*smollm2-135m"):
+    from src.errors import BadInput
+
+    with pytest.raises(BadInput, match="cannot load model 'Qwen/Qwen2-0.5B-not-cached'.*smollm2-135m") as e:
         load_model("Qwen/Qwen2-0.5B-not-cached")
+    assert isinstance(e.value.__cause__, OSError)  # the hub's own error stays attached
 
 
 def test_template_longer_than_the_budget(tokenizer):
