@@ -326,9 +326,12 @@ def load_method_results(out: Path) -> dict:
 
 
 def intervals(found: dict, n_boot: int = 1000) -> dict:
-    """95% paired bootstrap intervals of every method's per-task metric, ratio to single, and normalized score."""
+    """95% paired bootstrap intervals of every method's per-task metric, ratio to single, and normalized score
+    (a result file written before intervals existed has no per-row statistics: no interval for it)."""
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
-    return paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items()}, reference="single", n_boot=n_boot)
+    ci = paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items() if "stats" in r}, reference="single",
+                          n_boot=n_boot)
+    return {m: ci.get(m, {"per_task": {}, "ratio": {}, "normalized": None}) for m in found}
 
 
 def summary_table(out: Path) -> tuple[list[str], list[list]]:
