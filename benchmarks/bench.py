@@ -390,16 +390,27 @@ TARGETS = {  # the goals of the benchmark issue, as (minimum ratio, what it mean
 }
 
 
+def commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
 def run_all(args) -> dict:
     results = {"device": args.device, "dtype": str(args.dtype), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cases": {}}
+    previous = Path(args.out).with_suffix(".json")
+    if args.keep and previous.exists():   # the rows not rerun now stay, each with the commit it was measured at
+        old = json.loads(previous.read_text())
+        if (old["device"], old["dtype"]) != (results["device"], results["dtype"]):
+            raise SystemExit(f"--keep: {previous} was measured on {old['device']} {old['dtype']}; drop --keep")
+        results["cases"] = {k: v for k, v in old["cases"].items() if k not in args.cases and k in CASES}
     for name in args.cases:
         cmd = [sys.executable, __file__, "--case", name, "--reps", str(args.reps), "--device", args.device]
         print(f"== {name}: {CASES[name][0]}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"case {name} failed:\n{proc.stderr[-3000:]}")
-        results["cases"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["cases"][name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "commit": commit()}
         print(json.dumps(results["cases"][name]), flush=True)
     return results
 
@@ -411,7 +422,9 @@ def write_report(results: dict, out: Path):
              f"{results['threads']} threads)", "",
              "ratio = reference time / our time (above 1: ours faster); medians of alternating runs.", "",
              "| case | what | ratio | target | met | notes |", "|---|---|---|---|---|---|"]
-    for name, r in results["cases"].items():
+    commits = {r.get("commit", "unknown") for r in results["cases"].values()}
+    for name in [c for c in CASES if c in results["cases"]]:
+        r = results["cases"][name]
         target = TARGETS.get(name)
         met = "" if target is None else ("yes" if r["ratio"] >= target[0] else "**no**")
         notes = []
@@ -431,6 +444,8 @@ def write_report(results: dict, out: Path):
             notes.append(f"{r['ours_tokens_per_s']:.0f} vs {r['reference_tokens_per_s']:.0f} tokens/s")
         if "ours_rows_per_s" in r:
             notes.append(f"{r['ours_rows_per_s']:.2f} vs {r['reference_rows_per_s']:.2f} rows/s")
+        if len(commits) > 1:
+            notes.append(f"measured at commit {r.get('commit', 'unknown')}")
         lines.append(f"| {name} | {CASES[name][0]} | {r['ratio']:.2f} | {target[1] if target else ''} | {met} | "
                      f"{'; '.join(notes)} |")
     L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
@@ -443,6 +458,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(REPO / "results" / "bench"), help="report path without suffix")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the existing report's rows of the cases not in --cases (each row names its commit)")
     args = p.parse_args()
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.case:

@@ -331,7 +331,41 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
     ci = paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items() if "stats" in r}, reference="single",
                           n_boot=n_boot)
-    return {m: ci.get(m, {"per_task": {}, "ratio": {}, "normalized": None}) for m in found}
+    return {m: ci.get(m, {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None}) for m in found}
+
+
+def single_check(found: dict) -> str:
+    """Did each single-task LoRA learn its task? Its score against the base model and, for a classification task,
+    against the majority class and chance, with the paired 95% interval of the difference (the same resampled
+    rows on both sides): 'yes' when the whole interval is above 0."""
+    if "single" not in found or "base" not in found:
+        return ""
+    ci = intervals(found)
+    rows = []
+    for t in found["single"]["tasks"]:
+        task, single = get_task(t), found["single"]["primary"][t]
+        num = (lambda x: f"{x:.1f}") if abs(single) >= 10 else (lambda x: f"{x:.3f}")
+
+        def versus(m):
+            lo_hi = ci[m]["diff"].get(t)
+            if lo_hi is None:
+                return "n/a", "n/a"
+            gap = f"{num(single - found[m]['primary'][t])} [{num(-lo_hi[1])}, {num(-lo_hi[0])}]"
+            return gap, "yes" if lo_hi[1] < 0 else "**no**"
+
+        base_gap, base_ok = versus("base")
+        maj = found.get("majority", {}).get("primary", {}).get(t)
+        maj_gap, maj_ok = versus("majority") if maj is not None else ("n/a", "n/a")
+        chance = f"{task.chance:.2f}" if task.chance else "n/a"
+        chance_ok = "n/a"
+        if task.chance:
+            lo = ci["single"]["per_task"].get(t, (None,))[0]
+            chance_ok = "n/a" if lo is None else ("yes" if lo > task.chance else "**no**")
+        rows.append(f"| {t} | {num(single)} | {base_gap} | {base_ok} | {maj_gap} | {maj_ok} | {chance} | {chance_ok} |")
+    return ("\n**Did the single-task LoRAs learn their tasks?** (single - baseline on the same resampled rows, 95%; "
+            "above chance: the single's interval above the chance level)\n\n"
+            "| task | single | single - base | above base | single - majority | above majority | chance | above chance |"
+            "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def summary_table(out: Path) -> tuple[list[str], list[list]]:
@@ -360,7 +394,7 @@ def _fmt(v) -> str:
         return "n/a"
     if isinstance(v, tuple):
         value, (lo, hi) = v[0], v[1] if v[1] is not None else (None, None)
-        big = abs(value) >= 10
+        big = max(abs(value), abs(hi or 0)) >= 10     # QA's F1 is on 0-100: one decimal, whatever this row's value
         f = (lambda x: f"{x:.1f}") if big else (lambda x: f"{x:.3f}")
         return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
     return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -398,7 +432,7 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
-    L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note + merge_table(found)))
+    L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note + single_check(found) + merge_table(found)))
 
 
 def merge_table(found: dict) -> str:

@@ -376,6 +376,24 @@ register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
 DEFAULT_MERGES = [name for name, m in METHODS.items() if m.default]
 
 
+NO_CORE = {"factors": "on the factors, exact", "data": "learned on train rows"}
+
+
+def method_table() -> str:
+    """The README's method table, from the registry (a test keeps the README in step with it)."""
+    lines = ["| method | paper | merged update | parameters (default; grid searched on validation rows) | output "
+             "| core space vs dense |", "|---|---|---|---|---|---|"]
+    for name, m in METHODS.items():
+        params = "; ".join(f"{k}={p.default}" + (f" ({', '.join(map(str, p.grid))})" if p.grid else "")
+                           for k, p in m.params.items()) or "none"
+        if m.mean:
+            params += "; weights 1/n"
+        opt = "" if m.default else " (option)"
+        lines.append(f"| `{name}`{opt} | {m.paper} | `{m.formula}` | {params} | {m.output} | "
+                     f"{m.exact or NO_CORE[m.space]} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ applying one
 def _check_compatible(adapters: list[Adapter]):
     names = set(adapters[0].modules)

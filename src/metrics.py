@@ -203,9 +203,9 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
     """Percentile intervals by resampling test rows, the same resample of a task's rows for every method.
 
     `tasks` are src.tasks.Task objects, `stats[method][task name]` the (n, k) example statistics (rows in the same
-    order for every method). Returns {method: {"per_task": {t: (lo, hi)}, "ratio": {t: (lo, hi)},
-    "normalized": (lo, hi)}}; ratios and the normalized score (mean over tasks of method / reference) exist when
-    the reference method has the task. A resample where the reference scores 0 leaves that task out of its mean."""
+    order for every method). Returns {method: {"per_task": {t: (lo, hi)}, "diff": {t: (lo, hi)},
+    "ratio": {t: (lo, hi)}, "normalized": (lo, hi)}}; differences (method - reference), ratios and the normalized
+    score (mean over tasks of method / reference) exist when the reference method has the task. A resample where the reference scores 0 leaves that task out of its mean."""
     rng = np.random.default_rng(seed)
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     draws, values = {}, {}
@@ -221,6 +221,7 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
         entry = {"per_task": {t: tuple(np.percentile(v, q).tolist()) for t, v in vals.items()}, "ratio": {},
                  "normalized": None}
         ref = values.get(reference, {})
+        entry["diff"] = {t: tuple(np.percentile(v - ref[t], q).tolist()) for t, v in vals.items() if t in ref}
         if ref and set(vals) == set(ref):
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratios = {t: np.where(ref[t] > 0, v / np.where(ref[t] > 0, ref[t], 1), np.nan) for t, v in vals.items()}

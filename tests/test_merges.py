@@ -1,6 +1,7 @@
 """src/merges.py against references written here from each paper's definition: dense float64 updates, numpy where
 an entry-wise rule reads better element by element, fresh random factors with unequal ranks."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,3 +293,8 @@ def test_every_method_is_documented_and_bad_input_is_clear():
     with pytest.raises(BadInput, match="learns its merge from train rows"):
         M.merge(adapters, "cat")
     assert math.isclose(M.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
+
+
+def test_readme_method_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert M.method_table() in readme, "README's method table is stale: paste merges.method_table() into it"

@@ -2,6 +2,7 @@
 import json
 import random
 
+import numpy as np
 import pytest
 
 from src import metrics
@@ -202,3 +203,43 @@ def test_template_longer_than_the_budget(tokenizer):
     with pytest.raises(PromptTooLong, match="template alone is longer than the budget of 60"):
         fit_prompt(t, row, tokenizer, 60)
     assert tokenizer.decode(fit_prompt(t, row, tokenizer, 60, strict=False)) == t.prompt(row)  # kept whole
+
+
+def test_paired_bootstrap_recomputes_corpus_bleu_per_resample_and_pairs_the_rows():
+    import sacrebleu
+
+    task = get_task("translation")
+    refs_pred, refs = random_pairs(3, n=30)
+    other, _ = random_pairs(4, n=30)
+    stats = {"single": {"translation": metrics.example_stats(task, refs_pred, [[r] for r in refs])},
+             "merge": {"translation": metrics.example_stats(task, other, [[r] for r in refs])}}
+    n_boot = 40
+    ci = metrics.paired_bootstrap([task], stats, n_boot=n_boot, seed=7)
+    # the reference: the same draws (one task, so the generator's first call), sacreBLEU on each resample's rows
+    draws = np.random.default_rng(7).integers(0, 30, size=(n_boot, 30))
+
+    def corpus(preds, idx):
+        return sacrebleu.corpus_bleu([preds[i] for i in idx], [[refs[i] for i in idx]], smooth_method="none",
+                                     tokenize="13a").score / 100
+
+    single = np.array([corpus(refs_pred, d) for d in draws])
+    merge = np.array([corpus(other, d) for d in draws])
+    q = [2.5, 97.5]
+    assert ci["merge"]["per_task"]["translation"] == pytest.approx(tuple(np.percentile(merge, q)), abs=1e-9)
+    assert ci["merge"]["diff"]["translation"] == pytest.approx(tuple(np.percentile(merge - single, q)), abs=1e-9)
+    assert ci["merge"]["ratio"]["translation"] == pytest.approx(tuple(np.percentile(merge / single, q)), abs=1e-9)
+    assert ci["single"]["diff"]["translation"] == (0.0, 0.0) and ci["single"]["normalized"] == (1.0, 1.0)
+
+
+def test_paired_intervals_are_narrower_than_unpaired_for_a_method_that_tracks_the_reference():
+    task = get_task("sentiment")
+    rng = np.random.default_rng(0)
+    correct = (rng.random(200) < 0.6).astype(float)
+    better = correct.copy()
+    better[np.flatnonzero(correct == 0)[:10]] = 1.0     # right on 10 more rows, the same rows otherwise
+    ci = metrics.paired_bootstrap([task], {"single": {"sentiment": correct[:, None]},
+                                               "m": {"sentiment": better[:, None]}}, n_boot=500)
+    lo, hi = ci["m"]["diff"]["sentiment"]
+    assert 0 < lo <= 0.05 <= hi < 0.1                  # the 10/200 gain, always positive when paired
+    single_lo, single_hi = ci["single"]["per_task"]["sentiment"]
+    assert hi - lo < (single_hi - single_lo) / 2
