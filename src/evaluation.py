@@ -432,7 +432,8 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
-    L.atomic_write(out / "summary.md", lambda p: p.write_text("\n".join(lines) + "\n" + note + single_check(found) + merge_table(found)))
+    text = "\n".join(lines) + "\n" + note + single_check(found) + merge_table(found)
+    L.atomic_write(out / "summary.md", lambda p: p.write_text(text))
 
 
 def merge_table(found: dict) -> str:

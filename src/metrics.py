@@ -205,7 +205,8 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
     `tasks` are src.tasks.Task objects, `stats[method][task name]` the (n, k) example statistics (rows in the same
     order for every method). Returns {method: {"per_task": {t: (lo, hi)}, "diff": {t: (lo, hi)},
     "ratio": {t: (lo, hi)}, "normalized": (lo, hi)}}; differences (method - reference), ratios and the normalized
-    score (mean over tasks of method / reference) exist when the reference method has the task. A resample where the reference scores 0 leaves that task out of its mean."""
+    score (mean over tasks of method / reference) exist when the reference method has the task. A resample where
+    the reference scores 0 leaves that task out of its mean."""
     rng = np.random.default_rng(seed)
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     draws, values = {}, {}
