@@ -334,13 +334,12 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     return {m: ci.get(m, {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None}) for m in found}
 
 
-def single_check(found: dict) -> str:
+def single_check(found: dict, ci: dict) -> str:
     """Did each single-task LoRA learn its task? Its score against the base model and, for a classification task,
     against the majority class and chance, with the paired 95% interval of the difference (the same resampled
-    rows on both sides): 'yes' when the whole interval is above 0."""
+    rows on both sides, `ci` from `intervals`): 'yes' when the whole interval is above 0."""
     if "single" not in found or "base" not in found:
         return ""
-    ci = intervals(found)
     rows = []
     for t in found["single"]["tasks"]:
         task, single = get_task(t), found["single"]["primary"][t]
@@ -368,16 +367,13 @@ def single_check(found: dict) -> str:
             "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def summary_table(out: Path) -> tuple[list[str], list[list]]:
-    """One row per method: per task the primary metric and its interval, then the normalized score and its interval,
-    then the paper's normalized scores. Cells are (value, (lo, hi)) or None."""
-    found = load_method_results(out)
-    if not found:
-        return [], []
+def summary_table(found: dict, ci: dict) -> tuple[list[str], list[list]]:
+    """One row per method of `found` (from `load_method_results`): per task the primary metric and its interval,
+    then the normalized score and its interval, then the paper's normalized scores. Cells are (value, (lo, hi))
+    or None."""
     tasks = next(iter(found.values()))["tasks"]
     primary = {t: get_task(t).primary for t in tasks}
     paper = paper_normalized(tasks)
-    ci = intervals(found)
     header = ["method"] + [f"{t} ({primary[t]})" for t in tasks] + ["normalized"] + [f"paper {m}" for m in paper]
     rows = []
     for m, res in found.items():
@@ -408,9 +404,11 @@ def _csv_cells(v) -> list:
 
 
 def write_summary(out: Path):
-    header, rows = summary_table(out)
-    if not header:
+    found = load_method_results(out)
+    if not found:
         return
+    ci = intervals(found)   # one bootstrap, shared by the table and the single-task check
+    header, rows = summary_table(found, ci)
     tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
     n_scored = len(tasks) + 1  # the per-task cells and the normalized score carry intervals
     scored = [c for h in header[1:1 + n_scored] for c in (h, f"{h} lo", f"{h} hi")]
@@ -421,7 +419,6 @@ def write_summary(out: Path):
     L.atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    found = load_method_results(out)
     n_rows = sorted({n for r in found.values() for n in r["rows"].values()})
     chance = ", ".join(f"{t} {get_task(t).chance:.2f}" for t in tasks if get_task(t).chance)
     majority = found.get("majority", {}).get("majority_class", {})
@@ -432,7 +429,7 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
-    text = "\n".join(lines) + "\n" + note + single_check(found) + merge_table(found)
+    text = "\n".join(lines) + "\n" + note + single_check(found, ci) + merge_table(found)
     L.atomic_write(out / "summary.md", lambda p: p.write_text(text))
 
 

@@ -416,18 +416,47 @@ def _groups(adapters: list[Adapter]) -> dict:
     return groups
 
 
+@dataclass(frozen=True)
+class Basis:
+    """Orthonormal bases Q (m, d, K), K = min(d, R), of a batch of d x R matrices, kept as LAPACK's Householder
+    reflectors (geqrf): `Q @ X` applies them (ormqr) in O(d K k) for a k-column X, and Q itself is formed only when
+    asked (`matrix()`). A rank-k merge needs Q times k columns only, so forming the d x K matrix would cost more
+    than the rest of the merge."""
+    h: torch.Tensor           # (m, d, R): R's upper triangle and the reflectors below it
+    tau: torch.Tensor         # (m, K)
+
+    def __matmul__(self, X):
+        """Q @ X for X (m, K, k)."""
+        pad = X.new_zeros(*X.shape[:-2], self.h.shape[-2] - X.shape[-2], X.shape[-1])
+        return torch.ormqr(self.h, self.tau, torch.cat([X, pad], dim=-2))
+
+    def matrix(self):
+        return torch.linalg.householder_product(self.h[..., :self.tau.shape[-1]], self.tau)
+
+    def triangle(self):
+        """The R factor, (m, K, R): the matrix is Q @ triangle()."""
+        return self.h[..., :self.tau.shape[-1], :].triu()
+
+
+def qr_basis(X) -> Basis:
+    """Thin QR of a batch X (m, d, R); column-major input saves LAPACK a transposing copy."""
+    return Basis(*torch.geqrf(X))
+
+
 def core_project(loras_by_module: list[list[Lora]]):
-    """The core space of a batch of modules (same shapes and ranks): Q_b (m, d_out, K_b), M (m, n, K_b, K_a),
-    Q_a (m, d_in, K_a), float64, with D_i = Q_b M_i Q_a^T for every module and task."""
+    """The core space of a batch of modules (same shapes and ranks): bases Q_b (d_out) and Q_a (d_in), and the
+    cores M (m, n, K_b, K_a), float64, with D_i = Q_b M_i Q_a^T for every module and task."""
     n = len(loras_by_module[0])
     scales = [torch.tensor([mod[i].scale for mod in loras_by_module], dtype=torch.float64)[:, None, None]
               for i in range(n)]
-    B = torch.cat([torch.stack([mod[i].B for mod in loras_by_module]).double() * scales[i] for i in range(n)], dim=-1)
+    # B^T and A stacked along the rank: their transposes are the column-major d x R matrices the QRs take
+    Bt = torch.cat([torch.stack([mod[i].B for mod in loras_by_module]).double().mT * scales[i] for i in range(n)],
+                   dim=-2)
     A = torch.cat([torch.stack([mod[i].A for mod in loras_by_module]).double() for i in range(n)], dim=-2)
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.transpose(-1, -2))
+    Qb, Qa = qr_basis(Bt.mT), qr_basis(A.mT)
+    Rb, Ra = Qb.triangle(), Qa.triangle()
     cols = torch.tensor([l.A.shape[0] for l in loras_by_module[0]]).cumsum(0).tolist()
-    M = torch.stack([Rb[..., s:e] @ Ra[..., s:e].transpose(-1, -2) for s, e in zip([0] + cols[:-1], cols)], dim=1)
+    M = torch.stack([Rb[..., s:e] @ Ra[..., s:e].mT for s, e in zip([0] + cols[:-1], cols)], dim=1)
     return Qb, M, Qa
 
 
@@ -437,14 +466,15 @@ def dense_updates(loras_by_module: list[list[Lora]]):
                         for loras in loras_by_module])
 
 
-def _to_lora(Qb, M, Qa, rank: int | None, dtype) -> list[Lora]:
-    """Merged cores back to factors: B = Q_b M, A = Q_a^T, or the rank-k truncation from the SVD of M."""
+def _to_lora(Qb: Basis, M, Qa: Basis, rank: int | None, dtype) -> list[Lora]:
+    """Merged cores back to factors: B = Q_b M, A = Q_a^T, or the rank-k truncation from the SVD of M
+    (B = Q_b U_k S_k, A = (Q_a V_k)^T)."""
     if rank is not None:
         U, S, Vh = svd_parts(M)
         k = min(rank, S.shape[-1])
-        Bm, Am = Qb @ (U[..., :k] * S[..., None, :k]), Vh[..., :k, :] @ Qa.transpose(-1, -2)
+        Bm, Am = Qb @ (U[..., :k] * S[..., None, :k]), (Qa @ Vh[..., :k, :].mT).mT
     else:
-        Bm, Am = Qb @ M, Qa.transpose(-1, -2)
+        Bm, Am = Qb @ M, Qa.matrix().mT
     return [Lora(a, b, 1.0) for a, b in zip(Am.to(dtype).contiguous().unbind(), Bm.to(dtype).contiguous().unbind())]
 
 
