@@ -158,6 +158,16 @@ def test_svd_merge_unequal_ranks_weights_and_ranks():
     assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
 
 
+def test_core_space_on_modules_narrower_than_the_stacked_rank():
+    """d_out = 6 < R = 10 < d_in = 11 (a k_proj of a small model under 7 adapters): the Householder bases have fewer
+    reflectors than stacked columns on the B side; exact and truncated merges still equal the dense ones."""
+    adapters = random_adapters(9, d_out=6)
+    Ds = updates(adapters, "b.q_proj")
+    assert rel(delta(M.merge(adapters, "task_arithmetic", lam=0.7), "b.q_proj"), 0.7 * sum(Ds)) <= 1e-10
+    assert rel(delta(M.merge(adapters, "svd", rank=4), "b.q_proj"), truncated(sum(Ds) / 3, 4)) <= 1e-10
+    assert rel(delta(M.merge(adapters, "tsv_m", alpha=1.3), "b.q_proj"), ref_tsv_m(Ds, RANKS, 1.3)) <= 1e-10
+
+
 # ----------------------------------------------------------------- basis-invariant methods: core == dense
 @pytest.mark.parametrize("seed", [0, 1])
 def test_core_space_equals_dense_for_basis_invariant_methods(seed):
