@@ -422,7 +422,7 @@ class Basis:
     reflectors (geqrf): `Q @ X` applies them (ormqr) in O(d K k) for a k-column X, and Q itself is formed only when
     asked (`matrix()`). A rank-k merge needs Q times k columns only, so forming the d x K matrix would cost more
     than the rest of the merge."""
-    h: torch.Tensor           # (m, d, R): R's upper triangle and the reflectors below it
+    h: torch.Tensor           # (m, d, R): the triangular factor on and above the diagonal, the reflectors below
     tau: torch.Tensor         # (m, K)
 
     def __matmul__(self, X):
