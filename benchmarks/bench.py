@@ -404,13 +404,14 @@ def run_all(args) -> dict:
         if (old["device"], old["dtype"]) != (results["device"], results["dtype"]):
             raise SystemExit(f"--keep: {previous} was measured on {old['device']} {old['dtype']}; drop --keep")
         results["cases"] = {k: v for k, v in old["cases"].items() if k not in args.cases and k in CASES}
+    head = commit()
     for name in args.cases:
         cmd = [sys.executable, __file__, "--case", name, "--reps", str(args.reps), "--device", args.device]
         print(f"== {name}: {CASES[name][0]}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"case {name} failed:\n{proc.stderr[-3000:]}")
-        results["cases"][name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "commit": commit()}
+        results["cases"][name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "commit": head}
         print(json.dumps(results["cases"][name]), flush=True)
     return results
 

@@ -15,7 +15,8 @@ Generation is greedy, left-padded, in batches of one task sorted by prompt lengt
 task's token budget. For each method, `<method>.json` (metrics, each row's metric statistics, timing, MoA routing)
 and `<method>.predictions.jsonl` are written atomically, then `summary.md` / `summary.csv` are rebuilt from every
 method file present, beside the paper's numbers, with 95% paired bootstrap intervals (`metrics.paired_bootstrap`:
-the same resampled rows for a method and for single).
+the same resampled rows for a method and for single), the single-task checks, and each method's paired
+difference from MoA and from the SVD merge.
 """
 import collections
 import csv
@@ -46,6 +47,7 @@ ALL_METHODS = MODEL_METHODS + list(M.METHODS)
 MERGE_METHODS = set(M.METHODS)
 PAPER_NAMES = {"base": "base", "single": "single", "moa": "moa", "concat": "concat", "weight_sum": "weighted",
                "svd": "svd", "weighted_avg": "weighted_avg"}
+PAIRED_WITH = ("moa", "svd")  # every method's normalized score is also compared to these, on the same resamples
 MAJORITY_TRAIN_ROWS = 1000   # the majority class is counted on the first rows of the train split
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_RESULTS = ROOT / "results" / "paper" / "paper_results.json"
@@ -330,8 +332,31 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     (a result file written before intervals existed has no per-row statistics: no interval for it)."""
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
     ci = paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items() if "stats" in r}, reference="single",
-                          n_boot=n_boot)
-    return {m: ci.get(m, {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None}) for m in found}
+                          n_boot=n_boot, compare=PAIRED_WITH)
+    empty = {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None, "normalized_diff": {}}
+    return {m: ci.get(m, empty) for m in found}
+
+
+def paired_gaps(found: dict, ci: dict) -> str:
+    """Each method's normalized score minus MoA's and the SVD merge's, with the paired 95% interval (the same
+    resampled rows for both): whether a merge is distinguishable from MoA is read here, not from two intervals."""
+    points = normalized_points(found)
+    others = [o for o in PAIRED_WITH if o in found and points[o] is not None]
+    rows = []
+    for m in found:
+        if m in others or m == "single" or points[m] is None:
+            continue
+        cells = []
+        for o in others:
+            lo_hi = ci[m]["normalized_diff"].get(o)
+            gap = f"{points[m] - points[o]:+.3f}"
+            cells.append(gap if lo_hi is None else f"{gap} [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not others or not rows:
+        return ""
+    return ("\n**Paired differences of the normalized score** (method - other on the same resampled rows, 95%)\n\n"
+            "| method | " + " | ".join(f"- {o}" for o in others) + " |\n|---|" + "---|" * len(others) + "\n"
+            + "\n".join(rows) + "\n")
 
 
 def single_check(found: dict, ci: dict) -> str:
@@ -367,6 +392,17 @@ def single_check(found: dict, ci: dict) -> str:
             "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
+def normalized_points(found: dict) -> dict:
+    """{method: normalized score (mean over tasks of method / single)}, None where a method lacks a task."""
+    tasks = next(iter(found.values()))["tasks"]
+    primary = {t: get_task(t).primary for t in tasks}
+    if "single" not in found:
+        return {m: None for m in found}
+    single = found["single"]["metrics"]
+    return {m: normalized_score(r["metrics"], single, primary)["mean"] if set(r["metrics"]) == set(single) == set(tasks)
+            else None for m, r in found.items()}
+
+
 def summary_table(found: dict, ci: dict) -> tuple[list[str], list[list]]:
     """One row per method of `found` (from `load_method_results`): per task the primary metric and its interval,
     then the normalized score and its interval, then the paper's normalized scores. Cells are (value, (lo, hi))
@@ -376,9 +412,9 @@ def summary_table(found: dict, ci: dict) -> tuple[list[str], list[list]]:
     paper = paper_normalized(tasks)
     header = ["method"] + [f"{t} ({primary[t]})" for t in tasks] + ["normalized"] + [f"paper {m}" for m in paper]
     rows = []
+    points = normalized_points(found)
     for m, res in found.items():
-        complete = "single" in found and set(res["metrics"]) == set(found["single"]["metrics"]) == set(tasks)
-        norm = normalized_score(res["metrics"], found["single"]["metrics"], primary)["mean"] if complete else None
+        norm = points[m]
         cells = [(res["primary"][t], ci[m]["per_task"].get(t)) if t in res["primary"] else None for t in tasks]
         rows.append([m] + cells + [(norm, ci[m]["normalized"]) if norm is not None else None]
                     + [paper[p].get(m) for p in paper])
@@ -429,7 +465,7 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
-    text = "\n".join(lines) + "\n" + note + single_check(found, ci) + merge_table(found)
+    text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
     L.atomic_write(out / "summary.md", lambda p: p.write_text(text))
 
 

@@ -199,14 +199,15 @@ def primary_from_stats(task, summed: np.ndarray, n: int) -> np.ndarray:
 
 
 def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, compare: tuple = ()) -> dict:
     """Percentile intervals by resampling test rows, the same resample of a task's rows for every method.
 
     `tasks` are src.tasks.Task objects, `stats[method][task name]` the (n, k) example statistics (rows in the same
     order for every method). Returns {method: {"per_task": {t: (lo, hi)}, "diff": {t: (lo, hi)},
     "ratio": {t: (lo, hi)}, "normalized": (lo, hi)}}; differences (method - reference), ratios and the normalized
     score (mean over tasks of method / reference) exist when the reference method has the task. A resample where
-    the reference scores 0 leaves that task out of its mean."""
+    the reference scores 0 leaves that task out of its mean. For each method named in `compare`, "normalized_diff"
+    {other: (lo, hi)} is this method's normalized score minus the other's, on the same resamples."""
     rng = np.random.default_rng(seed)
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     draws, values = {}, {}
@@ -217,7 +218,7 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
         values[method] = {t.name: primary_from_stats(t, np.asarray(per_task[t.name])[draws[t.name]].sum(1),
                                                      draws[t.name].shape[1])
                           for t in tasks if t.name in per_task}
-    out = {}
+    out, means = {}, {}
     for method, vals in values.items():
         entry = {"per_task": {t: tuple(np.percentile(v, q).tolist()) for t, v in vals.items()}, "ratio": {},
                  "normalized": None}
@@ -232,5 +233,10 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
             with np.errstate(invalid="ignore"):
                 mean = np.nanmean(np.where(np.isfinite(stacked), stacked, np.nan), axis=0)
             entry["normalized"] = tuple(np.nanpercentile(mean, q).tolist()) if np.isfinite(mean).any() else None
+            means[method] = mean
         out[method] = entry
+    for method, entry in out.items():
+        gaps = {o: means[method] - means[o] for o in compare if o in means and method in means}
+        entry["normalized_diff"] = {o: tuple(np.nanpercentile(g, q).tolist()) for o, g in gaps.items()
+                                    if np.isfinite(g).any()}
     return out

@@ -211,10 +211,12 @@ def test_paired_bootstrap_recomputes_corpus_bleu_per_resample_and_pairs_the_rows
     task = get_task("translation")
     refs_pred, refs = random_pairs(3, n=30)
     other, _ = random_pairs(4, n=30)
+    third, _ = random_pairs(5, n=30)
     stats = {"single": {"translation": metrics.example_stats(task, refs_pred, [[r] for r in refs])},
-             "merge": {"translation": metrics.example_stats(task, other, [[r] for r in refs])}}
+             "merge": {"translation": metrics.example_stats(task, other, [[r] for r in refs])},
+             "moa": {"translation": metrics.example_stats(task, third, [[r] for r in refs])}}
     n_boot = 40
-    ci = metrics.paired_bootstrap([task], stats, n_boot=n_boot, seed=7)
+    ci = metrics.paired_bootstrap([task], stats, n_boot=n_boot, seed=7, compare=("moa",))
     # the reference: the same draws (one task, so the generator's first call), sacreBLEU on each resample's rows
     draws = np.random.default_rng(7).integers(0, 30, size=(n_boot, 30))
 
@@ -228,6 +230,9 @@ def test_paired_bootstrap_recomputes_corpus_bleu_per_resample_and_pairs_the_rows
     assert ci["merge"]["per_task"]["translation"] == pytest.approx(tuple(np.percentile(merge, q)), abs=1e-9)
     assert ci["merge"]["diff"]["translation"] == pytest.approx(tuple(np.percentile(merge - single, q)), abs=1e-9)
     assert ci["merge"]["ratio"]["translation"] == pytest.approx(tuple(np.percentile(merge / single, q)), abs=1e-9)
+    moa = np.array([corpus(third, d) for d in draws])   # one task: the normalized score is the ratio to single
+    assert ci["merge"]["normalized_diff"]["moa"] == pytest.approx(
+        tuple(np.percentile(merge / single - moa / single, q)), abs=1e-9)
     assert ci["single"]["diff"]["translation"] == (0.0, 0.0) and ci["single"]["normalized"] == (1.0, 1.0)
 
 
