@@ -117,10 +117,9 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor):
     """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
     with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
     gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    return Qb @ U, S, Vh @ Qa.T
+    Qb, Qa = qr_basis(B.double()), qr_basis(A.double().T)
+    U, S, Vh = torch.linalg.svd(Qb.triangle() @ Qa.triangle().T)
+    return Qb @ U, S, (Qa @ Vh.T).T
 
 
 # -------------------------------------------------------------------------------------- core-space primitives

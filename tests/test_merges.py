@@ -158,6 +158,15 @@ def test_svd_merge_unequal_ranks_weights_and_ranks():
     assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
 
 
+def test_factored_svd_is_the_svd_of_the_update():
+    gen = torch.Generator().manual_seed(3)
+    B, A = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen, dtype=torch.float64)
+    U, S, Vh = M.factored_svd(B, A)
+    D = (B @ A).numpy()
+    assert np.allclose(S.numpy(), np.linalg.svd(D, compute_uv=False)[:4], rtol=1e-12)
+    assert rel(((U * S) @ Vh).numpy(), D) <= 1e-12 and np.allclose(U.T @ U, np.eye(4)) and np.allclose(Vh @ Vh.T, np.eye(4))
+
+
 def test_core_space_on_modules_narrower_than_the_stacked_rank():
     """d_out = 6 < R = 10 < d_in = 11 (a k_proj of a small model under 7 adapters): the Householder bases have fewer
     reflectors than stacked columns on the B side; exact and truncated merges still equal the dense ones."""
