@@ -1,4 +1,5 @@
-# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data)
+# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data);
+#                  METHODS=paper evaluates only the thesis's methods and baselines (or any --methods list)
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
 # make notebook    execute visualize_lora.ipynb in place (figures in results/figures/)
@@ -9,7 +10,8 @@ BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
 PRESET ?= cpu
 DATA ?= local
-export MODEL PRESET DATA
+METHODS ?=
+export MODEL PRESET DATA METHODS
 
 .PHONY: setup test reproduce bench notebook gpu-check clean
 

@@ -2,6 +2,7 @@
 
     python full_evaluation.py                                  # the task list below, every default method
     python full_evaluation.py --tasks all --methods concat,svd
+    python full_evaluation.py --tasks all --methods paper        # base, majority, single, moa, concat, weight_sum, svd
     python full_evaluation.py --methods ties,ties_dense --set ties.density=0.5   # fix a merge's parameter
     python full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub
     accelerate launch full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub   # rows shared over GPUs
@@ -25,7 +26,7 @@ tasks = ["summarization", "translation", "qa", "sentiment", "nli"]
 def main(argv=None):
     p = cli.common_parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(tasks), help="comma-separated task list, or 'all'")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from paper (the thesis's methods and baselines)," + ",".join(ALL_METHODS))
     for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
                        ("select-rows", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")

@@ -3,6 +3,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=${MODEL:-smollm2-135m}
 PRESET=${PRESET:-cpu}
 DATA=${DATA:-local}
+METHODS=${METHODS:-}
 PYTHON=${PYTHON:-python}
 
 # task_set NAME: the comma-separated tasks of src.tasks.NAME (FIVE_TASKS or SEVEN_TASKS), the one list of tasks

@@ -42,6 +42,7 @@ from .models import load_model, model_slug
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
 
 MODEL_METHODS = ["base", "majority", "single", "moa"]
+PAPER_METHODS = MODEL_METHODS + ["concat", "weight_sum", "svd"]  # --methods paper: the thesis's table
 METHODS = MODEL_METHODS + M.DEFAULT_MERGES                      # the default --methods
 ALL_METHODS = MODEL_METHODS + list(M.METHODS)
 MERGE_METHODS = set(M.METHODS)
@@ -99,9 +100,10 @@ def parse_merge_params(items) -> dict:
 
 def parse_methods(names) -> list[str]:
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    names = [m for n in names for m in (PAPER_METHODS if n == "paper" else [n])]
     for n in names:
         if n not in ALL_METHODS:
-            raise BadInput(f"unknown method {n!r}: choose from {', '.join(ALL_METHODS)}")
+            raise BadInput(f"unknown method {n!r}: choose from paper, {', '.join(ALL_METHODS)}")
     return names
 
 

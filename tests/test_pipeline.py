@@ -146,7 +146,7 @@ def test_unknown_task_and_method(tmp_path, capsys):
     err = run_main("train_individual_loras", ["--task", "summarisation", "--root", str(tmp_path)], capsys)
     assert "unknown task 'summarisation': choose from summarization, translation, qa" in err
     err = run_main("full_evaluation", ["--tasks", "qa", "--methods", "base,slerp", "--root", str(tmp_path)], capsys)
-    assert "unknown method 'slerp': choose from base, majority, single, moa" in err
+    assert "unknown method 'slerp': choose from paper, base, majority, single, moa" in err
     assert not (tmp_path / "results").exists()
 
 
@@ -229,6 +229,19 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
         assert all((out / f"{m}.json").exists() for m in METHODS) and (out / "summary.md").exists()
     assert json.loads((tmp_path / "results" / "tiny" / "5-task" / "single.json").read_text())["reused"] == \
         ["summarization", "translation", "qa", "sentiment", "nli"]
+    # again with METHODS=paper: only the thesis's methods run; the 7-task run recomputes base and single instead of
+    # reading the results already there (a reproduction), the 5-task run reuses those
+    from src.evaluation import PAPER_METHODS
+
+    results = tmp_path / "results" / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in results.glob("*-task/*.json")}
+    proc = subprocess.run(["bash", str(REPO / "run_all_evaluation.sh"), *small["run_all_evaluation.sh"], "--root",
+                           str(tmp_path)], env={**env, "METHODS": "paper"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerun = {f"{p.parent.name}/{p.stem}" for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert rerun == {f"{n}-task/{m}" for n in (5, 7) for m in PAPER_METHODS}
+    assert json.loads((results / "7-task" / "single.json").read_text())["reused"] == []
+    assert len(json.loads((results / "5-task" / "single.json").read_text())["reused"]) == 5
     proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
@@ -274,3 +287,45 @@ def test_the_cpu_preset_is_the_setting_the_sweep_chose():
     preset = vars(make_config("cpu"))
     assert {k: preset[k] for k in chosen} == chosen
     assert sweep["val_offset"] >= chosen["train_rows"] + chosen["val_rows"]  # never trained on, not the ES rows
+
+
+def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_model):
+    """Training's frozen linear layers multiply only the real tokens of a right-padded batch: the summed loss and
+    the LoRA gradients equal those of each sequence run alone, without padding (float64, so rounding cannot hide
+    a difference); the frozen layers saw only the real rows, and no hook outlives the context."""
+    from torch import nn
+
+    from src import lora as L
+    from src.data import pad_batch
+    from src.train import TargetLoss
+
+    model = tiny_model.double()
+    L.inject(model)
+    L.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in L.adapter_parameters(model):
+            p.normal_(0, 0.1)  # B = 0 at init would leave half the gradients zero
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (20, 13, 7)]
+    labels = [[-100] * (len(s) // 2) + s[len(s) // 2:] for s in seqs]
+    params = L.adapter_parameters(model)
+
+    def loss_and_grads(batch):
+        loss, n = TargetLoss(model)(**batch)
+        return loss.detach(), int(n), torch.autograd.grad(loss, params)
+
+    batch = pad_batch(seqs, 2, left=False, labels=labels)
+    assert int(batch["attention_mask"].sum()) == 40 < batch["attention_mask"].numel()
+    frozen = [m for m in model.base_model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad]
+    rows = []
+    spy = frozen[0].register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    padded = loss_and_grads(batch)
+    spy.remove()
+    assert rows == [40]  # the real tokens, not 3 x 20
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in frozen)
+    alone = [loss_and_grads(pad_batch([s], 2, left=False, labels=[y])) for s, y in zip(seqs, labels)]
+    assert padded[1] == sum(a[1] for a in alone)
+    assert torch.allclose(padded[0], sum(a[0] for a in alone), rtol=1e-12)
+    for k, grad in enumerate(padded[2]):
+        reference = sum(a[2][k] for a in alone)
+        assert grad.abs().max() > 0 and torch.allclose(grad, reference, rtol=1e-10, atol=1e-14)
