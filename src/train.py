@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -131,12 +131,13 @@ class TargetLoss(nn.Module):
     """Sum of the cross-entropy over the target tokens of a right-padded batch, and their number. The vocabulary
     projection runs only at target positions. A module, so that DDP sees the forward that produces the loss."""
 
-    def __init__(self, model):
+    def __init__(self, model, skip_padding: bool = True):
         super().__init__()
         self.model = model
+        self.skip_padding = skip_padding  # False only to measure what padding_skipped saves (benchmarks/bench.py)
 
     def forward(self, input_ids, attention_mask, labels):
-        with padding_skipped(self.model, attention_mask):
+        with padding_skipped(self.model, attention_mask) if self.skip_padding else nullcontext():
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         labels = labels[:, 1:]
         where = labels != -100
