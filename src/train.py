@@ -5,7 +5,7 @@ Presets hold every hyperparameter; a flag of the scripts overrides any of them.
   which up to 128 target tokens, 5,000 train rows, validation every 100 steps, patience 3, up to 10 epochs;
   routers: AdamW lr 1e-4, 1 epoch, batch 4.
 * cpu: the same recipe sized for `make reproduce` on a 2-core laptop, chosen on validation rows by
-  scripts/sweep_preset.py among five settings of learning rate, steps, batch, training rows and max length
+  scripts/sweep_preset.py among six settings of learning rate, steps, batch, training rows and max length
   (results/smollm2-135m/preset_sweep.md): lr 1e-3, 140 steps of batch 4, 400 training rows, max length 192 with up
   to 64 target tokens. Same code path.
 
