@@ -26,7 +26,8 @@ tasks = ["summarization", "translation", "qa", "sentiment", "nli"]
 def main(argv=None):
     p = cli.common_parser(__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(tasks), help="comma-separated task list, or 'all'")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from paper (the thesis's methods and baselines)," + ",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from paper (the thesis's methods and baselines)," + ",".join(ALL_METHODS))
     for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
                        ("select-rows", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
