@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_qwen2
 from src import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,3 +329,10 @@ def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_mod
     for k, grad in enumerate(padded[2]):
         reference = sum(a[2][k] for a in alone)
         assert grad.abs().max() > 0 and torch.allclose(grad, reference, rtol=1e-10, atol=1e-14)
+
+    # on a bf16 base with float32 factors (the GPU path): the same loss as computing the padded rows, to bf16 rounding
+    bf16 = tiny_qwen2().to(torch.bfloat16)
+    L.inject(bf16)
+    L.add_adapter(bf16, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
+    losses = {skip: TargetLoss(bf16, skip_padding=skip)(**batch)[0].item() for skip in (True, False)}
+    assert abs(losses[True] - losses[False]) <= 1e-2 * abs(losses[False])
