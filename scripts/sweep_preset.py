@@ -3,6 +3,7 @@ rows of the train split, and write the table to results/<model>/preset_sweep.{js
 
     python scripts/sweep_preset.py                 # every setting below (resumes: finished (setting, task) pairs are kept)
     python scripts/sweep_preset.py --settings B,C  # some of them
+    python scripts/sweep_preset.py --settings D,F --rescore   # redo the validation metric of adapters already trained
 
 Rows, per task, all from the train split (the test files are never read):
     [0, train_rows)                          training rows of the setting
@@ -10,6 +11,8 @@ Rows, per task, all from the train split (the test files are never read):
     [VAL_OFFSET, VAL_OFFSET + VAL_ROWS)      the validation metric that chooses the setting (the same rows for all)
 
 The chosen setting maximises the mean over tasks of (validation metric / the best any setting reached on that task).
+Where the per-row statistics are stored, each setting also gets the mean over tasks of (its metric / the chosen
+setting's) with a 95% paired bootstrap interval over the validation rows.
 Training time per setting is measured here; settings are sized to cost about what `make reproduce` can spend.
 """
 import argparse
@@ -26,7 +29,7 @@ import torch  # noqa: E402
 from src import lora as L  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
-from src.metrics import score  # noqa: E402
+from src.metrics import example_stats, paired_bootstrap, score  # noqa: E402
 from src.models import EMBEDDED, load_model, model_slug  # noqa: E402
 from src.tasks import SEVEN_TASKS, get_task  # noqa: E402
 from src.train import make_config, train_lora  # noqa: E402
@@ -45,8 +48,9 @@ SETTINGS = {  # name -> overrides of the cpu preset; A is the preset of the firs
 
 
 @torch.no_grad()
-def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) -> dict:
-    """The task's metrics on the validation block, generating as the cpu evaluation preset does."""
+def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) -> tuple[dict, list]:
+    """The task's metrics on the validation block, generating as the cpu evaluation preset does, and each row's
+    statistics for the paired bootstrap."""
     task, ev = get_task(task_name), EVAL_PRESETS["cpu"]
     rows = load_rows(task, "train", n=VAL_ROWS, offset=VAL_OFFSET)
     prompts = [fit_prompt(task, r, tokenizer, ev["max_prompt"], strict=False) for r in rows]
@@ -58,7 +62,8 @@ def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) ->
                             ev["batch_size"], desc=f"validate {task_name}")
     finally:
         L.remove(model)
-    return score(task, texts, [task.references(r) for r in rows])
+    references = [task.references(r) for r in rows]
+    return score(task, texts, references), example_stats(task, texts, references)
 
 
 def choose(results: dict, tasks: list[str]) -> dict:
@@ -67,7 +72,15 @@ def choose(results: dict, tasks: list[str]) -> dict:
     best = {t: max(r["tasks"][t]["val_metric"] for r in done.values()) for t in tasks} if done else {}
     rel = {s: sum(r["tasks"][t]["val_metric"] / best[t] if best[t] else 1.0 for t in tasks) / len(tasks)
            for s, r in done.items()}
-    return {"relative": rel, "chosen": max(rel, key=rel.get) if rel else None}
+    chosen = max(rel, key=rel.get) if rel else None
+    stats = {s: {t: r["tasks"][t]["stats"] for t in tasks} for s, r in done.items()
+             if all("stats" in r["tasks"][t] for t in tasks)}
+    vs_chosen = {}
+    if chosen in stats and len(stats) > 1:
+        ci = paired_bootstrap([get_task(t) for t in tasks], stats, reference=chosen)
+        vs_chosen = {s: (sum(done[s]["tasks"][t]["val_metric"] / done[chosen]["tasks"][t]["val_metric"]
+                             for t in tasks) / len(tasks), ci[s]["normalized"]) for s in stats if s != chosen}
+    return {"relative": rel, "chosen": chosen, "vs_chosen": vs_chosen}
 
 
 def write_report(results: dict, tasks: list[str], out: Path):
@@ -76,17 +89,23 @@ def write_report(results: dict, tasks: list[str], out: Path):
                "results": results, **choice}
     L.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
     keys = ["lr", "max_steps", "batch_size", "train_rows", "max_len"]
-    header = ["setting", *keys] + [f"{t} ({get_task(t).primary})" for t in tasks] + ["relative", "train s"]
+    header = ["setting", *keys] + [f"{t} ({get_task(t).primary})" for t in tasks] + ["relative", "vs chosen [95%]",
+                                                                                      "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s, r in results.items():
         cells = [s + (" (chosen)" if s == choice["chosen"] else "")] + [str(SETTINGS[s][k]) for k in keys]
         cells += [f"{r['tasks'][t]['val_metric']:.3f}" if t in r["tasks"] else "" for t in tasks]
         rel = choice["relative"].get(s)
-        cells += [f"{rel:.3f}" if rel is not None else "", f"{sum(x['train_s'] for x in r['tasks'].values()):.0f}"]
+        vs = choice["vs_chosen"].get(s)
+        cells += [f"{rel:.3f}" if rel is not None else "",
+                  f"{vs[0]:.3f} [{vs[1][0]:.3f}, {vs[1][1]:.3f}]" if vs and vs[1] else "",
+                  f"{sum(x['train_s'] for x in r['tasks'].values()):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nValidation metric: the task's primary metric on train-split rows {VAL_OFFSET}-{VAL_OFFSET + VAL_ROWS - 1} "
             "(never trained on, never test rows), greedy, as the cpu evaluation preset. relative = mean over tasks of "
-            "metric / best metric of that task over the settings. Common to all: "
+            "metric / best metric of that task over the settings; vs chosen = mean over tasks of metric / the chosen "
+            "setting's, with a 95% paired bootstrap interval over the validation rows (1,000 resamples), where the "
+            "rows' statistics are stored. Common to all: "
             + ", ".join(f"{k} {v}" for k, v in COMMON.items()) + ".\n")
     L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
 
@@ -97,6 +116,9 @@ def main():
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--tasks", default=",".join(SEVEN_TASKS))
     p.add_argument("--root", default=str(REPO))
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute the validation metric and row statistics of finished (setting, task) pairs from "
+                        "their adapters under adapters/sweep/ (no training)")
     args = p.parse_args()
     tasks = args.tasks.split(",")
     out = Path(args.root) / "results" / model_slug(args.model) / "preset_sweep"
@@ -106,15 +128,21 @@ def main():
     for name in args.settings.split(","):
         entry = results.setdefault(name, {"overrides": SETTINGS[name], "tasks": {}})
         for t in tasks:
+            folder = Path(args.root) / "adapters" / "sweep" / model_slug(args.model) / name / t
             if t in entry["tasks"]:
+                if args.rescore:
+                    metrics, stats = validation_metric(model, tokenizer, t, folder)
+                    if metrics != entry["tasks"][t]["metrics"]:
+                        raise SystemExit(f"{name} {t}: the adapter in {folder} is not the one that was scored")
+                    entry["tasks"][t]["stats"] = stats
+                    write_report(results, tasks, out)
                 continue
             cfg = make_config("cpu", {**COMMON, **SETTINGS[name], "task": t, "model": args.model})
-            folder = Path(args.root) / "adapters" / "sweep" / model_slug(args.model) / name / t
             start = time.perf_counter()
             summary = train_lora(cfg, model, tokenizer, folder)
             train_s = time.perf_counter() - start
-            metrics = validation_metric(model, tokenizer, t, folder)
-            entry["tasks"][t] = {"val_metric": metrics[get_task(t).primary], "metrics": metrics,
+            metrics, stats = validation_metric(model, tokenizer, t, folder)
+            entry["tasks"][t] = {"val_metric": metrics[get_task(t).primary], "metrics": metrics, "stats": stats,
                                  "train_s": round(train_s, 1), "steps": summary["steps"],
                                  "best_val_loss": summary["best_val_loss"], "skipped_rows": summary["skipped_rows"]}
             print(f"{name} {t}: {get_task(t).primary} {entry['tasks'][t]['val_metric']:.3f}, {train_s:.0f} s", flush=True)

@@ -336,3 +336,25 @@ def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_mod
     L.add_adapter(bf16, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
     losses = {skip: TargetLoss(bf16, skip_padding=skip)(**batch)[0].item() for skip in (True, False)}
     assert abs(losses[True] - losses[False]) <= 1e-2 * abs(losses[False])
+
+
+def test_the_sweep_compares_each_setting_to_the_chosen_one_on_the_same_rows():
+    """vs_chosen: mean over tasks of a setting's metric over the chosen one's, with the paired bootstrap interval;
+    only for settings whose per-row statistics are stored."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_preset", REPO / "scripts" / "sweep_preset.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rng = torch.Generator().manual_seed(0)
+    rows = {s: {t: (torch.rand(64, generator=rng) < p).float()[:, None].tolist() for t in ("sentiment", "nli")}
+            for s, p in (("X", 0.8), ("Y", 0.6), ("Z", 0.5))}
+    results = {s: {"tasks": {t: {"val_metric": sum(r[0] for r in rows[s][t]) / 64, "stats": rows[s][t]}
+                             for t in rows[s]}} for s in rows}
+    del results["Z"]["tasks"]["nli"]["stats"]
+    choice = sweep.choose(results, ["sentiment", "nli"])
+    assert choice["chosen"] == "X" and set(choice["vs_chosen"]) == {"Y"}
+    point, (lo, hi) = choice["vs_chosen"]["Y"]
+    expected = sum(results["Y"]["tasks"][t]["val_metric"] / results["X"]["tasks"][t]["val_metric"]
+                   for t in ("sentiment", "nli")) / 2
+    assert point == pytest.approx(expected) and lo < point < hi and hi < 1.0  # 0.6 vs 0.8 on 128 rows: clearly below
