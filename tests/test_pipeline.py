@@ -278,12 +278,15 @@ def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_di
 
 
 def test_the_cpu_preset_is_the_setting_the_sweep_chose():
-    """The cpu preset is not typed by hand: it is the committed sweep's choice on validation rows."""
+    """The cpu preset is not typed by hand: it is the committed sweep's choice on validation rows, the best setting
+    within the training budget."""
     from src.train import make_config
 
     sweep = json.loads((REPO / "results" / "smollm2-135m" / "preset_sweep.json").read_text())
     chosen = {**sweep["common"], **sweep["settings"][sweep["chosen"]]}
-    assert sweep["chosen"] == max(sweep["relative"], key=sweep["relative"].get)
+    within = [s for s, o in sweep["settings"].items() if o["max_steps"] * o["batch_size"] <= sweep["train_budget_sequences"]]
+    assert sorted(within) == sorted(sweep["within_budget"]) and len(within) < len(sweep["relative"])
+    assert sweep["chosen"] == max(within, key=sweep["relative"].get)
     preset = vars(make_config("cpu"))
     assert {k: preset[k] for k in chosen} == chosen
     assert sweep["val_offset"] >= chosen["train_rows"] + chosen["val_rows"]  # never trained on, not the ES rows
@@ -339,8 +342,9 @@ def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_mod
 
 
 def test_the_sweep_compares_each_setting_to_the_chosen_one_on_the_same_rows():
-    """vs_chosen: mean over tasks of a setting's metric over the chosen one's, with the paired bootstrap interval;
-    only for settings whose per-row statistics are stored."""
+    """The chosen setting is the best within the training budget, even where one over it scores higher; vs_chosen:
+    mean over tasks of a setting's metric over the chosen one's, with the paired bootstrap interval, only for
+    settings whose per-row statistics are stored."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sweep_preset", REPO / "scripts" / "sweep_preset.py")
@@ -348,12 +352,15 @@ def test_the_sweep_compares_each_setting_to_the_chosen_one_on_the_same_rows():
     spec.loader.exec_module(sweep)
     rng = torch.Generator().manual_seed(0)
     rows = {s: {t: (torch.rand(64, generator=rng) < p).float()[:, None].tolist() for t in ("sentiment", "nli")}
-            for s, p in (("X", 0.8), ("Y", 0.6), ("Z", 0.5))}
-    results = {s: {"tasks": {t: {"val_metric": sum(r[0] for r in rows[s][t]) / 64, "stats": rows[s][t]}
+            for s, p in (("W", 0.95), ("X", 0.8), ("Y", 0.6), ("Z", 0.5))}
+    results = {s: {"overrides": {"max_steps": 1000 if s == "W" else 90, "batch_size": 4},
+                   "tasks": {t: {"val_metric": sum(r[0] for r in rows[s][t]) / 64, "stats": rows[s][t]}
                              for t in rows[s]}} for s in rows}
     del results["Z"]["tasks"]["nli"]["stats"]
-    choice = sweep.choose(results, ["sentiment", "nli"])
-    assert choice["chosen"] == "X" and set(choice["vs_chosen"]) == {"Y"}
+    choice = sweep.choose(results, ["sentiment", "nli"], budget=384)
+    assert max(choice["relative"], key=choice["relative"].get) == "W"  # the best, but 4,000 sequences
+    assert choice["within_budget"] == ["X", "Y", "Z"]
+    assert choice["chosen"] == "X" and set(choice["vs_chosen"]) == {"W", "Y"}
     point, (lo, hi) = choice["vs_chosen"]["Y"]
     expected = sum(results["Y"]["tasks"][t]["val_metric"] / results["X"]["tasks"][t]["val_metric"]
                    for t in ("sentiment", "nli")) / 2
