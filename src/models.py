@@ -32,7 +32,8 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_MERGING_CACHE", Path.home() / ".cache" / "lora-merging"))
+    # an empty LORA_MERGING_CACHE means unset: Path("") would unpack the model into the working directory
+    return Path(os.environ.get("LORA_MERGING_CACHE") or Path.home() / ".cache" / "lora-merging")
 
 
 def model_slug(name: str) -> str:

@@ -365,3 +365,14 @@ def test_the_sweep_compares_each_setting_to_the_chosen_one_on_the_same_rows():
     expected = sum(results["Y"]["tasks"][t]["val_metric"] / results["X"]["tasks"][t]["val_metric"]
                    for t in ("sentiment", "nli")) / 2
     assert point == pytest.approx(expected) and lo < point < hi and hi < 1.0  # 0.6 vs 0.8 on 128 rows: clearly below
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    """LORA_MERGING_CACHE= (empty) must not unpack the model into the working directory."""
+    from src.models import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LORA_MERGING_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "lora-merging"
+    monkeypatch.setenv("LORA_MERGING_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
