@@ -423,12 +423,16 @@ def summary_table(found: dict, ci: dict) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def _fmt(v) -> str:
+def _big(v) -> bool:
+    return isinstance(v, tuple) and max(abs(v[0]), abs((v[1] or (0, 0))[1])) >= 10
+
+
+def _fmt(v, big: bool = False) -> str:
+    """`big`: the column is on 0-100 (QA's F1), one decimal in every row, a collapsed method's 0.5 included."""
     if v is None:
         return "n/a"
     if isinstance(v, tuple):
         value, (lo, hi) = v[0], v[1] if v[1] is not None else (None, None)
-        big = max(abs(value), abs(hi or 0)) >= 10     # QA's F1 is on 0-100: one decimal, whatever this row's value
         f = (lambda x: f"{x:.1f}") if big else (lambda x: f"{x:.3f}")
         return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
     return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -456,7 +460,8 @@ def write_summary(out: Path):
                                               + row[1 + n_scored:] for row in rows])
     L.atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    big = [any(_big(row[k]) for row in rows) for k in range(len(header))]
+    lines += ["| " + " | ".join(_fmt(v, b) for v, b in zip(row, big)) + " |" for row in rows]
     n_rows = sorted({n for r in found.values() for n in r["rows"].values()})
     chance = ", ".join(f"{t} {get_task(t).chance:.2f}" for t in tasks if get_task(t).chance)
     majority = found.get("majority", {}).get("majority_class", {})

@@ -376,3 +376,21 @@ def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "lora-merging"
     monkeypatch.setenv("LORA_MERGING_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
+
+
+def test_the_summary_prints_qa_f1_with_one_decimal_in_every_row(tmp_path):
+    """QA's F1 is on 0-100: a collapsed method's 0.5 prints as 0.5, like the others' 56.1, not as 0.500."""
+    import re
+    import shutil
+
+    from src.evaluation import write_summary
+
+    out = tmp_path / "7-task"
+    shutil.copytree(REPO / "results" / "smollm2-135m" / "7-task", out)
+    write_summary(out)
+    table = [line.split(" | ") for line in (out / "summary.md").read_text().split("\n\n")[0].splitlines()]
+    column = next(k for k, h in enumerate(table[0]) if h.startswith("qa ("))
+    cells = [row[column] for row in table[2:] if row[column] != "n/a"]
+    assert len(cells) >= 7 and all(re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", c) for c in cells), cells
+    summarization = [row[column - 2] for row in table[2:] if row[column - 2] != "n/a"]
+    assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", c) for c in summarization), summarization
