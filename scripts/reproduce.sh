@@ -28,3 +28,6 @@ PY
 mv "$times.tmp" "$times"
 cat "$times"
 for n in 5 7; do echo; echo "## $n tasks"; cat "results/$slug/$n-task/summary.md"; done
+# the sweep that chose the cpu preset is committed, not rerun: each setting trains the seven LoRAs again (18-31 min here)
+sweep="results/$slug/preset_sweep.md"
+if [ "$PRESET" = cpu ] && [ -f "$sweep" ]; then echo; echo "## The sweep that chose the cpu preset (committed)"; cat "$sweep"; fi
