@@ -93,8 +93,10 @@ def choose(results: dict, tasks: list[str], budget: int = TRAIN_BUDGET) -> dict:
     vs_chosen = {}
     if chosen in stats and len(stats) > 1:
         ci = paired_bootstrap([get_task(t) for t in tasks], stats, reference=chosen)
+        # a task where the chosen setting scores 0 has no ratio: left out of the mean, as the bootstrap leaves it out
+        scored = [t for t in tasks if done[chosen]["tasks"][t]["val_metric"] > 0]
         vs_chosen = {s: (sum(done[s]["tasks"][t]["val_metric"] / done[chosen]["tasks"][t]["val_metric"]
-                             for t in tasks) / len(tasks), ci[s]["normalized"]) for s in stats if s != chosen}
+                             for t in scored) / len(scored), ci[s]["normalized"]) for s in stats if s != chosen}
     return {"relative": rel, "within_budget": within, "chosen": chosen, "vs_chosen": vs_chosen}
 
 

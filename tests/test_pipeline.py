@@ -366,6 +366,14 @@ def test_the_sweep_compares_each_setting_to_the_chosen_one_on_the_same_rows():
                    for t in ("sentiment", "nli")) / 2
     assert point == pytest.approx(expected) and lo < point < hi and hi < 1.0  # 0.6 vs 0.8 on 128 rows: clearly below
 
+    # where the chosen setting scores 0 on a task, that task has no ratio and leaves the mean, point and interval alike
+    results = {s: results[s] for s in ("W", "X")}
+    results["X"]["tasks"]["nli"] = {"val_metric": 0.0, "stats": [[0.0]] * 64}
+    choice = sweep.choose(results, ["sentiment", "nli"], budget=384)
+    point, (lo, hi) = choice["vs_chosen"]["W"]
+    assert choice["chosen"] == "X" and point == pytest.approx(
+        results["W"]["tasks"]["sentiment"]["val_metric"] / results["X"]["tasks"]["sentiment"]["val_metric"]) and lo < point < hi
+
 
 def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
     """LORA_MERGING_CACHE= (empty) must not unpack the model into the working directory."""
