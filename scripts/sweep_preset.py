@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from src import lora as L  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
-from src.metrics import example_stats, paired_bootstrap, score  # noqa: E402
+from src.metrics import example_stats, normalized_score, paired_bootstrap, score  # noqa: E402
 from src.models import EMBEDDED, load_model, model_slug  # noqa: E402
 from src.tasks import SEVEN_TASKS, get_task  # noqa: E402
 from src.train import make_config, train_lora  # noqa: E402
@@ -93,10 +93,10 @@ def choose(results: dict, tasks: list[str], budget: int = TRAIN_BUDGET) -> dict:
     vs_chosen = {}
     if chosen in stats and len(stats) > 1:
         ci = paired_bootstrap([get_task(t) for t in tasks], stats, reference=chosen)
-        # a task where the chosen setting scores 0 has no ratio: left out of the mean, as the bootstrap leaves it out
-        scored = [t for t in tasks if done[chosen]["tasks"][t]["val_metric"] > 0]
-        vs_chosen = {s: (sum(done[s]["tasks"][t]["val_metric"] / done[chosen]["tasks"][t]["val_metric"]
-                             for t in scored) / len(scored), ci[s]["normalized"]) for s in stats if s != chosen}
+        # the normalized score with the chosen setting as the reference (a task it scores 0 on leaves the mean)
+        entries = {s: {t: done[s]["tasks"][t] for t in tasks} for s in stats}
+        vs_chosen = {s: (normalized_score(entries[s], entries[chosen], {t: "val_metric" for t in tasks})["mean"],
+                         ci[s]["normalized"]) for s in stats if s != chosen}
     return {"relative": rel, "within_budget": within, "chosen": chosen, "vs_chosen": vs_chosen}
 
 
