@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=list(data_free))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", default=None, help="comma-separated, one per adapter (default: 1, or 1/N for svd)")
-    p.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    p.add_argument("--seed", type=int, default=None, help="DARE's random masks (default 0; only the DARE methods take it)")
     p.add_argument("--rank", type=int, default=None, help="truncate the merge to this rank (svd: default 8)")
     params = {}
     for m in data_free.values():
@@ -49,10 +49,18 @@ def main(argv=None):
     if other:
         raise BadInput(f"--{other[0].replace('_', '-')} is not a parameter of {args.method} (it takes "
                        f"{', '.join(method.params) or 'none'})")
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    adapters = [L.load_adapter(a) for a in args.adapters]
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise BadInput(f"--weights {args.weights!r}: give comma-separated numbers, one per adapter") from None
+    if weights is not None and len(weights) != len(args.adapters):
+        raise BadInput(f"--weights has {len(weights)} values for {len(args.adapters)} adapters: give one per adapter")
+    seed = {"seed": args.seed} if args.seed is not None else {}
     truncate = {} if "rank" in method.params else {"rank": args.rank}  # svd: --rank is its own parameter
-    merged = M.merge(adapters, args.method, weights=weights, seed=args.seed, **truncate, **given)
+    M.check_arguments(method, **seed, **truncate)  # every flag checked before an adapter is read
+    M.resolve_params(method, given)
+    adapters = [L.load_adapter(a) for a in args.adapters]
+    merged = M.merge(adapters, args.method, weights=weights, **seed, **truncate, **given)
     L.save_adapter(merged, args.out)
     print(f"{args.method} of {len(adapters)} adapters ({len(merged.modules)} modules) -> {args.out}")
 

@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--targets", default=None, help="comma-separated module names, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj")
     args = p.parse_args(argv)
     tasks = parse_tasks(args.task)
-    configs = [make_config(args.preset, {**vars(args), "task": t}) for t in tasks]
+    configs = [make_config(args.preset, {**cli.config_flags(args, "resume"), "task": t}) for t in tasks]
     accelerator = make_accelerator()
     model, tokenizer = load_model(args.model, device=accelerator.device)
     for cfg in configs:

@@ -27,7 +27,7 @@ def main(argv=None):
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
     args = p.parse_args(argv)
     task_sets = [parse_tasks(t) for t in (args.tasks or [",".join(full_evaluation.tasks)])]
-    cfg = make_config(args.preset, vars(args))
+    cfg = make_config(args.preset, cli.config_flags(args, "tasks"))
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
     adapters = {t: L.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
                 for t in union}

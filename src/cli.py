@@ -16,6 +16,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def config_flags(args: argparse.Namespace, *script_only: str) -> dict:
+    """The parsed flags that are settings of a config dataclass: every flag but `--root` and the script's own
+    (`script_only`). make_config rejects a key it does not know, so a flag added to a script without a setting
+    behind it fails at once instead of being dropped."""
+    return {k: v for k, v in vars(args).items() if k not in {"root", *script_only}}
+
+
 def run(main):
     """Call main(); bad input (unknown task, missing or corrupt file, ...) exits 2 with its one-line message."""
     try:

@@ -34,7 +34,10 @@ def load_split(task: Task, split: str, source: str = "local"):
         try:
             return datasets.load_dataset(*task.hub, split=hub_split,
                                          **({"revision": task.hub_revision} if task.hub_revision else {}))
-        except Exception as e:  # the hub raises many types; the cause stays attached (__cause__)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+            # what the hub raises for an unreachable hub, an unknown id (OSError: ConnectionError, FileNotFoundError,
+            # HTTPError) and an unknown config or split (ValueError); the cause stays attached (__cause__), and
+            # anything else (a bug, an ImportError) keeps its traceback
             raise BadInput(f"cannot load {'/'.join(task.hub)} [{hub_split}] from the Hugging Face hub "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                            "use --data local for the shipped samples") from e

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import lora as L
 from . import merge_fit
 from . import merges as M
+from . import provenance
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
 from .metrics import example_stats, normalized_score, paired_bootstrap, score
@@ -93,8 +94,7 @@ def parse_merge_params(items) -> dict:
         if param not in M.get_method(method).params:
             raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
                            f"{', '.join(M.get_method(method).params) or 'none'})")
-        default = M.get_method(method).params[param].default
-        out.setdefault(method, {})[param] = type(default)(value) if default is not None else float(value)
+        out.setdefault(method, {})[param] = M.get_method(method).params[param].check(method, param, value)
     return out
 
 
@@ -137,6 +137,10 @@ def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
 
 def fingerprint(folder: Path) -> str:
     return hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def _inputs_hash(prompts: list[list[int]], references: list) -> str:
+    return hashlib.sha256(json.dumps([prompts, references]).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -183,15 +187,18 @@ def router_report(tasks: list[str], routes: dict, layer_names: list[str]) -> dic
 
 def _reusable(out_root: Path, method: str, settings: dict) -> dict:
     """base and single on a task do not depend on the task set: {task: (metrics, predictions)} from finished runs
-    of `method` with identical settings (and, for single, the same adapter file)."""
+    of `method` with identical settings, the same test prompts and references (data files, prompts, tokenizer) and,
+    for single, the same adapter file."""
     found = {}
-    same = {k: v for k, v in settings.items() if k != "adapters"}
+    per_task = ("adapters", "inputs")
+    same = {k: v for k, v in settings.items() if k not in per_task}
     for path in sorted(out_root.glob(f"*-task/{method}.json")):
         old = json.loads(path.read_text())
-        if {k: v for k, v in old["settings"].items() if k != "adapters"} != same:
+        if {k: v for k, v in old["settings"].items() if k not in per_task} != same:
             continue
-        tasks = [t for t in old["metrics"] if t not in found and (method == "base" or
-                 old["settings"].get("adapters", {}).get(t) == settings["adapters"].get(t))]
+        tasks = [t for t in old["metrics"] if t not in found
+                 and old["settings"].get("inputs", {}).get(t) == settings["inputs"][t]
+                 and (method == "base" or old["settings"].get("adapters", {}).get(t) == settings["adapters"].get(t))]
         if tasks:
             preds = [json.loads(l) for l in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
             found.update({t: (old["metrics"][t], [p for p in preds if p["task"] == t], old["stats"][t]) for t in tasks})
@@ -215,16 +222,23 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
                     for t in tasks}
     if "moa" in methods:
         check_routers(root, cfg, tasks)
-    settings = {**asdict(cfg), "adapters": {t: fingerprint(adapter_dir(root, cfg.model, t)) for t in adapters}}
+    records = {}  # which rows each adapter trained on: the merges choose on rows after them
+    if set(methods) & MERGE_METHODS:
+        records = {t: provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
+                   for t in tasks}
     main = accelerator is None or accelerator.is_main_process
     model, tokenizer = load_model(cfg.model, device=accelerator.device if accelerator else None)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
     prompts = {t: [fit_prompt(get_task(t), r, tokenizer, cfg.max_prompt, strict=False) for r in rows[t]] for t in tasks}
+    # what a result depends on besides the settings: the adapters, and the test prompts and references as this
+    # tokenizer and these data files make them (so reuse never mixes two data files, prompts or models)
+    settings = {**asdict(cfg), "adapters": {t: fingerprint(adapter_dir(root, cfg.model, t)) for t in adapters},
+                "inputs": {t: _inputs_hash(prompts[t], [get_task(t).references(r) for r in rows[t]]) for t in tasks}}
     out = results_dir(root, cfg.model, tasks)
     results = {}
     for method in methods:
         results[method] = run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings,
-                                     reuse, accelerator)
+                                     reuse, accelerator, records)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             write_method(out, method, results[method])
@@ -233,12 +247,12 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
 
 
 def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, root, settings, reuse,
-               accelerator=None) -> dict:
+               accelerator=None, records=None) -> dict:
     started = time.perf_counter()
     metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
     merged, merge_info = None, None
     if method in MERGE_METHODS:
-        data = merge_fit.FitData(model, tokenizer, tasks, cfg.data, cfg.preset, cfg.seed, accelerator=accelerator)
+        data = merge_fit.FitData(model, tokenizer, tasks, records, cfg.data, cfg.seed, accelerator=accelerator)
         merged, merge_info = merge_fit.build(method, [adapters[t] for t in tasks], data, cfg.select_rows,
                                              (cfg.merge_params or {}).get(method), cfg.seed)
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, settings) \
@@ -290,6 +304,11 @@ def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, ro
               "stats": stats, "predictions": predictions}
     if merge_info is not None:
         result["merge"] = merge_info
+        # the three sets of rows, for the check that they are disjoint: train-split rows the adapters trained on,
+        # train-split rows the merge chose or learned on, and the evaluation split's rows it is scored on
+        chosen = merge_info.get("rows") or merge_info.get("selection", {}).get("rows") or {}
+        result["rows_used"] = {"train": {t: records[t]["rows"]["train"] for t in tasks}, "selection": chosen,
+                               "test": {t: [0, len(rows[t])] for t in tasks}, "test_split": "eval"}
     if method == "majority":
         result["majority_class"] = {t: get_task(t).answer(rows[t][0], majority_class(get_task(t), cfg.data))
                                     for t in metrics if get_task(t).metric == "label"}
@@ -445,10 +464,31 @@ def _csv_cells(v) -> list:
     return [v, None, None]
 
 
+def same_inputs(found: dict) -> tuple[dict, dict]:
+    """(results that can share a table, {left-out method: why}): a normalized score divides a method's score by
+    single's, and a paired interval resamples the same rows, so every row must come from the same adapters
+    (fingerprints) and the same test prompts as single's. Base and majority use no adapter; a file from before
+    these were recorded is compared on what it has."""
+    ref = found.get("single") or next(iter(found.values()))
+    ref_adapters, ref_inputs = ref["settings"].get("adapters", {}), ref["settings"].get("inputs")
+    kept, left_out = {}, {}
+    for m, r in found.items():
+        adapters, inputs = r["settings"].get("adapters", {}), r["settings"].get("inputs")
+        differ = [t for t in adapters if ref_adapters.get(t) not in (None, adapters[t])]
+        if differ:
+            left_out[m] = f"other adapters than single's ({', '.join(differ)})"
+        elif inputs and ref_inputs and any(inputs.get(t) != ref_inputs.get(t) for t in ref_inputs):
+            left_out[m] = "other test prompts or references than single's"
+        else:
+            kept[m] = r
+    return kept, left_out
+
+
 def write_summary(out: Path):
     found = load_method_results(out)
     if not found:
         return
+    found, left_out = same_inputs(found)
     ci = intervals(found)   # one bootstrap, shared by the table and the single-task check
     header, rows = summary_table(found, ci)
     tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
@@ -471,7 +511,8 @@ def write_summary(out: Path):
             "per resample). majority: the most frequent class of the train split"
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
-            + ". Paper columns: the thesis logs' normalized score for the same task set.\n")
+            + ". Paper columns: the thesis logs' normalized score for the same task set.\n"
+            + "".join(f"\n**Left out of this table:** {m}: computed on {why}; rerun it.\n" for m, why in left_out.items()))
     text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
     L.atomic_write(out / "summary.md", lambda p: p.write_text(text))
 
@@ -487,15 +528,18 @@ def merge_table(found: dict) -> str:
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in info["params"].items())
         if "selection" in info:
             grid = info["selection"]["candidates"]
+            edge = info["selection"].get("at_edge")
             how = (f"lowest validation loss of {len(grid)} candidates ({info['selection']['rows_per_task']} train-split "
-                   f"rows per task after the training rows): {min(c['val_loss'] for c in grid):.3f}")
+                   f"rows per task after the training rows): {min(c['val_loss'] for c in grid):.3f}"
+                   + (f"; **at the edge** of the values tried for {', '.join(edge)}" if edge else ""))
         elif "loss_after" in info:
-            how = (f"learned on {sum(info['rows_per_task'].values())} train rows: loss "
+            how = (f"learned on {sum(info['rows_per_task'].values())} train-split rows after the training rows: loss "
                    f"{sum(info['loss_before'].values()) / len(info['loss_before']):.3f} -> "
                    f"{sum(info['loss_after'].values()) / len(info['loss_after']):.3f}")
         elif "objective_best" in info:
             weights = ", ".join(f"{w:.2f}" for w in info["weights"])
-            how = (f"NGOpt, {info['evaluations']} evaluations on {sum(info['rows_per_task'].values())} train rows: "
+            how = (f"NGOpt, {info['evaluations']} evaluations on {sum(info['rows_per_task'].values())} train-split rows "
+                   "after the training rows: "
                    f"loss {info['loss_start']:.3f} -> {info['loss_best']:.3f}, w = {weights}")
         else:
             how = "the method's defaults"

@@ -1,14 +1,21 @@
 """Merges that look at data: the two learned merges, and the choice of a method's hyperparameters. Train rows only.
 
 * `cat` (LoRA Soups, CAT): the concatenated task LoRAs with one learnable scalar per adapter per adapted module,
-  trained by gradient (AdamW) on a mixed set of the first `rows` train rows of every task, LoRAs frozen; then
-  folded into one concatenated adapter with those scalars as weights.
+  trained by gradient (AdamW) on a mixed set of `rows` rows of every task, LoRAs frozen; then folded into one
+  concatenated adapter with those scalars as weights. Permuting the adapters permutes the scalars (same batches;
+  equal up to the float rounding of a sum taken in another order).
 * `lorahub` (LoraHub): weights w of the factor sum s (sum_i w_i B_i)(sum_i w_i A_i), found by Nevergrad's NGOpt
   (gradient-free, `budget` evaluations, w in [-bound, bound], starting at 0 as LoraHub does) on the mean target-token
-  loss of `rows` train rows per task plus l1 * sum |w_i|.
+  loss of `rows` rows per task plus l1 * sum |w_i|. Not invariant to the order of the adapters: the optimiser's
+  random search treats the coordinates of w differently (a permuted list is a different search, seeded alike).
 * `build` is what evaluation calls for any merge: a data method is fitted; a data-free method with a grid (lambda,
-  alpha) is merged at every candidate and the one with the lowest validation loss is kept. Validation rows are the
-  rows of the train split right after the training rows (the early-stopping rows), never test rows.
+  alpha) is merged at every candidate and the one with the lowest validation loss is kept; when the best value
+  sits at an end of the values tried, the search goes on past that end (halving below, doubling above, within the
+  parameter's range) until the best is inside, so no method is compared at the edge of its grid.
+
+Rows: every data step (CAT, LoraHub, the grid search) reads the first rows of the train split after the rows each
+adapter trained on, as its training record says (src/provenance.py; the early-stopping rows come first there:
+read, never trained on), never a test row and never a training row.
 """
 import itertools
 import time
@@ -18,6 +25,7 @@ import torch
 
 from . import lora as L
 from . import merges as M
+from . import provenance
 from .data import load_rows, pad_batch
 from .errors import BadInput
 from .train import TargetLoss, encode_rows, make_accelerator, make_config, validation_loss
@@ -26,22 +34,40 @@ from .tasks import get_task
 
 @dataclass
 class FitData:
-    """What a data-driven step needs: the model, its tokenizer, the tasks in adapter order and where rows come from."""
+    """What a data-driven step needs: the model, its tokenizer, the tasks in adapter order, their adapters' training
+    records (which rows each trained on, and its max length) and where rows come from."""
     model: object
     tokenizer: object
     tasks: list
+    records: dict             # {task: training record}, src/provenance.py
     data: str = "local"
-    preset: str = "cpu"
     seed: int = 0
     batch_size: int = 8
     accelerator: object = None
 
-    def examples(self, n: int, offset: int = 0) -> dict:
-        """{task: training examples} of n train rows per task from `offset` (rows longer than the preset's max_len
-        are skipped, as in training)."""
-        cfg = make_config(self.preset, {"data": self.data})
-        return {t: encode_rows(get_task(t), load_rows(get_task(t), "train", self.data, n=n, offset=offset),
-                               self.tokenizer, cfg)[0] for t in self.tasks}
+    def __post_init__(self):
+        for t in self.tasks:
+            provenance.check_source(self.records[t], get_task(t), self.data)
+
+    def rows(self, n: int) -> dict:
+        """{task: [start, end)}: the n train-split rows per task after that task's adapter's training rows."""
+        rows = provenance.rows_after_training({t: self.records[t] for t in self.tasks}, n)
+        provenance.check_disjoint(self.records, rows, "this merge")
+        return rows
+
+    def examples(self, n: int) -> tuple[dict, dict]:
+        """({task: examples}, {task: [start, end)}) for n rows per task from `rows(n)` (rows longer than the
+        adapter's max length are skipped, as in its training)."""
+        spans, out = self.rows(n), {}
+        for t in self.tasks:
+            rec = self.records[t]
+            rows = load_rows(get_task(t), "train", self.data, n=n, offset=spans[t][0])
+            if len(rows) < n:
+                raise BadInput(f"{t}: {n} rows after the {spans[t][0]} its adapter trained on need {spans[t][1]} "
+                               f"train-split rows, the data has {spans[t][0] + len(rows)}: ask for fewer rows")
+            cfg = make_config(rec["preset"], {"max_len": rec["max_len"], "max_target": rec["max_target"]})
+            out[t] = encode_rows(get_task(t), rows, self.tokenizer, cfg)[0]
+        return out, spans
 
     def loss(self, examples: dict) -> dict:
         """Mean target-token loss per task of the model as it is now."""
@@ -59,8 +85,10 @@ def _targets(adapters: list) -> list[str]:
 def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: float | None) -> tuple:
     n = len(adapters)
     init = 1.0 / n if init is None else float(init)
-    examples = data.examples(rows)
-    mixed = [e for t in data.tasks for e in examples[t]]
+    examples, spans = data.examples(rows)
+    # rows mixed in the order of the task names, not of the list, so that listing the adapters in another order
+    # trains on the same batches and permutes the learned alphas (up to float rounding of the stacked sum)
+    mixed = [e for t in sorted(data.tasks) for e in examples[t]]
     model, pad = data.model, data.tokenizer.eos_token_id
     started = time.perf_counter()
     L.inject(model, _targets(adapters))
@@ -98,7 +126,8 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
     merged = L.Adapter({name: M.concat([a.modules[name] for a in adapters], weights=weights[name])
                         for name in sorted(adapters[0].modules)}, adapters[0].base_model)
     info = {"loss_before": before, "loss_after": after, "train_log": log, "alphas": weights,
-            "rows_per_task": {t: len(e) for t, e in examples.items()}, "fit_seconds": round(time.perf_counter() - started, 1)}
+            "rows_per_task": {t: len(e) for t, e in examples.items()}, "rows": spans,
+            "fit_seconds": round(time.perf_counter() - started, 1)}
     return merged, info
 
 
@@ -108,7 +137,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     import numpy as np
 
     n = len(adapters)
-    examples = data.examples(rows)
+    examples, spans = data.examples(rows)
     started = time.perf_counter()
     history = []
 
@@ -131,12 +160,30 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     merged = M.merge(adapters, "weight_sum", weights=best["w"])
     info = {"weights": best["w"], "objective_start": history[0]["objective"], "objective_best": best["objective"],
             "loss_start": history[0]["loss"], "loss_best": best["loss"], "evaluations": len(history),
-            "rows_per_task": {t: len(e) for t, e in examples.items()}, "history": history,
+            "rows_per_task": {t: len(e) for t, e in examples.items()}, "rows": spans, "history": history,
             "fit_seconds": round(time.perf_counter() - started, 1)}
     return merged, info
 
 
 # ---------------------------------------------------------------------------------------------- build a merge
+MAX_EXTENSIONS = 8   # candidates added past the ends of a grid at most (halving 8 times: 1/256 of the grid's end)
+
+
+def beyond_edge(param: M.Param, best, tried: list):
+    """The next value past the end of `tried` where `best` sits (half the smallest, twice the largest), if that
+    value is in the parameter's range; None when the best is inside the values tried (or the range ends there)."""
+    if best == min(tried):
+        value = best / 2
+    elif best == max(tried):
+        value = best * 2
+    else:
+        return None
+    try:
+        return param.check("", "", value)
+    except BadInput:
+        return None
+
+
 def build(name: str, adapters: list, data: FitData | None, select_rows: int, fixed: dict | None = None,
           seed: int = 0) -> tuple:
     """The merged adapter of method `name` and what was done to get it: parameters (fixed ones as given, grids
@@ -150,25 +197,40 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         merged, info = method.fn(adapters, data, **M.resolve_params(method, fixed))
         return merged, {"params": M.resolve_params(method, fixed), **info,
                         "seconds": round(time.perf_counter() - started, 1)}
+    seeded = {"seed": seed} if method.seeded else {}
     grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
     if not grids or data is None or select_rows <= 0:
         params = M.resolve_params(method, fixed)
-        return M.merge(adapters, name, seed=seed, **params), {"params": params,
+        return M.merge(adapters, name, **seeded, **params), {"params": params,
                                                                "seconds": round(time.perf_counter() - started, 1)}
-    offset = make_config(data.preset).train_rows
-    examples = data.examples(select_rows, offset=offset)
+    examples, spans = data.examples(select_rows)
     candidates = []
-    for values in itertools.product(*grids.values()):
-        params = M.resolve_params(method, {**fixed, **dict(zip(grids, values))})
-        merged = M.merge(adapters, name, seed=seed, **params)
-        with torch.no_grad(), L.folded(data.model, merged):
+
+    def evaluate(values: dict):
+        params = M.resolve_params(method, {**fixed, **values})
+        if any(c["params"] == params for c in candidates):
+            return
+        with torch.no_grad(), L.folded(data.model, M.merge(adapters, name, **seeded, **params)):
             losses = data.loss(examples)
         candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
                            "per_task": {t: round(v, 6) for t, v in losses.items()}})
+
+    for values in itertools.product(*grids.values()):
+        evaluate(dict(zip(grids, values)))
+    for _ in range(MAX_EXTENSIONS):
+        best = min(candidates, key=lambda c: c["val_loss"])
+        step = next(((k, v) for k in grids if (v := beyond_edge(method.params[k], best["params"][k],
+                                                                [c["params"][k] for c in candidates])) is not None),
+                    None)
+        if step is None:
+            break
+        evaluate({**{k: best["params"][k] for k in grids}, step[0]: step[1]})
     best = min(candidates, key=lambda c: c["val_loss"])
-    return M.merge(adapters, name, seed=seed, **best["params"]), {
-        "params": best["params"], "selection": {"rows_per_task": select_rows, "train_row_offset": offset,
+    at_edge = [k for k in grids if beyond_edge(method.params[k], best["params"][k],
+                                               [c["params"][k] for c in candidates]) is not None]
+    return M.merge(adapters, name, **seeded, **best["params"]), {
+        "params": best["params"], "selection": {"rows_per_task": select_rows, "rows": spans,
                                                 "criterion": "mean over tasks of the target-token loss",
-                                                "candidates": candidates},
+                                                "candidates": candidates, "at_edge": at_edge},
         "seconds": round(time.perf_counter() - started, 1)}
 

@@ -6,22 +6,26 @@ every module. Adding a method is one `register(Method(...))`.
 
 The core space (Panariello et al., NeurIPS 2025). For one module with task updates D_i = s_i B_i A_i (rank r_i,
 R = sum r_i), stack the factors, B = [s_1 B_1 ... s_n B_n] (d_out x R) and A = [A_1; ...; A_n] (R x d_in), and take
-thin QRs B = Q_b R_b, A^T = Q_a R_a. Then, exactly,
+orthonormal bases of their column spaces, B = P_b C_b, A^T = P_a C_a. Then, exactly,
 
-    D_i = Q_b M_i Q_a^T,   M_i = R_b[:, cols_i] R_a[:, cols_i]^T   (R x R, cols_i: task i's rank columns)
+    D_i = P_b M_i P_a^T,   M_i = C_b[:, cols_i] C_a[:, cols_i]^T   (R x R, cols_i: task i's rank columns)
 
-A method maps the n cores M_i to one R x R core M; the merged LoRA is B = Q_b M, A = Q_a^T (rank R, exact), or its
-rank-k truncation from the SVD of M. Cost O(d R^2) per module, never a d_out x d_in matrix, and the modules that
-share a shape are processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs,
-orthogonalisation: task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the
-dense one exactly; entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i, the variant the
+A method maps the n cores M_i to one R x R core M; the merged LoRA is B = P_b M, A = P_a^T (rank R, exact), or its
+rank-k truncation from the SVD of M. The bases are the left singular vectors of the stacked B and A^T (a thin QR,
+then the SVD of its small triangular factor: `svd_basis`), so they do not depend on the order of the tasks, and no
+method does. Cost O(d R^2 + R^3) per module, never a d_out x d_in matrix, and the modules that share a shape are
+processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs, orthogonalisation:
+task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the dense one exactly;
+entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i in that basis, the variant the
 core-space paper evaluates, and differ from their dense definition by design (`ties_dense` runs TIES on the dense
-D_i for comparison). Inside, everything is float64; the merged factors come back in the adapters' dtype.
+D_i for comparison). DARE draws each adapter's mask from a generator seeded by the seed and that adapter's factors.
+Inside, everything is float64; the merged factors come back in the adapters' dtype.
 
 Ranks: TSV-M and Iso-CTS split "the space" between tasks; here its dimension is R, the rank of the space the task
 updates span (for a full fine-tuning update it is the matrix dimension, as in their papers): so the split does
 not depend on the basis, and the dense and core computations agree.
 """
+import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -37,9 +41,42 @@ from .lora import Adapter, Lora
 
 @dataclass(frozen=True)
 class Param:
+    """A method's parameter: its default, its grid, and the values it accepts (a finite number of `kind` within
+    [low, high], an end excluded where `open` names it; None only where `none_ok`)."""
     default: object
     help: str
     grid: tuple = ()          # candidates tried on validation rows by evaluation (lowest loss wins); () keeps default
+    low: float | None = None
+    high: float | None = None
+    open: str = ""            # "low", "high" or "low,high": the ends excluded from the range
+    kind: type = float
+    none_ok: bool = False     # None is a value (TSV-M's fraction, CAT's init: "derive it from n")
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return (f"{'(' if 'low' in self.open or self.low is None else '['}{lo}, {hi}"
+                f"{')' if 'high' in self.open or self.high is None else ']'}")
+
+    def check(self, method: str, name: str, value):
+        """`value` as the parameter's kind, or BadInput naming the parameter, its range and the value."""
+        if value is None:
+            if self.none_ok:
+                return None
+            raise BadInput(f"{method}.{name} needs a value in {self.range_text()}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"{method}.{name}={value!r} is not a number: give a value in {self.range_text()}") from None
+        bad = (not math.isfinite(number)
+               or (self.low is not None and (number < self.low or ("low" in self.open and number == self.low)))
+               or (self.high is not None and (number > self.high or ("high" in self.open and number == self.high))))
+        if self.kind is int and not bad and number != int(number):
+            raise BadInput(f"{method}.{name}={value!r} must be a whole number in {self.range_text()}")
+        if bad:
+            raise BadInput(f"{method}.{name}={value!r} is out of range: {name} must be in {self.range_text()}"
+                           + ("" if math.isfinite(number) else " (a finite number)"))
+        return self.kind(number)
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,9 @@ class Method:
     exact: str = ""           # core result against the dense definition: "equal" or what differs
     default: bool = True      # in evaluation's default --methods
     mean: bool = False        # per-task weights default to 1/n (not 1)
+    seeded: bool = False      # draws random numbers (DARE's masks): takes merge's `seed`
+    identity: dict | None = None  # parameters under which one adapter in gives it back (None: never, by definition)
+    equal_ranks: bool = False     # sums the factors themselves, so every adapter must have the same rank and scale
 
 
 METHODS: dict[str, Method] = {}
@@ -76,7 +116,8 @@ def resolve_params(method: Method, given: dict) -> dict:
     if unknown:
         raise BadInput(f"merge {method.name} has no parameter {', '.join(unknown)}: it takes "
                        f"{', '.join(method.params) or 'none'}")
-    return {k: (given[k] if given.get(k) is not None else p.default) for k, p in method.params.items()}
+    return {k: p.check(method.name, k, given[k] if given.get(k) is not None else p.default)
+            for k, p in method.params.items()}
 
 
 # ------------------------------------------------------------------------------------ the paper's factor merges
@@ -125,9 +166,11 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor):
 # -------------------------------------------------------------------------------------- core-space primitives
 @dataclass(frozen=True)
 class Context:
-    """What a core/dense method may need besides the cores: each task's rank, and a seeded generator (DARE)."""
+    """What a core/dense method may need besides the cores: each task's rank, and one seeded generator per adapter
+    (DARE's masks), seeded from the merge's seed and the adapter itself (`adapter_generators`), so that an adapter
+    gets the same mask wherever it stands in the list."""
     ranks: tuple
-    generator: torch.Generator
+    generators: tuple
 
 
 def weighted_sum(M, w):
@@ -160,11 +203,13 @@ def disjoint_mean(M):
     return (M * agree).sum(1) / agree.sum(1).clamp(min=1)
 
 
-def dare(M, p: float, generator: torch.Generator):
-    """DARE: drop each entry with probability p, rescale the rest by 1 / (1 - p)."""
+def dare(M, p: float, generators):
+    """DARE: drop each entry with probability p, rescale the rest by 1 / (1 - p). M (m, n, ...): task i's mask is
+    drawn from generators[i]."""
     if p == 0:
         return M
-    keep = torch.rand(M.shape, generator=generator, dtype=M.dtype) >= p
+    keep = torch.stack([torch.rand(M[:, i].shape, generator=g, dtype=M.dtype) >= p
+                        for i, g in enumerate(generators)], dim=1)
     return M * keep / (1 - p)
 
 
@@ -183,10 +228,6 @@ def nonzero(S, rtol: float = 1e-9):
     return S > rtol * S.amax(-1, keepdim=True).clamp(min=torch.finfo(S.dtype).tiny)
 
 
-def _w(ctx: Context, w, n: int, dtype):
-    return torch.as_tensor(w if w is not None else [1.0] * n, dtype=dtype)
-
-
 # -------------------------------------------------------------------------------- data-free methods, on cores
 def task_arithmetic(M, w, ctx, lam):
     """lambda * sum_i w_i D_i."""
@@ -200,12 +241,12 @@ def ties(M, w, ctx, density, lam):
 
 def dare_linear(M, w, ctx, p, lam):
     """lambda * sum_i w_i DARE(D_i, p)."""
-    return lam * weighted_sum(dare(M, p, ctx.generator), w)
+    return lam * weighted_sum(dare(M, p, ctx.generators), w)
 
 
 def dare_ties(M, w, ctx, p, lam):
     """lambda * disjoint_mean(w_i DARE(D_i, p))."""
-    return lam * disjoint_mean(dare(M, p, ctx.generator) * w[None, :, None, None])
+    return lam * disjoint_mean(dare(M, p, ctx.generators) * w[None, :, None, None])
 
 
 def magnitude_prune(M, w, ctx, density, lam):
@@ -229,7 +270,7 @@ def knots(M, w, ctx, merge: str, density: float, p: float, lam):
     if merge == "ties":
         merged = disjoint_mean(trim(blocks, density))
     elif merge == "dare_ties":
-        merged = disjoint_mean(dare(blocks, p, ctx.generator))
+        merged = disjoint_mean(dare(blocks, p, ctx.generators))
     elif merge == "sum":
         merged = blocks.sum(1)
     else:
@@ -294,60 +335,78 @@ LAMBDA_SUM = (0.125, 0.25, 0.5, 1.0)      # methods that add n updates: a good l
 LAMBDA_ONE = (0.5, 1.0, 1.5, 2.0)         # methods that average (disjoint means): lambda near 1
 
 
-def _lam(default=1.0, grid=LAMBDA_SUM):
-    return Param(default, "scale of the merged update", grid)
+def _scale(default=1.0, grid=LAMBDA_SUM, what="scale of the merged update"):
+    return Param(default, what, grid)
+
+
+def _density(default=0.2, what="share of entries kept per task"):
+    return Param(default, what, low=0.0, high=1.0, open="low")
+
+
+def _drop(default=0.9):
+    return Param(default, "drop probability", low=0.0, high=1.0, open="high")
 
 
 register(Method("concat", "the thesis (Lee, UNIST): concatenation", "sum_i s_i B_i A_i (all LoRAs at once)",
-                "factors", concat, {}, "exact, rank R"))
+                "factors", concat, {}, "exact, rank R", identity={}))
 register(Method("weight_sum", "the thesis: weight summing (its \"weighted\")",
                 "s (sum_i B_i)(sum_i A_i): the factors summed, with the cross terms B_i A_j", "factors", weight_sum,
-                {}, "exact, rank r"))
+                {}, "exact, rank r", identity={}, equal_ranks=True))
 register(Method("weighted_avg", "the thesis log's \"weighted_avg\"", "s (mean_i B_i)(mean_i A_i)", "factors",
-                weighted_avg, {}, "exact, rank r", default=False))
+                weighted_avg, {}, "exact, rank r", default=False, identity={}, equal_ranks=True))
 register(Method("svd", "the thesis: SVD merge", "rank-8 truncated SVD of mean_i s_i B_i A_i", "core", svd_mean,
-                {"rank": Param(8, "rank of the truncation")}, "rank-k truncation (exact)", "equal", mean=True))
+                {"rank": Param(8, "rank of the truncation", low=1, kind=int)}, "rank-k truncation (exact)", "equal",
+                mean=True, identity={}))
 register(Method("task_arithmetic", "Ilharco et al., ICLR 2023", "lambda sum_i D_i", "core", task_arithmetic,
-                {"lam": _lam()}, exact="equal"))
+                {"lam": _scale()}, exact="equal", identity={"lam": 1.0}))
 register(Method("ties", "Yadav et al., NeurIPS 2023", "lambda disjoint_mean(trim(D_i, density)) (on the cores)", "core",
-                ties, {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, LAMBDA_ONE)},
-                exact="entry-wise on the R x R cores: differs from ties_dense by design"))
+                ties, {"density": _density(), "lam": _scale(1.0, LAMBDA_ONE)},
+                exact="entry-wise on the R x R cores: differs from ties_dense by design",
+                identity={"density": 1.0, "lam": 1.0}))
 register(Method("ties_dense", "Yadav et al., NeurIPS 2023 (on the dense d_out x d_in updates)",
                 "lambda disjoint_mean(trim(D_i, density)) (dense)", "dense", ties,
-                {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, LAMBDA_ONE)},
-                "dense update (folded; as an adapter, rank d_in)", "is the dense definition", default=False))
+                {"density": _density(), "lam": _scale(1.0, LAMBDA_ONE)},
+                "dense update (folded; as an adapter, rank d_in)", "is the dense definition", default=False,
+                identity={"density": 1.0, "lam": 1.0}))
 register(Method("dare_linear", "Yu et al., ICML 2024", "lambda sum_i DARE(D_i, p) (on the cores, seeded)", "core",
-                dare_linear, {"p": Param(0.9, "drop probability"), "lam": _lam()},
-                exact="entry-wise on the cores: differs from dense DARE by design"))
+                dare_linear, {"p": _drop(), "lam": _scale()},
+                exact="entry-wise on the cores: differs from dense DARE by design", seeded=True,
+                identity={"p": 0.0, "lam": 1.0}))
 register(Method("dare_ties", "Yu et al., ICML 2024", "lambda disjoint_mean(DARE(D_i, p)) (on the cores, seeded)",
-                "core", dare_ties, {"p": Param(0.9, "drop probability"), "lam": _lam(1.0, LAMBDA_ONE)},
-                exact="entry-wise on the cores: differs from dense DARE-TIES by design"))
+                "core", dare_ties, {"p": _drop(), "lam": _scale(1.0, LAMBDA_ONE)},
+                exact="entry-wise on the cores: differs from dense DARE-TIES by design", seeded=True,
+                identity={"p": 0.0, "lam": 1.0}))
 register(Method("magnitude_prune", "magnitude pruning (Yadav et al.'s trim, then the sum)",
                 "lambda sum_i trim(D_i, density) (on the cores)", "core", magnitude_prune,
-                {"density": Param(0.2, "share of entries kept per task"), "lam": _lam(1.0, (0.25, 0.5, 1.0, 2.0))},
-                exact="entry-wise on the cores: differs from dense pruning by design"))
+                {"density": _density(), "lam": _scale(1.0, (0.25, 0.5, 1.0, 2.0))},
+                exact="entry-wise on the cores: differs from dense pruning by design",
+                identity={"density": 1.0, "lam": 1.0}))
 register(Method("knots_ties", "Stoica et al., ICLR 2025 (KnOTS-TIES)",
                 "U lambda disjoint_mean(trim(S V_i^T)), [D_1..D_n] = U S [V_1..V_n]^T", "core",
                 lambda M, w, ctx, density, lam: knots(M, w, ctx, "ties", density, 0.0, lam),
-                {"density": Param(1.0, "share of block entries kept (KnOTS's LLaMA config: 1.0)"),
-                 "lam": _lam(1.0, LAMBDA_ONE)},
-                exact="TIES on the blocks of the core: differs from dense KnOTS by design (with a plain sum: equal)"))
+                {"density": _density(1.0, "share of block entries kept (KnOTS's LLaMA config: 1.0)"),
+                 "lam": _scale(1.0, LAMBDA_ONE)},
+                exact="TIES on the blocks of the core: differs from dense KnOTS by design (with a plain sum: equal)",
+                identity={"density": 1.0, "lam": 1.0}))
 register(Method("knots_dare_ties", "Stoica et al., ICLR 2025 (KnOTS-DARE-TIES)",
                 "U lambda disjoint_mean(DARE(S V_i^T, p))", "core",
                 lambda M, w, ctx, p, lam: knots(M, w, ctx, "dare_ties", 1.0, p, lam),
-                {"p": Param(0.9, "drop probability"), "lam": _lam(1.0, LAMBDA_ONE)},
-                exact="DARE on the blocks of the core: differs from dense KnOTS by design"))
+                {"p": _drop(), "lam": _scale(1.0, LAMBDA_ONE)},
+                exact="DARE on the blocks of the core: differs from dense KnOTS by design", seeded=True,
+                identity={"p": 0.0, "lam": 1.0}))
 register(Method("tsv_m", "Gargiulo et al., CVPR 2025 (TSV-M)",
                 "alpha polar([U_i,k]) diag(S) polar([V_i,k])^T, top k = R/n components per task", "core", tsv_m,
-                {"fraction": Param(None, "share of the R-dim space per task (None: 1/n)"),
-                 "alpha": Param(1.0, "scale of the merged update", (0.25, 0.5, 1.0, 2.0))}, exact="equal"))
+                {"fraction": Param(None, "share of the R-dim space per task (None: 1/n)", low=0.0, high=1.0,
+                                   open="low", none_ok=True),
+                 "alpha": _scale(1.0, (0.25, 0.5, 1.0, 2.0))}, exact="equal", identity={"alpha": 1.0}))
 register(Method("iso_c", "Marczak et al., ICML 2025 (Iso-C)",
                 "alpha mean(S) U V^T over the nonzero spectrum of sum_i D_i", "core", iso_c,
-                {"alpha": Param(1.0, "scale of the merged update", (0.5, 1.0, 2.0, 4.0))}, exact="equal"))
+                {"alpha": _scale(1.0, (0.5, 1.0, 2.0, 4.0))}, exact="equal"))
 register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
                 "alpha mean(S) U V^T over common (top fraction R of the sum) + task-specific directions", "core",
-                iso_cts, {"common_fraction": Param(0.8, "share of the R-dim space for the common subspace"),
-                          "alpha": Param(1.0, "scale of the merged update", (0.5, 1.0, 2.0, 4.0))},
+                iso_cts, {"common_fraction": Param(0.8, "share of the R-dim space for the common subspace", low=0.0,
+                                                   high=1.0),
+                          "alpha": _scale(1.0, (0.5, 1.0, 2.0, 4.0))},
                 exact="equal"))
 
 
@@ -362,14 +421,18 @@ def _learned(name):
 register(Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
                 "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on train rows",
                 "data", _learned("cat"),
-                {"rows": Param(32, "train rows per task"), "epochs": Param(2, "passes over those rows"),
-                 "lr": Param(1e-2, "AdamW learning rate of the alphas"), "init": Param(None, "initial alpha (None: 1/n)")},
+                {"rows": Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "epochs": Param(2, "passes over those rows", low=1, kind=int),
+                 "lr": Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
+                 "init": Param(None, "initial alpha (None: 1/n)", none_ok=True)},
                 "exact, rank R"))
 register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
                 "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on train-row loss + L1",
                 "data", _learned("lorahub"),
-                {"rows": Param(5, "train rows per task"), "budget": Param(40, "loss evaluations of the optimiser"),
-                 "l1": Param(0.05, "weight of the L1 penalty on w"), "bound": Param(1.5, "search box |w_i| <= bound")},
+                {"rows": Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "budget": Param(40, "loss evaluations of the optimiser", low=1, kind=int),
+                 "l1": Param(0.05, "weight of the L1 penalty on w", low=0.0),
+                 "bound": Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
                 "exact, rank r"))
 
 DEFAULT_MERGES = [name for name, m in METHODS.items() if m.default]
@@ -395,6 +458,11 @@ def method_table() -> str:
 
 # ------------------------------------------------------------------------------------------------ applying one
 def _check_compatible(adapters: list[Adapter]):
+    for i, a in enumerate(adapters):
+        for name, lora in a.modules.items():
+            if not (torch.isfinite(lora.A).all() and torch.isfinite(lora.B).all()):
+                raise BadInput(f"adapter {i + 1} of {len(adapters)} has non-finite factors at {name} (NaN or inf): "
+                               "it cannot be merged; retrain or replace it")
     names = set(adapters[0].modules)
     for a in adapters[1:]:
         if set(a.modules) != names:
@@ -417,23 +485,26 @@ def _groups(adapters: list[Adapter]) -> dict:
 
 @dataclass(frozen=True)
 class Basis:
-    """Orthonormal bases Q (m, d, K), K = min(d, R), of a batch of d x R matrices, kept as LAPACK's Householder
-    reflectors (geqrf): `Q @ X` applies them (ormqr) in O(d K k) for a k-column X, and Q itself is formed only when
-    asked (`matrix()`). A rank-k merge needs Q times k columns only, so forming the d x K matrix would cost more
-    than the rest of the merge."""
+    """Orthonormal bases P = Q U (m, d, K), K = min(d, R), of a batch of d x R matrices: Q kept as LAPACK's
+    Householder reflectors (geqrf), U (m, K, K) an optional rotation inside its span. `P @ X` applies them (ormqr)
+    in O(d K k) for a k-column X, and P itself is formed only when asked (`matrix()`). A rank-k merge needs P times
+    k columns only, so forming the d x K matrix would cost more than the rest of the merge."""
     h: torch.Tensor           # (m, d, R): the triangular factor on and above the diagonal, the reflectors below
     tau: torch.Tensor         # (m, K)
+    rotation: torch.Tensor | None = None   # (m, K, K); None: the QR basis itself
 
     def __matmul__(self, X):
-        """Q @ X for X (m, K, k)."""
+        """P @ X for X (m, K, k)."""
+        X = X if self.rotation is None else self.rotation @ X
         pad = X.new_zeros(*X.shape[:-2], self.h.shape[-2] - X.shape[-2], X.shape[-1])
         return torch.ormqr(self.h, self.tau, torch.cat([X, pad], dim=-2))
 
     def matrix(self):
-        return torch.linalg.householder_product(self.h[..., :self.tau.shape[-1]], self.tau)
+        Q = torch.linalg.householder_product(self.h[..., :self.tau.shape[-1]], self.tau)
+        return Q if self.rotation is None else Q @ self.rotation
 
     def triangle(self):
-        """The R factor, (m, K, R): the matrix is Q @ triangle()."""
+        """The QR's R factor, (m, K, R): the matrix is Q @ triangle() (of the QR basis, before any rotation)."""
         return self.h[..., :self.tau.shape[-1], :].triu()
 
 
@@ -442,9 +513,25 @@ def qr_basis(X) -> Basis:
     return Basis(*torch.geqrf(X))
 
 
+def svd_basis(X) -> tuple[Basis, torch.Tensor]:
+    """The left singular vectors of a batch X (m, d, R) as a Basis, and X's coordinates in it, (m, K, R): X = P C.
+    A thin QR X = Q T, then the SVD of the small K x R factor T = U S V^T: P = Q U, C = S V^T. O(d R^2 + R^3).
+
+    Why this basis and not Q: entry-wise merges (trim, sign election, DARE masks) act on the entries of the cores,
+    and entries depend on the basis. In Q's basis T is upper triangular, so the first task's core fills only its
+    leading r_1 x r_1 block and the last task's the whole R x R: TIES would weigh tasks by their place in the list.
+    Singular vectors of the stacked factors do not depend on the order of the stacked columns (up to the sign of
+    each vector, which every merge here is indifferent to), so neither does the merge. It is the basis the
+    core-space paper's code uses (Panariello et al., NeurIPS 2025)."""
+    Q = qr_basis(X)
+    U, S, Vh = torch.linalg.svd(Q.triangle(), full_matrices=False)
+    return Basis(Q.h, Q.tau, U), S[..., :, None] * Vh
+
+
 def core_project(loras_by_module: list[list[Lora]]):
-    """The core space of a batch of modules (same shapes and ranks): bases Q_b (d_out) and Q_a (d_in), and the
-    cores M (m, n, K_b, K_a), float64, with D_i = Q_b M_i Q_a^T for every module and task."""
+    """The core space of a batch of modules (same shapes and ranks): bases P_b (d_out) and P_a (d_in), the left
+    singular vectors of B = [s_1 B_1 ... s_n B_n] and of A^T = [A_1; ...; A_n]^T, and the cores M (m, n, K_b, K_a),
+    float64, with D_i = P_b M_i P_a^T for every module and task, M_i = C_b[:, cols_i] C_a[:, cols_i]^T."""
     n = len(loras_by_module[0])
     scales = [torch.tensor([mod[i].scale for mod in loras_by_module], dtype=torch.float64)[:, None, None]
               for i in range(n)]
@@ -452,11 +539,10 @@ def core_project(loras_by_module: list[list[Lora]]):
     Bt = torch.cat([torch.stack([mod[i].B for mod in loras_by_module]).double().mT * scales[i] for i in range(n)],
                    dim=-2)
     A = torch.cat([torch.stack([mod[i].A for mod in loras_by_module]).double() for i in range(n)], dim=-2)
-    Qb, Qa = qr_basis(Bt.mT), qr_basis(A.mT)
-    Rb, Ra = Qb.triangle(), Qa.triangle()
+    (Pb, Cb), (Pa, Ca) = svd_basis(Bt.mT), svd_basis(A.mT)
     cols = torch.tensor([l.A.shape[0] for l in loras_by_module[0]]).cumsum(0).tolist()
-    M = torch.stack([Rb[..., s:e] @ Ra[..., s:e].mT for s, e in zip([0] + cols[:-1], cols)], dim=1)
-    return Qb, M, Qa
+    M = torch.stack([Cb[..., s:e] @ Ca[..., s:e].mT for s, e in zip([0] + cols[:-1], cols)], dim=1)
+    return Pb, M, Pa
 
 
 def dense_updates(loras_by_module: list[list[Lora]]):
@@ -486,42 +572,80 @@ def _dense_to_lora(delta, rank: int | None, dtype) -> list[Lora]:
     return [Lora(eye, d.to(dtype), 1.0) for d in delta]
 
 
-def merge(adapters: list[Adapter], method: str, weights=None, seed: int = 0, rank: int | None = None,
+def adapter_generators(adapters: list[Adapter], names: list[str], seed: int) -> tuple:
+    """One generator per adapter for a group of modules, seeded from the merge's seed and the adapter's own A factors
+    in those modules: the same adapter draws the same masks wherever it stands in the list (and whatever scales its
+    update, B). Adapters with identical A factors draw identical masks."""
+    out = []
+    for a in adapters:
+        h = hashlib.sha256(str(seed).encode())
+        for name in names:
+            h.update(a.modules[name].A.detach().cpu().contiguous().double().numpy().tobytes())
+        out.append(torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little")))
+    return tuple(out)
+
+
+def check_finite(adapter: Adapter, what: str) -> Adapter:
+    """Refuse a merged adapter with a NaN or an infinite factor entry (before it is folded or saved)."""
+    for name, lora in adapter.modules.items():
+        if not (torch.isfinite(lora.A).all() and torch.isfinite(lora.B).all()):
+            raise BadInput(f"{what} gives non-finite factors at {name} (NaN or inf in the adapters, weights or "
+                           "parameters): check the inputs; nothing was written")
+    return adapter
+
+
+def check_arguments(m: Method, seed: int | None = None, rank: int | None = None, dense: bool = False):
+    """Refuse what a data-free merge would not use or cannot take, before any work: a data method, a rank or the
+    dense form for an exact factor merge, a seed for a method that draws nothing, a rank below 1."""
+    if m.space == "data":
+        raise BadInput(f"{m.name} learns its merge from rows: run it through full_evaluation.py "
+                       f"(--methods {m.name}) or src.merge_fit")
+    if m.space == "factors" and (rank is not None or dense):
+        raise BadInput(f"{m.name} merges the factors exactly ({m.output}): it takes no "
+                       f"{'rank' if rank is not None else 'dense'}; use svd (or a core method with rank) to truncate")
+    if seed is not None and not m.seeded:
+        raise BadInput(f"{m.name} draws no random numbers: it takes no seed (the seeded methods: "
+                       f"{', '.join(n for n, x in METHODS.items() if x.seeded)})")
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise BadInput(f"rank={rank!r}: give a whole number >= 1")
+
+
+def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None = None, rank: int | None = None,
           dense: bool = False, **params) -> Adapter:
     """Merge `adapters` (one per task) with a data-free method of the registry, every module.
 
-    weights: per-task weights w_i (default 1, or 1/n for the methods that average); seed: DARE's masks; rank:
-    truncate a core method's result to this rank (the SVD merge's own `rank` parameter defaults to 8); dense: run a
-    core method on the dense d_out x d_in updates instead, one module at a time (the reference form: slow, and
-    for entry-wise methods a different merge)."""
+    weights: per-task weights w_i (default 1, or 1/n for the methods that average); seed: DARE's masks (methods
+    that draw none refuse it); rank: truncate a core method's result to this rank (the SVD merge's own `rank`
+    parameter defaults to 8); dense: run a core method on the dense d_out x d_in updates instead, one module at a
+    time (the reference form: slow, and for entry-wise methods a different merge). An argument the method does not
+    use, a parameter out of its range or a non-finite result is a BadInput, raised before anything is returned."""
     m = get_method(method)
-    if m.space == "data":
-        raise BadInput(f"{method} learns its merge from train rows: run it through full_evaluation.py "
-                       f"(--methods {method}) or src.merge_fit")
+    check_arguments(m, seed, rank, dense)
     p = resolve_params(m, params)
     _check_compatible(adapters)
     n = len(adapters)
+    if weights is not None and not all(math.isfinite(x) for x in _weights(n, weights, 1.0)):
+        raise BadInput(f"merge weights {list(weights)}: every weight must be a finite number")
     if m.space == "factors":
-        return Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
-                        for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+        return check_finite(Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
+                                     for name in sorted(adapters[0].modules)}, adapters[0].base_model), method)
     if "rank" in p:  # the method's own rank (svd); an explicit `rank` argument wins
         default_rank = p.pop("rank")
         rank = default_rank if rank is None else rank
     w = torch.tensor(_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
     dtype = next(iter(adapters[0].modules.values())).A.dtype
     out = {}
     for (_, _, ranks), names in _groups(adapters).items():
-        ctx = Context(ranks, generator)
+        ctx = Context(ranks, adapter_generators(adapters, names, seed or 0) if m.seeded else ())
         if m.space == "core" and not dense:
             loras = [[a.modules[name] for a in adapters] for name in names]
-            Qb, M, Qa = core_project(loras)
-            out.update(zip(names, _to_lora(Qb, m.fn(M, w, ctx, **p), Qa, rank, dtype)))
+            Pb, M, Pa = core_project(loras)
+            out.update(zip(names, _to_lora(Pb, m.fn(M, w, ctx, **p), Pa, rank, dtype)))
             continue
         for name in names:  # dense: one module at a time (n d_out x d_in matrices in float64)
             D = dense_updates([[a.modules[name] for a in adapters]])
             out[name] = _dense_to_lora(m.fn(D, w, ctx, **p), rank, dtype)[0]
-    return Adapter(dict(sorted(out.items())), adapters[0].base_model)
+    return check_finite(Adapter(dict(sorted(out.items())), adapters[0].base_model), method)
 
 
 def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:

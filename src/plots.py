@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from . import lora as L  # noqa: E402
 from . import merges as M  # noqa: E402
-from .evaluation import ALL_METHODS, intervals, paper_normalized  # noqa: E402
+from .evaluation import ALL_METHODS, intervals, load_method_results, paper_normalized, same_inputs  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
 
@@ -23,9 +23,9 @@ def load_results(results_root: Path, model: str) -> dict:
     """{n_tasks: {method: result json}} for every results/<model>/<n>-task folder."""
     out = {}
     for folder in sorted(Path(results_root, model).glob("*-task")):
-        methods = {m: json.loads((folder / f"{m}.json").read_text()) for m in ALL_METHODS if (folder / f"{m}.json").exists()}
+        methods = load_method_results(folder)
         if methods:
-            out[int(folder.name.split("-")[0])] = methods
+            out[int(folder.name.split("-")[0])] = same_inputs(methods)[0]  # the summary's rows, no others
     return out
 
 

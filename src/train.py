@@ -37,6 +37,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import lora as L
+from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
 from .tasks import get_task
@@ -44,6 +45,7 @@ from .tasks import get_task
 
 @dataclass
 class TrainConfig:
+    preset: str = "paper"           # the preset the other values start from (recorded with the adapter)
     task: str = "sentiment"
     model: str = "smollm2-135m"
     data: str = "local"
@@ -82,10 +84,15 @@ PRESETS = {
 
 
 def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
+    """The preset's TrainConfig with `overrides` (None: keep the preset's value). An unknown key is an error, not
+    silently dropped: a misspelt override would otherwise train with the preset's value."""
     if preset not in PRESETS:
         raise BadInput(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     known = {f.name for f in fields(TrainConfig)}
-    values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise BadInput(f"unknown training setting(s) {', '.join(unknown)}: TrainConfig has {', '.join(sorted(known))}")
+    values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None}, "preset": preset}
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
     return TrainConfig(**values)
@@ -319,6 +326,12 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
         model.eval()
     if acc.is_main_process:
         L.save_adapter(adapter, out_dir, cfg.targets)
+        provenance.write_record(out_dir, {
+            "task": cfg.task, "base_model": cfg.model, "preset": cfg.preset, "source": provenance.data_source(task, cfg.data),
+            "rows": {"train": [0, len(train_rows)], "validation": [len(train_rows), len(train_rows) + len(val_rows)]},
+            "skipped_rows": skipped + skipped_val, "max_len": cfg.max_len, "max_target": cfg.max_target,
+            "seed": cfg.seed, "task_seed": seed, "steps": state["step"], "best_val_loss": state["best_val"],
+            "processes": acc.num_processes, "commit": provenance.commit(), "config": asdict(cfg)})
         L.atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()

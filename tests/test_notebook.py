@@ -29,7 +29,7 @@ def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):
     monkeypatch.setenv("FIGURES_DIR", str(tmp_path / "figures"))
     monkeypatch.setenv("ADAPTERS_DIR", str(tmp_path / "adapters"))
     nb = nbformat.read(REPO / "visualize_lora.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "adapters found" in outputs and "no adapters under" not in outputs
     assert "5-task set: concat" in outputs and "7-task set: concat" in outputs  # the update-norm ratios

@@ -17,6 +17,7 @@ from src import cli
 from src import lora as L
 from src import merges as M
 from src.errors import BadInput
+from src.train import make_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,7 +122,7 @@ def launch(script: str, *args, root: Path, processes: int = 1, check: bool = Tru
     head = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     proc = subprocess.run([*head, str(REPO / script), *args, "--root", str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -131,10 +132,25 @@ def adapter_tensors(root: Path, task: str) -> dict:
     return load_file(str(root / "adapters" / "tiny" / task / "adapter_model.safetensors"))
 
 
+FLOAT32_EPS = 2.0 ** -24  # unit roundoff of float32
+ADAM_STEP = 0.1 / 0.001 ** 0.5  # AdamW's largest step per entry, in units of lr: (1 - beta1) / sqrt(1 - beta2)
+
+
+def data_parallel_tolerance(steps: int, lr: float, batch_size: int, max_len: int) -> float:
+    """How far N processes may move a factor entry from where one process moves it. They compute the same gradient
+    summed in another order: a sum of n float32 terms is exact to n * eps relative (Higham, Accuracy and Stability,
+    2.2), with n at most the batch's tokens. AdamW's step is invariant to the scale of the gradient, so a relative
+    error delta in the gradient changes a step by at most 2 delta times the largest step, lr * ADAM_STEP; over
+    `steps` steps these add up. (This bounds the error of each step's own gradient, not its growth through later
+    gradients, which at these few steps and this learning rate is of lower order.)"""
+    return steps * lr * ADAM_STEP * 2 * batch_size * max_len * FLOAT32_EPS
+
+
 def test_two_processes_train_route_and_evaluate_as_one(tiny_dir, tmp_path):
     # 26 rows in batches of 5: the 6th batch has one row, so the second process runs a zero-weight row there
     train = ["--task", "sentiment,nli", "--model", str(tiny_dir), "--max-steps", "8", "--batch-size", "5",
              "--epochs", "3", "--lr", "0.01", "--train-rows", "26", "--val-rows", "7", "--eval-every", "4"]
+    tolerance = data_parallel_tolerance(steps=8, lr=0.01, batch_size=5, max_len=make_config("cpu").max_len)
     one, two = tmp_path / "one", tmp_path / "two"
     launch("train_individual_loras.py", *train, root=one)
     out = launch("train_individual_loras.py", *train, root=two, processes=2).stdout
@@ -142,10 +158,12 @@ def test_two_processes_train_route_and_evaluate_as_one(tiny_dir, tmp_path):
     for task in ("sentiment", "nli"):
         a, b = adapter_tensors(one, task), adapter_tensors(two, task)
         assert a.keys() == b.keys() and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
-        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= tolerance
         log1 = [json.loads(l) for l in (one / "adapters/tiny" / task / "train_log.jsonl").read_text().splitlines()]
         log2 = [json.loads(l) for l in (two / "adapters/tiny" / task / "train_log.jsonl").read_text().splitlines()]
-        assert [e["loss"] for e in log1] == pytest.approx([e["loss"] for e in log2], abs=1e-5)
+        # the logged loss: the same sums in another order (n * eps relative), logged to 6 decimals
+        assert [e["loss"] for e in log1] == pytest.approx([e["loss"] for e in log2], rel=5 * 192 * FLOAT32_EPS,
+                                                          abs=1e-6)
 
     moa = ["--tasks", "sentiment,nli", "--model", str(tiny_dir), "--router-rows", "9", "--router-heldout", "4",
            "--router-batch-size", "4"]
@@ -166,17 +184,20 @@ def test_two_processes_train_route_and_evaluate_as_one(tiny_dir, tmp_path):
 
 
 def test_two_processes_resume_from_a_killed_run(tiny_dir, tmp_path):
+    """Resuming is exact: a 2-process run killed after a checkpoint and resumed ends with the very adapter of a
+    2-process run that was never stopped (same process count, same machine: the same arithmetic in the same order).
+    Whether 2 processes equal 1 is the other test's question, with its tolerance."""
     args = ["--task", "sentiment", "--model", str(tiny_dir), "--max-steps", "150", "--epochs", "100",
             "--batch-size", "4", "--train-rows", "32", "--val-rows", "4", "--eval-every", "50", "--save-every", "5",
             "--patience", "50"]
-    launch("train_individual_loras.py", *args, root=tmp_path / "straight")
+    launch("train_individual_loras.py", *args, root=tmp_path / "straight", processes=2)
     root = tmp_path / "killed"
     ckpt = root / "adapters" / "tiny" / "sentiment" / "checkpoint.safetensors"
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(REPO / "train_individual_loras.py"), *args, "--root", str(root)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 1200
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -184,7 +205,7 @@ def test_two_processes_resume_from_a_killed_run(tiny_dir, tmp_path):
     assert ckpt.exists(), "the run ended before its first checkpoint: nothing was interrupted"
     launch("train_individual_loras.py", *args, "--resume", root=root, processes=2)
     a, b = adapter_tensors(tmp_path / "straight", "sentiment"), adapter_tensors(root, "sentiment")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(l) for l in (root / "adapters/tiny/sentiment/train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 151))
 
@@ -269,6 +290,13 @@ def test_unreachable_hub_is_one_line_that_keeps_its_cause(monkeypatch, capsys):
         cli.run(lambda: load_rows(get_task("commonsense"), "train", "hub"))
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: cannot load ybisk/piqa")
 
+    def broken(*args, **kwargs):  # not something the hub raises: a bug keeps its type and traceback
+        raise KeyError("features")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(KeyError, match="features"):
+        load_rows(get_task("commonsense"), "train", "hub")
+
 
 def test_other_errors_keep_their_traceback():
     def out_of_memory():
@@ -284,7 +312,7 @@ def test_gpu_check_runs_on_a_tiny_model(tmp_path):
     """`make gpu-check` cannot run here (no GPU); its script runs the same checks on a tiny model on the CPU."""
     out = tmp_path / "gpu-check.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--steps", "3", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "--steps", "3", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import save_tiny_model, tiny_qwen2
 from src import cli
 
 REPO = Path(__file__).resolve().parent.parent
+SLOW_MACHINE_TIMEOUT = 1200  # a stage takes up to ~2 minutes here: room for a machine several times slower
 TASKS = "sentiment,nli"
 from src.evaluation import METHODS  # noqa: E402  (the defaults: base, majority, single, moa and every merge)
 
@@ -28,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 def script(name: str, *args, root: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / name), *args, "--root", str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -79,6 +81,12 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
         test = [json.loads(l)["label"] for l in (REPO / "data" / t / "test.jsonl").read_text().splitlines()][:12]
         assert results["majority"]["majority_class"][t] == labels[top]
         assert results["majority"]["metrics"][t]["accuracy"] == pytest.approx(test.count(top) / 12)
+    # every merge names its three sets of rows, and they are disjoint: the train-split rows the adapters trained on
+    # (64 here), the train-split rows it chose or learned on (after them), the evaluation split's rows it is scored on
+    for m, result in results.items():
+        if m in MERGES:
+            assert_rows_disjoint(result["rows_used"], {"sentiment": [0, 64], "nli": [0, 64]}, m)
+    assert results["ties"]["rows_used"]["selection"] == {"sentiment": [64, 72], "nli": [64, 72]}  # cpu: 8 rows
     router = results["moa"]["router"]
     assert len(router["per_layer"]) == 8 and sum(map(sum, router["confusion"]["counts"])) == 24 * 8
     with open(out / "summary.csv") as f:
@@ -130,6 +138,18 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- bad input
+MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa")}
+
+
+def assert_rows_disjoint(rows_used: dict, trained: dict, method: str):
+    """A result's training, selection and test rows: training and selection from the train split, disjoint;
+    test rows from the evaluation split (another file or hub split), so disjoint from both."""
+    assert rows_used["train"] == trained and rows_used["test_split"] == "eval", method
+    for t, (start, end) in rows_used["selection"].items():
+        t0, t1 = rows_used["train"][t]
+        assert end > start and (end <= t0 or start >= t1), (method, t)
+
+
 def run_main(module_name: str, argv: list[str], capsys) -> str:
     """Run a script's main in-process through cli.run; return its one-line error (it must exit 2)."""
     module = __import__(module_name)
@@ -147,6 +167,11 @@ def test_unknown_task_and_method(tmp_path, capsys):
     assert "unknown task 'summarisation': choose from summarization, translation, qa" in err
     err = run_main("full_evaluation", ["--tasks", "qa", "--methods", "base,slerp", "--root", str(tmp_path)], capsys)
     assert "unknown method 'slerp': choose from paper, base, majority, single, moa" in err
+    for value, message in (("abc", "ties.density='abc' is not a number: give a value in (0, 1]"),
+                           ("0", "ties.density='0' is out of range: density must be in (0, 1]")):
+        err = run_main("full_evaluation", ["--tasks", "qa", "--set", f"ties.density={value}", "--root", str(tmp_path)],
+                       capsys)
+        assert message in err
     assert not (tmp_path / "results").exists()
 
 
@@ -164,6 +189,13 @@ def test_corrupt_adapter_and_no_partial_results(tiny_dir, tmp_path, capsys):
 
     train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "2", "--train-rows", "16",
                                  "--val-rows", "4", "--root", str(tmp_path)])
+    record = tmp_path / "adapters" / "tiny" / "nli" / "training.json"
+    saved = record.read_text()
+    record.unlink()  # an adapter that cannot say which rows it trained on: no merge may choose on rows for it
+    err = run_main("full_evaluation", ["--tasks", TASKS, "--model", str(tiny_dir), "--methods", "base,svd",
+                                       "--rows", "2", "--root", str(tmp_path)], capsys)
+    assert "nli has no training.json (which rows it trained on): retrain it with `python train_individual" in err
+    record.write_text(saved)
     weights = tmp_path / "adapters" / "tiny" / "nli" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
     err = run_main("full_evaluation", ["--tasks", TASKS, "--model", str(tiny_dir), "--methods", "single,svd",
@@ -208,7 +240,26 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     assert model.peft_config["default"].r == 4
     err = run_main("merge_adapters", ["--method", "weight_sum", "--weights", "1", "--out", str(tmp_path / "x"), *folders],
                    capsys)
-    assert "1 merge weights for 2 adapters" in err and not (tmp_path / "x").exists()
+    assert "--weights has 1 values for 2 adapters" in err and not (tmp_path / "x").exists()
+    # what a new user tried: each exited 0 and wrote an adapter of NaN or zero factors, or one of the wrong rank
+    bad = {("--method", "dare_linear", "--p", "1"): "dare_linear.p=1.0 is out of range: p must be in [0, 1)",
+           ("--method", "task_arithmetic", "--lam", "nan"): "task_arithmetic.lam=nan is out of range",
+           ("--method", "ties", "--density", "0"): "ties.density=0.0 is out of range: density must be in (0, 1]",
+           ("--method", "concat", "--rank", "8"): "concat merges the factors exactly (exact, rank R): it takes no rank",
+           ("--method", "ties", "--seed", "3"): "ties draws no random numbers: it takes no seed",
+           ("--method", "svd", "--lam", "0.5"): "--lam is not a parameter of svd"}
+    for flags, message in bad.items():
+        err = run_main("merge_adapters", [*flags, "--out", str(tmp_path / "x"), *folders], capsys)
+        assert message in err and not (tmp_path / "x").exists(), (flags, err)
+    # an adapter with a NaN factor: refused, nothing written
+    broken = tmp_path / "broken"
+    shutil.copytree(folders[0], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    err = run_main("merge_adapters", ["--method", "svd", "--out", str(tmp_path / "x"), str(broken), folders[1]], capsys)
+    assert "adapter 1 of 2 has non-finite factors" in err and not (tmp_path / "x").exists()
 
 
 def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
@@ -220,7 +271,7 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
              "run_all_evaluation.sh": ["--rows", "2", "--max-new-tokens", "2", "--max-prompt", "64"]}
     for wrapper, args in small.items():
         proc = subprocess.run(["bash", str(REPO / wrapper), *args, "--root", str(tmp_path)], env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
         assert proc.returncode == 0, f"{wrapper}: {proc.stderr[-3000:]}"
     assert len(list((tmp_path / "adapters" / "tiny").glob("*/adapter_model.safetensors"))) == 7
     assert {p.name for p in (tmp_path / "adapters" / "tiny").glob("moa-*")} == {"moa-5", "moa-7"}
@@ -236,14 +287,14 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     results = tmp_path / "results" / "tiny"
     before = {p: p.stat().st_mtime_ns for p in results.glob("*-task/*.json")}
     proc = subprocess.run(["bash", str(REPO / "run_all_evaluation.sh"), *small["run_all_evaluation.sh"], "--root",
-                           str(tmp_path)], env={**env, "METHODS": "paper"}, capture_output=True, text=True, timeout=300)
+                           str(tmp_path)], env={**env, "METHODS": "paper"}, capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = {f"{p.parent.name}/{p.stem}" for p, t in before.items() if p.stat().st_mtime_ns != t}
     assert rerun == {f"{n}-task/{m}" for n in (5, 7) for m in PAPER_METHODS}
     assert json.loads((results / "7-task" / "single.json").read_text())["reused"] == []
     assert len(json.loads((results / "5-task" / "single.json").read_text())["reused"]) == 5
     proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
 
 
@@ -403,3 +454,31 @@ def test_the_summary_prints_qa_f1_with_one_decimal_in_every_row(tmp_path):
     other = next(k for k, h in enumerate(table[0]) if h.startswith("summarization ("))
     summarization = [row[other] for row in table[2:] if row[other] != "n/a"]
     assert all(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", c) for c in summarization), summarization
+
+
+def test_the_summary_leaves_out_results_of_other_adapters(tmp_path):
+    """A method computed on other adapters than single's (a rerun on adapters that rounded differently, say) would be
+    divided by the wrong single scores: it leaves the table, and the summary says so."""
+    import shutil
+
+    from src.evaluation import write_summary
+
+    out = tmp_path / "7-task"
+    shutil.copytree(REPO / "results" / "smollm2-135m" / "7-task", out)
+    ties = json.loads((out / "ties.json").read_text())
+    ties["settings"]["adapters"]["qa"] = "0123456789abcdef"
+    (out / "ties.json").write_text(json.dumps(ties))
+    write_summary(out)
+    text = (out / "summary.md").read_text()
+    assert "**Left out of this table:** ties: computed on other adapters than single's (qa); rerun it." in text
+    assert not any(line.startswith("| ties |") for line in text.splitlines())
+    assert any(line.startswith("| iso_cts |") for line in text.splitlines())
+
+
+def test_make_config_refuses_unknown_settings():
+    from src.errors import BadInput
+    from src.train import make_config
+
+    with pytest.raises(BadInput, match="unknown training setting.s. learning_rate: TrainConfig has"):
+        make_config("cpu", {"learning_rate": 1e-3})
+    assert make_config("cpu", {"lr": 1e-3, "task": "qa"}).preset == "cpu"
