@@ -419,7 +419,7 @@ def _learned(name):
 
 
 register(Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
-                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on train rows",
+                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on validation rows",
                 "data", _learned("cat"),
                 {"rows": Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
                  "epochs": Param(2, "passes over those rows", low=1, kind=int),
@@ -427,7 +427,7 @@ register(Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)
                  "init": Param(None, "initial alpha (None: 1/n)", none_ok=True)},
                 "exact, rank R"))
 register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
-                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on train-row loss + L1",
+                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on validation-row loss + L1",
                 "data", _learned("lorahub"),
                 {"rows": Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
                  "budget": Param(40, "loss evaluations of the optimiser", low=1, kind=int),
@@ -438,7 +438,7 @@ register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
 DEFAULT_MERGES = [name for name, m in METHODS.items() if m.default]
 
 
-NO_CORE = {"factors": "on the factors, exact", "data": "learned on train rows"}
+NO_CORE = {"factors": "on the factors, exact", "data": "learned on rows after the training rows"}
 
 
 def method_table() -> str:
