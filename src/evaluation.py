@@ -196,7 +196,7 @@ def _reusable(out_root: Path, method: str, settings: dict) -> dict:
         old = json.loads(path.read_text())
         if {k: v for k, v in old["settings"].items() if k not in per_task} != same:
             continue
-        tasks = [t for t in old["metrics"] if t not in found
+        tasks = [t for t in old["metrics"] if t not in found and t in settings["inputs"]
                  and old["settings"].get("inputs", {}).get(t) == settings["inputs"][t]
                  and (method == "base" or old["settings"].get("adapters", {}).get(t) == settings["adapters"].get(t))]
         if tasks:
