@@ -38,7 +38,8 @@ def main(argv=None):
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)
     task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods)
-    cfg = make_eval_config(args.preset, {**vars(args), "merge_params": parse_merge_params(args.set)})
+    cfg = make_eval_config(args.preset, {**cli.config_flags(args, "tasks", "methods", "set", "no_reuse"),
+                                         "merge_params": parse_merge_params(args.set)})
     accelerator = make_accelerator()
     evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse, accelerator=accelerator)
     if accelerator.is_main_process:

@@ -14,7 +14,8 @@ Methods (DESIGN.md section 2):
 Generation is greedy, left-padded, in batches of one task sorted by prompt length, stopping at EOS or at the
 task's token budget. For each method, `<method>.json` (metrics, each row's metric statistics, timing, MoA routing)
 and `<method>.predictions.jsonl` are written atomically, then `summary.md` / `summary.csv` are rebuilt from every
-method file present, beside the paper's numbers, with 95% paired bootstrap intervals (`metrics.paired_bootstrap`:
+method file present that was computed on single's adapters and test prompts (the others are named, not tabled),
+beside the paper's numbers, with 95% paired bootstrap intervals (`metrics.paired_bootstrap`:
 the same resampled rows for a method and for single), the single-task checks, and each method's paired
 difference from MoA and from the SVD merge.
 """
@@ -79,6 +80,9 @@ def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
     if preset not in EVAL_PRESETS:
         raise BadInput(f"unknown preset {preset!r}: choose from {', '.join(EVAL_PRESETS)}")
     known = {f.name for f in fields(EvalConfig)} - {"preset"}
+    unknown = sorted(set(overrides or {}) - known - {"preset"})
+    if unknown:  # a misspelt setting would otherwise evaluate with the preset's value
+        raise BadInput(f"unknown evaluation setting(s) {', '.join(unknown)}: EvalConfig has {', '.join(sorted(known))}")
     return EvalConfig(preset=preset, **{**EVAL_PRESETS[preset],
                                         **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}})
 
@@ -222,10 +226,13 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
                     for t in tasks}
     if "moa" in methods:
         check_routers(root, cfg, tasks)
-    records = {}  # which rows each adapter trained on: the merges choose on rows after them
-    if set(methods) & MERGE_METHODS:
-        records = {t: provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
-                   for t in tasks}
+    # which rows each adapter trained on: the merges that read rows take them after those (a merge that reads none
+    # needs no record; one that does fails here, before any work, for an adapter without one)
+    records = {t: provenance.find_record(adapter_dir(root, cfg.model, t)) for t in adapters}
+    for m in methods:
+        if m in MERGE_METHODS and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m)):
+            for t in tasks:
+                provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
     main = accelerator is None or accelerator.is_main_process
     model, tokenizer = load_model(cfg.model, device=accelerator.device if accelerator else None)
     rows = {t: load_rows(get_task(t), "eval", cfg.data, n=cfg.rows) for t in tasks}
@@ -307,7 +314,7 @@ def run_method(method, cfg, tasks, model, tokenizer, adapters, rows, prompts, ro
         # the three sets of rows, for the check that they are disjoint: train-split rows the adapters trained on,
         # train-split rows the merge chose or learned on, and the evaluation split's rows it is scored on
         chosen = merge_info.get("rows") or merge_info.get("selection", {}).get("rows") or {}
-        result["rows_used"] = {"train": {t: records[t]["rows"]["train"] for t in tasks}, "selection": chosen,
+        result["rows_used"] = {"train": {t: records[t] and records[t]["rows"]["train"] for t in tasks}, "selection": chosen,
                                "test": {t: [0, len(rows[t])] for t in tasks}, "test_split": "eval"}
     if method == "majority":
         result["majority_class"] = {t: get_task(t).answer(rows[t][0], majority_class(get_task(t), cfg.data))

@@ -27,7 +27,7 @@ from . import lora as L
 from . import merges as M
 from . import provenance
 from .data import load_rows, pad_batch
-from .errors import BadInput
+from .errors import BadInput, MissingFile
 from .train import TargetLoss, encode_rows, make_accelerator, make_config, validation_loss
 from .tasks import get_task
 
@@ -39,7 +39,7 @@ class FitData:
     model: object
     tokenizer: object
     tasks: list
-    records: dict             # {task: training record}, src/provenance.py
+    records: dict             # {task: training record or None}, src/provenance.py
     data: str = "local"
     seed: int = 0
     batch_size: int = 8
@@ -47,26 +47,36 @@ class FitData:
 
     def __post_init__(self):
         for t in self.tasks:
-            provenance.check_source(self.records[t], get_task(t), self.data)
+            if self.records.get(t) is not None:
+                provenance.check_source(self.records[t], get_task(t), self.data)
 
     def rows(self, n: int) -> dict:
         """{task: [start, end)}: the n train-split rows per task after that task's adapter's training rows."""
-        rows = provenance.rows_after_training({t: self.records[t] for t in self.tasks}, n)
-        provenance.check_disjoint(self.records, rows, "this merge")
-        return rows
+        missing = [t for t in self.tasks if self.records.get(t) is None]
+        if missing:
+            raise MissingFile(f"the adapter of {', '.join(missing)} has no {provenance.RECORD} (which rows it trained "
+                              "on), so no rows can be chosen for this merge: retrain it, or fix the merge's "
+                              "parameters with --set")
+        return provenance.rows_after_training({t: self.records[t] for t in self.tasks}, n)
 
     def examples(self, n: int) -> tuple[dict, dict]:
         """({task: examples}, {task: [start, end)}) for n rows per task from `rows(n)` (rows longer than the
         adapter's max length are skipped, as in its training)."""
         spans, out = self.rows(n), {}
         for t in self.tasks:
-            rec = self.records[t]
-            rows = load_rows(get_task(t), "train", self.data, n=n, offset=spans[t][0])
+            rec, (start, end) = self.records[t], spans[t]
+            try:
+                rows = load_rows(get_task(t), "train", self.data, n=n, offset=start)
+            except BadInput:  # not one row left after the training rows
+                rows = []
             if len(rows) < n:
-                raise BadInput(f"{t}: {n} rows after the {spans[t][0]} its adapter trained on need {spans[t][1]} "
-                               f"train-split rows, the data has {spans[t][0] + len(rows)}: ask for fewer rows")
+                raise BadInput(f"{t}: {n} rows after the {start} its adapter trained on need {end} train-split rows, "
+                               f"the data has {start + len(rows)}: ask for fewer rows or train on fewer")
             cfg = make_config(rec["preset"], {"max_len": rec["max_len"], "max_target": rec["max_target"]})
             out[t] = encode_rows(get_task(t), rows, self.tokenizer, cfg)[0]
+            if not out[t]:
+                raise BadInput(f"{t}: none of train-split rows [{start}, {end}) fits the adapter's max length "
+                               f"{rec['max_len']}: ask for more rows")
         return out, spans
 
     def loss(self, examples: dict) -> dict:
@@ -123,8 +133,8 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
         for layer in L.lora_layers(model).values():
             layer.gate = None
         L.remove(model)
-    merged = L.Adapter({name: M.concat([a.modules[name] for a in adapters], weights=weights[name])
-                        for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+    merged = M.check_finite(L.Adapter({name: M.concat([a.modules[name] for a in adapters], weights=weights[name])
+                                       for name in sorted(adapters[0].modules)}, adapters[0].base_model), "cat")
     info = {"loss_before": before, "loss_after": after, "train_log": log, "alphas": weights,
             "rows_per_task": {t: len(e) for t, e in examples.items()}, "rows": spans,
             "fit_seconds": round(time.perf_counter() - started, 1)}
@@ -170,18 +180,25 @@ MAX_EXTENSIONS = 8   # candidates added past the ends of a grid at most (halving
 
 
 def beyond_edge(param: M.Param, best, tried: list):
-    """The next value past the end of `tried` where `best` sits (half the smallest, twice the largest), if that
-    value is in the parameter's range; None when the best is inside the values tried (or the range ends there)."""
-    if best == min(tried):
-        value = best / 2
-    elif best == max(tried):
-        value = best * 2
-    else:
-        return None
+    """The next value past the end of `tried` where `best` sits (a float: half the smallest, twice the largest; an
+    int: one past), if that value is in the parameter's range; None when the best is inside the values tried, or
+    the range ends there (density 1: the optimum at the end of what the method allows is no artifact of a grid)."""
+    if best is None or best <= 0 or min(tried) == max(tried) or best not in (min(tried), max(tried)):
+        return None  # the grids are positive scales and shares; at 0 or below, halving is no step
+    up = best == max(tried)
+    value = (best + 1 if up else best - 1) if param.kind is int else (best * 2 if up else best / 2)
     try:
         return param.check("", "", value)
     except BadInput:
         return None
+
+
+def needs_rows(name: str, select_rows: int, fixed: dict | None = None) -> bool:
+    """Whether building merge `name` reads rows: a data method always, a grid method unless its grid is fixed."""
+    method = M.get_method(name)
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    return method.space == "data" or (select_rows > 0 and any(p.grid and k not in fixed
+                                                              for k, p in method.params.items()))
 
 
 def build(name: str, adapters: list, data: FitData | None, select_rows: int, fixed: dict | None = None,

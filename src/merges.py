@@ -18,7 +18,7 @@ processed as one batch. For methods that commute with orthogonal changes of basi
 task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the dense one exactly;
 entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i in that basis, the variant the
 core-space paper evaluates, and differ from their dense definition by design (`ties_dense` runs TIES on the dense
-D_i for comparison). DARE draws each adapter's mask from a generator seeded by the seed and that adapter's factors.
+D_i for comparison). DARE draws each adapter's mask from a generator seeded by the seed and that adapter's A factors.
 Inside, everything is float64; the merged factors come back in the adapters' dtype.
 
 Ranks: TSV-M and Iso-CTS split "the space" between tasks; here its dimension is R, the rank of the space the task
@@ -27,6 +27,7 @@ not depend on the basis, and the dense and core computations agree.
 """
 import hashlib
 import math
+import numbers
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -309,7 +310,7 @@ def iso_cts(M, w, ctx, common_fraction, alpha):
     n = M.shape[1]
     R = sum(ctx.ranks)
     k_c = int(R * common_fraction)
-    per_task = round((R - k_c) / n)
+    per_task = min(round((R - k_c) / n), R // n)  # rounding up must not claim more than R directions in all
     k_c = min(R - per_task * n, M.shape[-1], M.shape[-2])
     Mw = M * w[None, :, None, None]
     U, S, Vh = svd_parts(Mw.sum(1))
@@ -463,6 +464,9 @@ def _check_compatible(adapters: list[Adapter]):
             if not (torch.isfinite(lora.A).all() and torch.isfinite(lora.B).all()):
                 raise BadInput(f"adapter {i + 1} of {len(adapters)} has non-finite factors at {name} (NaN or inf): "
                                "it cannot be merged; retrain or replace it")
+            if lora.A.shape[0] == 0:
+                raise BadInput(f"adapter {i + 1} of {len(adapters)} has rank 0 at {name}: it adapts nothing there; "
+                               "leave that module out of the adapter")
     names = set(adapters[0].modules)
     for a in adapters[1:]:
         if set(a.modules) != names:
@@ -521,8 +525,9 @@ def svd_basis(X) -> tuple[Basis, torch.Tensor]:
     and entries depend on the basis. In Q's basis T is upper triangular, so the first task's core fills only its
     leading r_1 x r_1 block and the last task's the whole R x R: TIES would weigh tasks by their place in the list.
     Singular vectors of the stacked factors do not depend on the order of the stacked columns (up to the sign of
-    each vector, which every merge here is indifferent to), so neither does the merge. It is the basis the
-    core-space paper's code uses (Panariello et al., NeurIPS 2025)."""
+    each vector, which every merge here is indifferent to, and for distinct singular values: within a repeated
+    one any basis of its space is a singular basis, which random or trained factors do not meet), so neither does
+    the merge. It is the basis the core-space paper's code uses (Panariello et al., NeurIPS 2025)."""
     Q = qr_basis(X)
     U, S, Vh = torch.linalg.svd(Q.triangle(), full_matrices=False)
     return Basis(Q.h, Q.tau, U), S[..., :, None] * Vh
@@ -551,15 +556,15 @@ def dense_updates(loras_by_module: list[list[Lora]]):
                         for loras in loras_by_module])
 
 
-def _to_lora(Qb: Basis, M, Qa: Basis, rank: int | None, dtype) -> list[Lora]:
-    """Merged cores back to factors: B = Q_b M, A = Q_a^T, or the rank-k truncation from the SVD of M
-    (B = Q_b U_k S_k, A = (Q_a V_k)^T)."""
+def _to_lora(Pb: Basis, M, Pa: Basis, rank: int | None, dtype) -> list[Lora]:
+    """Merged cores back to factors: B = P_b M, A = P_a^T, or the rank-k truncation from the SVD of M
+    (B = P_b U_k S_k, A = (P_a V_k)^T)."""
     if rank is not None:
         U, S, Vh = svd_parts(M)
         k = min(rank, S.shape[-1])
-        Bm, Am = Qb @ (U[..., :k] * S[..., None, :k]), (Qa @ Vh[..., :k, :].mT).mT
+        Bm, Am = Pb @ (U[..., :k] * S[..., None, :k]), (Pa @ Vh[..., :k, :].mT).mT
     else:
-        Bm, Am = Qb @ M, Qa.matrix().mT
+        Bm, Am = Pb @ M, Pa.matrix().mT
     return [Lora(a, b, 1.0) for a, b in zip(Am.to(dtype).contiguous().unbind(), Bm.to(dtype).contiguous().unbind())]
 
 
@@ -606,7 +611,7 @@ def check_arguments(m: Method, seed: int | None = None, rank: int | None = None,
     if seed is not None and not m.seeded:
         raise BadInput(f"{m.name} draws no random numbers: it takes no seed (the seeded methods: "
                        f"{', '.join(n for n, x in METHODS.items() if x.seeded)})")
-    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise BadInput(f"rank={rank!r}: give a whole number >= 1")
 
 

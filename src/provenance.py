@@ -4,8 +4,9 @@ be checked instead of trusted.
 Training writes `training.json` next to each adapter: the train-split rows it trained on and the ones its early
 stopping read (half-open ranges [start, end) of the rows the task keeps), the data source and a hash of its file,
 the preset and every setting, the seed, the steps and the commit. Merge selection, CAT and LoraHub take their rows
-from these records (`rows_after_training`): the first rows of the train split that no adapter of the merge trained
-on, and refuse when there are not enough of them. Evaluation rows come from the other split (test / validation).
+from these records (`rows_after_training`): the first rows of the train split after those its adapter trained on
+(so they cannot overlap them), and refuse when there are not enough of them (src/merge_fit.py). Evaluation rows come
+from the other split (test / validation).
 """
 import hashlib
 import json
@@ -51,37 +52,26 @@ def write_record(folder: Path, record: dict):
     atomic_write(Path(folder) / RECORD, lambda p: p.write_text(json.dumps(record, indent=2)))
 
 
+def find_record(folder: Path) -> dict | None:
+    """An adapter's training record, or None when it has none."""
+    path = Path(folder) / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_record(folder: Path, hint: str = "") -> dict:
     """An adapter's training record; an adapter without one (trained before records, or elsewhere) cannot prove
     which rows it trained on, so data-driven steps refuse it."""
-    path = Path(folder) / RECORD
-    if not path.exists():
+    record = find_record(folder)
+    if record is None:
         raise MissingFile(f"adapter {folder} has no {RECORD} (which rows it trained on): retrain it"
                           + (f" with `{hint}`" if hint else "") + ", or merge it data-free with merge_adapters.py")
-    return json.loads(path.read_text())
+    return record
 
 
-def rows_after_training(records: dict, n: int, available: dict | None = None) -> dict:
+def rows_after_training(records: dict, n: int) -> dict:
     """{task: [start, start + n)}: the first n train-split rows after the rows that task's adapter trained on
-    (its early-stopping rows may be among them: they were read, never trained on). `records`: {task: training
-    record}; `available`: {task: rows the split has}, to refuse a selection that would run past its end."""
-    out = {}
-    for task, rec in records.items():
-        start = rec["rows"]["train"][1]
-        out[task] = [start, start + n]
-        if available is not None and available[task] < start + n:
-            raise BadInput(f"{task}: {n} selection rows after the {start} training rows need {start + n} train-split "
-                           f"rows, the data has {available[task]}: lower the rows of the selection or train on fewer")
-    return out
-
-
-def check_disjoint(records: dict, used: dict, what: str):
-    """Refuse rows [start, end) of the train split that overlap the rows an adapter of the same task trained on."""
-    for task, (start, end) in used.items():
-        t0, t1 = records[task]["rows"]["train"]
-        if start < t1 and t0 < end:
-            raise BadInput(f"{what} would read {task} train-split rows [{start}, {end}), which its adapter trained on "
-                           f"([{t0}, {t1}), {RECORD}): choose rows from {t1} on")
+    (its early-stopping rows may be among them: they were read, never trained on). `records`: {task: record}."""
+    return {task: [rec["rows"]["train"][1], rec["rows"]["train"][1] + n] for task, rec in records.items()}
 
 
 def check_source(record: dict, task, data: str):

@@ -93,7 +93,7 @@ def ref_iso_c(Ds, alpha=1.0):
 def ref_iso_cts(Ds, ranks, fraction=0.8, alpha=1.0):
     n, R = len(Ds), sum(ranks)
     k_c = int(R * fraction)
-    per_task = round((R - k_c) / n)
+    per_task = min(round((R - k_c) / n), R // n)  # no more than R directions in all
     k_c = R - per_task * n
     U, S, Vh = np.linalg.svd(sum(Ds), full_matrices=False)
     us, ss, vs = [U[:, :k_c]], [S[:k_c]], [Vh[:k_c].T]
@@ -210,6 +210,11 @@ def test_tsv_m_budget_and_iso_c_rank_on_a_sum_of_loras():
     assert np.linalg.matrix_rank(got, tol=1e-8) == 10
     S = np.linalg.svd(got, compute_uv=False)[:10]
     assert np.allclose(S, S.mean(), rtol=1e-10)
+    # Iso-CTS with a small common share: rounding the per-task share up must not claim more than R directions
+    # (ranks 1, 1, 2, 2 at fraction 0.1: round(6 / 4) = 2 per task would leave -2 common; 6 // 4 = 1, 2 common)
+    small = random_adapters(8, ranks=(1, 1, 2, 2), scales=(2.0, 1.0, 0.5, 1.5))
+    got = delta(M.merge(small, "iso_cts", common_fraction=0.1), "a.q_proj")
+    assert rel(got, ref_iso_cts(updates(small, "a.q_proj"), (1, 1, 2, 2), 0.1)) <= 1e-10
     tsv = delta(M.merge(adapters, "tsv_m"), "a.q_proj")
     assert np.linalg.matrix_rank(tsv, tol=1e-8) == 3 + 1 + 3  # min(6, 10 // 3), min(1, 3), min(3, 3)
 

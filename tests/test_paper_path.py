@@ -138,11 +138,13 @@ ADAM_STEP = 0.1 / 0.001 ** 0.5  # AdamW's largest step per entry, in units of lr
 
 def data_parallel_tolerance(steps: int, lr: float, batch_size: int, max_len: int) -> float:
     """How far N processes may move a factor entry from where one process moves it. They compute the same gradient
-    summed in another order: a sum of n float32 terms is exact to n * eps relative (Higham, Accuracy and Stability,
-    2.2), with n at most the batch's tokens. AdamW's step is invariant to the scale of the gradient, so a relative
-    error delta in the gradient changes a step by at most 2 delta times the largest step, lr * ADAM_STEP; over
-    `steps` steps these add up. (This bounds the error of each step's own gradient, not its growth through later
-    gradients, which at these few steps and this learning rate is of lower order.)"""
+    summed in another order: a sum of n float32 terms changes by at most n * eps times the sum of the terms'
+    magnitudes (Higham, Accuracy and Stability, 2.2), with n at most the batch's tokens. AdamW's step is invariant
+    to the scale of the gradient, so where the terms do not cancel (the gradient is of the size of that sum) a
+    relative error delta changes a step by at most 2 delta times the largest step, lr * ADAM_STEP, and over `steps`
+    steps these add up. This is not a worst case: an entry whose gradient's terms nearly cancel could take a first
+    step of the other sign (up to 2 lr ADAM_STEP apart); none does in this test, where the largest difference
+    measured here is 1.2e-7 against this tolerance of 2.9e-5."""
     return steps * lr * ADAM_STEP * 2 * batch_size * max_len * FLOAT32_EPS
 
 

@@ -124,10 +124,23 @@ def test_arguments_a_method_does_not_use_are_refused(name):
         for extra in (dict(rank=4), dict(dense=True)):
             with pytest.raises(BadInput, match="takes no"):
                 M.merge(adapters, name, **extra)
+    elif method.space == "core":
+        for rank in (0, 2.5, math.nan, True):
+            with pytest.raises(BadInput, match="give a whole number >= 1"):
+                M.merge(adapters, name, rank=rank)
     with pytest.raises(BadInput, match="has no parameter"):
         M.merge(adapters, name, not_a_parameter=1.0)
     with pytest.raises(BadInput, match="finite"):
         M.merge(adapters, name, weights=[1.0] * (len(adapters) - 1) + [math.nan])
+
+
+@pytest.mark.parametrize("name", DATA_FREE)
+def test_a_rank_zero_module_is_refused(name):
+    adapters = adapters_for(name, 13)
+    empty = adapters[0].modules["c.v_proj"]
+    adapters[0].modules["c.v_proj"] = L.Lora(empty.A[:0], empty.B[:, :0], empty.scale)
+    with pytest.raises(BadInput, match="adapter 1 of 5 has rank 0 at c.v_proj"):
+        M.merge(adapters, name, **({"seed": 0} if M.METHODS[name].seeded else {}))
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
