@@ -519,7 +519,9 @@ def write_summary(out: Path):
             + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
             + (f"; chance level (1 / classes): {chance}" if chance else "")
             + ". Paper columns: the thesis logs' normalized score for the same task set.\n"
-            + "".join(f"\n**Left out of this table:** {m}: computed on {why}; rerun it.\n" for m, why in left_out.items()))
+            + "".join(f"\n**Left out of this table** (computed on {why}; rerun them): "
+                      f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
+                      for why in dict.fromkeys(left_out.values())))
     text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
     L.atomic_write(out / "summary.md", lambda p: p.write_text(text))
 
