@@ -1,7 +1,8 @@
 """Properties every merge of the registry must have, parametrised over `merges.METHODS`, so a method registered
 later is covered without a new test: the order of the adapters does not matter; the sign of a basis vector does not
-matter; one adapter in gives it back where the method's definition says so (`Method.identity`); scaling every
-update scales the merge; parameters out of their range are refused. Fresh random float64 factors, unequal ranks."""
+matter, nor, for a method not declared entry-wise, any rotation of the bases; one adapter in gives it back where the
+method's definition says so (`Method.identity`); scaling every update scales the merge; parameters out of their
+range are refused. Fresh random float64 factors, unequal ranks."""
 import math
 
 import numpy as np
@@ -71,6 +72,34 @@ def test_the_sign_of_a_basis_vector_does_not_matter(name):
     want = Sb[:, None] * run(Ms) * Sa
     got = run(Sb[:, None] * Ms * Sa)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
+
+
+@pytest.mark.parametrize("name", [n for n in CORE if not M.METHODS[n].entrywise])
+def test_a_method_not_declared_entrywise_commutes_with_rotations(name):
+    """`Method.entrywise` false lets a method run in the QR bases instead of the singular ones: that is only right if
+    it maps cores U M_i V^T to U M V^T for any orthogonal U, V (random ones here), and if the whole merge through
+    QR bases equals the merge through singular bases."""
+    method = M.METHODS[name]
+    adapters = adapters_for(name, 11)
+    loras = [[a.modules[m] for a in adapters] for m in MODULES]
+    _, Ms, _ = M.core_project(loras)
+    gen = torch.Generator().manual_seed(12)
+    U = torch.linalg.qr(torch.randn(Ms.shape[-2], Ms.shape[-2], generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(Ms.shape[-1], Ms.shape[-1], generator=gen, dtype=torch.float64))[0]
+    w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
+    ctx = M.Context(tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters), ())
+    params = {k: v for k, v in M.resolve_params(method, {}).items() if k != "rank"}
+    want = U @ method.fn(Ms, w, ctx, **params) @ V.T
+    got = method.fn(U @ Ms @ V.T, w, ctx, **params)
+    assert rel(got.numpy(), want.numpy()) <= 1e-10
+
+    def merged(aligned: bool) -> list:
+        Pb, Ms, Pa = M.core_project(loras, aligned=aligned)
+        return [lora.delta().numpy() for lora in M._to_lora(Pb, method.fn(Ms, w, ctx, **params), Pa, None,
+                                                             torch.float64)]
+
+    for qr, svd, m in zip(merged(False), merged(True), MODULES):
+        assert rel(qr, svd) <= 1e-10, (name, m)
 
 
 @pytest.mark.parametrize("name", [n for n in DATA_FREE if M.METHODS[n].identity is not None])
