@@ -11,8 +11,8 @@ Edit the task list below (the original's "line 30") or pass --tasks. The five-ta
 summarization, translation, qa, sentiment, nli; add paraphrasing and commonsense for the seven-task set.
 """
 from src import cli
-from src.evaluation import (ALL_METHODS, METHODS, evaluate, make_eval_config, parse_merge_params, parse_methods,
-                            results_dir)
+from src.evaluation import evaluate, make_eval_config, parse_merge_params, parse_methods
+from src.layout import ALL_METHODS, METHODS, results_dir
 from src.tasks import parse_tasks
 from src.train import make_accelerator
 

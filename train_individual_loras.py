@@ -10,7 +10,7 @@ Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
 from pathlib import Path
 
 from src import cli
-from src.evaluation import adapter_dir
+from src.layout import adapter_dir
 from src.models import load_model, model_slug
 from src.tasks import parse_tasks
 from src.train import make_accelerator, make_config, publish_log, train_lora

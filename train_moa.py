@@ -12,7 +12,7 @@ prompts.
 import full_evaluation
 from src import cli
 from src import lora as L
-from src.evaluation import adapter_dir, moa_dir, train_command
+from src.layout import adapter_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
 from src.train import make_accelerator, make_config, train_routers

@@ -16,7 +16,7 @@ done
 $PYTHON - "$slug" "$run_start" >> "$times.tmp" <<'PY'
 import json, sys
 from pathlib import Path
-from src.evaluation import PAPER_METHODS
+from src.layout import PAPER_METHODS
 spent = {True: 0.0, False: 0.0}
 for f in Path("results", sys.argv[1]).glob("*-task/*.json"):
     r = json.loads(f.read_text())

@@ -251,3 +251,21 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
                                                 "candidates": candidates, "at_edge": at_edge},
         "seconds": round(time.perf_counter() - started, 1)}
 
+
+# The learned merges join the registry here, where they are defined (merges.py does not import this module).
+M.register(M.Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
+                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on validation rows",
+                "data", cat,
+                {"rows": M.Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "epochs": M.Param(2, "passes over those rows", low=1, kind=int),
+                 "lr": M.Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
+                 "init": M.Param(None, "initial alpha (None: 1/n)", none_ok=True)},
+                "exact, rank R"))
+M.register(M.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
+                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on validation-row loss + L1",
+                "data", lorahub,
+                {"rows": M.Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "budget": M.Param(40, "loss evaluations of the optimiser", low=1, kind=int),
+                 "l1": M.Param(0.05, "weight of the L1 penalty on w", low=0.0),
+                 "bound": M.Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
+                "exact, rank r"))

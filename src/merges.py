@@ -266,7 +266,7 @@ def knots(M, w, ctx, merge: str, density: float, p: float, lam):
     """KnOTS: SVD of the column-wise concatenation [w_1 D_1 ... w_n D_n] = U S [V_1^T ... V_n^T]; each task is
     U (S V_i^T) in the shared basis U; the blocks S V_i^T are merged ("ties": trim + disjoint mean, "dare_ties":
     DARE + disjoint mean, "sum": their plain sum, which gives task arithmetic back) and rebuilt with U."""
-    n, q = M.shape[1], M.shape[-1]
+    q = M.shape[-1]
     stacked = torch.cat(list((M * w[None, :, None, None]).unbind(1)), dim=-1)     # (m, p, n q)
     U, S, Vh = svd_parts(stacked)                                                   # Vh (m, k, n q)
     blocks = torch.stack((S[..., None] * Vh).split(q, dim=-1), dim=1)              # (m, n, k, q)
@@ -413,50 +413,6 @@ register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
                 exact="equal"))
 
 
-def _learned(name):
-    def fit(*args, **kwargs):
-        from . import merge_fit
-
-        return getattr(merge_fit, name)(*args, **kwargs)
-    return fit
-
-
-register(Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
-                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on validation rows",
-                "data", _learned("cat"),
-                {"rows": Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "epochs": Param(2, "passes over those rows", low=1, kind=int),
-                 "lr": Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
-                 "init": Param(None, "initial alpha (None: 1/n)", none_ok=True)},
-                "exact, rank R"))
-register(Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
-                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on validation-row loss + L1",
-                "data", _learned("lorahub"),
-                {"rows": Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "budget": Param(40, "loss evaluations of the optimiser", low=1, kind=int),
-                 "l1": Param(0.05, "weight of the L1 penalty on w", low=0.0),
-                 "bound": Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
-                "exact, rank r"))
-
-DEFAULT_MERGES = [name for name, m in METHODS.items() if m.default]
-
-
-NO_CORE = {"factors": "on the factors, exact", "data": "learned on rows after the training rows"}
-
-
-def method_table() -> str:
-    """The README's method table, from the registry (a test keeps the README in step with it)."""
-    lines = ["| method | paper | merged update | parameters (default; grid searched on validation rows) | output "
-             "| core space vs dense |", "|---|---|---|---|---|---|"]
-    for name, m in METHODS.items():
-        params = "; ".join(f"{k}={p.default}" + (f" ({', '.join(map(str, p.grid))})" if p.grid else "")
-                           for k, p in m.params.items()) or "none"
-        if m.mean:
-            params += "; weights 1/n"
-        opt = "" if m.default else " (option)"
-        lines.append(f"| `{name}`{opt} | {m.paper} | `{m.formula}` | {params} | {m.output} | "
-                     f"{m.exact or NO_CORE[m.space]} |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ applying one

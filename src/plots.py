@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 
 from . import lora as L  # noqa: E402
 from . import merges as M  # noqa: E402
-from .evaluation import ALL_METHODS, intervals, load_method_results, paper_normalized, same_inputs  # noqa: E402
+from .layout import ALL_METHODS  # noqa: E402
+from .reporting import intervals, load_method_results, paper_normalized, same_inputs  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
 

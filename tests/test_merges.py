@@ -9,6 +9,7 @@ import torch
 
 from src import lora as L
 from src import merges as M
+from src import reporting
 from src.errors import BadInput
 
 RANKS, SCALES = (3, 5, 2), (2.0, 0.5, 1.5)
@@ -335,4 +336,4 @@ def test_every_method_is_documented_and_bad_input_is_clear():
 
 def test_readme_method_table_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert M.method_table() in readme, "README's method table is stale: paste merges.method_table() into it"
+    assert reporting.method_table() in readme, "README's method table is stale: paste reporting.method_table() into it"

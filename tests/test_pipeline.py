@@ -19,7 +19,7 @@ from src import cli
 REPO = Path(__file__).resolve().parent.parent
 SLOW_MACHINE_TIMEOUT = 1200  # a stage takes up to ~2 minutes here: room for a machine several times slower
 TASKS = "sentiment,nli"
-from src.evaluation import METHODS  # noqa: E402  (the defaults: base, majority, single, moa and every merge)
+from src.layout import METHODS  # noqa: E402  (the defaults: base, majority, single, moa and every merge)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
         ["summarization", "translation", "qa", "sentiment", "nli"]
     # again with METHODS=paper: only the thesis's methods run; the 7-task run recomputes base and single instead of
     # reading the results already there (a reproduction), the 5-task run reuses those
-    from src.evaluation import PAPER_METHODS
+    from src.layout import PAPER_METHODS
 
     results = tmp_path / "results" / "tiny"
     before = {p: p.stat().st_mtime_ns for p in results.glob("*-task/*.json")}
@@ -446,7 +446,7 @@ def test_the_summary_prints_qa_f1_with_one_decimal_in_every_row(tmp_path):
     import re
     import shutil
 
-    from src.evaluation import write_summary
+    from src.reporting import write_summary
 
     out = tmp_path / "7-task"
     shutil.copytree(REPO / "results" / "smollm2-135m" / "7-task", out)
@@ -465,7 +465,7 @@ def test_the_summary_leaves_out_results_of_other_adapters(tmp_path):
     divided by the wrong single scores: it leaves the table, and the summary says so."""
     import shutil
 
-    from src.evaluation import write_summary
+    from src.reporting import write_summary
 
     out = tmp_path / "7-task"
     shutil.copytree(REPO / "results" / "smollm2-135m" / "7-task", out)
@@ -493,7 +493,7 @@ def test_committed_merges_name_disjoint_training_selection_and_test_rows(task_se
     """Every merge in a committed table names the rows its adapters trained on, the rows it chose or learned on,
     and the rows it was scored on, and they are disjoint (results left out of the table, computed on other
     adapters, are not in it to check)."""
-    from src.evaluation import load_method_results, same_inputs
+    from src.reporting import load_method_results, same_inputs
     from src.train import make_config
 
     kept, _ = same_inputs(load_method_results(REPO / "results" / "smollm2-135m" / task_set))

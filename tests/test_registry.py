@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from src import lora as L
+from src import merge_fit  # noqa: F401  (registers the learned merges: the registry is complete)
 from src import merges as M
 from src.errors import BadInput
 

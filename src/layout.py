@@ -1,0 +1,36 @@
+"""Names and places: the methods a run can take, where adapters, routers and results live, and the command that
+makes each. The scripts import this for a path instead of the evaluation code."""
+from pathlib import Path
+
+from . import merge_fit  # noqa: F401  (registers the learned merges: the registry below is complete)
+from . import merges
+from .models import model_slug
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_RESULTS = ROOT / "results" / "paper" / "paper_results.json"
+
+MODEL_METHODS = ["base", "majority", "single", "moa"]
+PAPER_METHODS = MODEL_METHODS + ["concat", "weight_sum", "svd"]  # --methods paper: the thesis's table
+MERGE_METHODS = list(merges.METHODS)
+METHODS = MODEL_METHODS + [n for n in MERGE_METHODS if merges.METHODS[n].default]  # the default --methods
+ALL_METHODS = MODEL_METHODS + MERGE_METHODS                                         # also the tables' row order
+
+
+def adapter_dir(root: Path, model: str, task: str) -> Path:
+    return Path(root) / "adapters" / model_slug(model) / task
+
+
+def moa_dir(root: Path, model: str, tasks: list[str]) -> Path:
+    return Path(root) / "adapters" / model_slug(model) / f"moa-{len(tasks)}"
+
+
+def results_dir(root: Path, model: str, tasks: list[str]) -> Path:
+    return Path(root) / "results" / model_slug(model) / f"{len(tasks)}-task"
+
+
+def train_command(model: str, preset: str, task: str) -> str:
+    return f"python train_individual_loras.py --task {task} --model {model} --preset {preset}"
+
+
+def moa_command(model: str, preset: str, tasks: list[str]) -> str:
+    return f"python train_moa.py --tasks {','.join(tasks)} --model {model} --preset {preset}"

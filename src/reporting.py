@@ -1,0 +1,263 @@
+"""Reports of finished runs, from the result files alone: the summary tables (`summary.md`, `summary.csv`) with 95%
+paired bootstrap intervals (`metrics.paired_bootstrap`: the same resampled rows for a method and for single), the
+paper's normalized scores beside ours, the single-task checks, each method's paired difference from MoA and from
+the SVD merge, how each merge was made, and the README's method table. Only results computed on single's adapters
+and test prompts share a table; the others are named."""
+import csv
+import io
+import json
+from pathlib import Path
+
+from . import merges
+from .layout import ALL_METHODS, PAPER_RESULTS
+from .lora import atomic_write
+from .metrics import normalized_score, paired_bootstrap
+from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
+
+PAPER_NAMES = {"base": "base", "single": "single", "moa": "moa", "concat": "concat", "weight_sum": "weighted",
+               "svd": "svd", "weighted_avg": "weighted_avg"}
+PAIRED_WITH = ("moa", "svd")  # every method's normalized score is also compared to these, on the same resamples
+
+
+def paper_normalized(tasks: list[str]) -> dict:
+    """{model: {method: normalized score}} from the thesis logs, when the task list is the paper's 5 or 7 set."""
+    if not PAPER_RESULTS.exists() or sorted(tasks) not in (sorted(FIVE_TASKS), sorted(SEVEN_TASKS)):
+        return {}
+    paper = json.loads(PAPER_RESULTS.read_text())
+    key = f"{len(tasks)}-task"
+    out = {}
+    for model, sets in paper["results"].items():
+        if key not in sets:
+            continue
+        res = sets[key]
+        primary = paper["primary_metric"]
+        out[model] = {ours: normalized_score(res[theirs], res["single"], primary)["mean"]
+                      for ours, theirs in PAPER_NAMES.items() if theirs in res}
+    return out
+
+
+def load_method_results(out: Path) -> dict:
+    """{method: result} for every method file in a results folder, in table order."""
+    return {m: json.loads((out / f"{m}.json").read_text()) for m in ALL_METHODS if (out / f"{m}.json").exists()}
+
+
+def intervals(found: dict, n_boot: int = 1000) -> dict:
+    """95% paired bootstrap intervals of every method's per-task metric, ratio to single, and normalized score
+    (a result file written before intervals existed has no per-row statistics: no interval for it)."""
+    tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
+    ci = paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items() if "stats" in r}, reference="single",
+                          n_boot=n_boot, compare=PAIRED_WITH)
+    empty = {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None, "normalized_diff": {}}
+    return {m: ci.get(m, empty) for m in found}
+
+
+def paired_gaps(found: dict, ci: dict) -> str:
+    """Each method's normalized score minus MoA's and the SVD merge's, with the paired 95% interval (the same
+    resampled rows for both): whether a merge is distinguishable from MoA is read here, not from two intervals."""
+    points = normalized_points(found)
+    others = [o for o in PAIRED_WITH if o in found and points[o] is not None]
+    rows = []
+    for m in found:
+        if m in others or m == "single" or points[m] is None:
+            continue
+        cells = []
+        for o in others:
+            lo_hi = ci[m]["normalized_diff"].get(o)
+            gap = f"{points[m] - points[o]:+.3f}"
+            cells.append(gap if lo_hi is None else f"{gap} [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not others or not rows:
+        return ""
+    return ("\n**Paired differences of the normalized score** (method - other on the same resampled rows, 95%)\n\n"
+            "| method | " + " | ".join(f"- {o}" for o in others) + " |\n|---|" + "---|" * len(others) + "\n"
+            + "\n".join(rows) + "\n")
+
+
+def single_check(found: dict, ci: dict) -> str:
+    """Did each single-task LoRA learn its task? Its score against the base model and, for a classification task,
+    against the majority class and chance, with the paired 95% interval of the difference (the same resampled
+    rows on both sides, `ci` from `intervals`): 'yes' when the whole interval is above 0."""
+    if "single" not in found or "base" not in found:
+        return ""
+    rows = []
+    for t in found["single"]["tasks"]:
+        task, single = get_task(t), found["single"]["primary"][t]
+        num = (lambda x: f"{x:.1f}") if abs(single) >= 10 else (lambda x: f"{x:.3f}")
+
+        def versus(m):
+            lo_hi = ci[m]["diff"].get(t)
+            if lo_hi is None:
+                return "n/a", "n/a"
+            gap = f"{num(single - found[m]['primary'][t])} [{num(-lo_hi[1])}, {num(-lo_hi[0])}]"
+            return gap, "yes" if lo_hi[1] < 0 else "**no**"
+
+        base_gap, base_ok = versus("base")
+        maj = found.get("majority", {}).get("primary", {}).get(t)
+        maj_gap, maj_ok = versus("majority") if maj is not None else ("n/a", "n/a")
+        chance = f"{task.chance:.2f}" if task.chance else "n/a"
+        chance_ok = "n/a"
+        if task.chance:
+            lo = ci["single"]["per_task"].get(t, (None,))[0]
+            chance_ok = "n/a" if lo is None else ("yes" if lo > task.chance else "**no**")
+        rows.append(f"| {t} | {num(single)} | {base_gap} | {base_ok} | {maj_gap} | {maj_ok} | {chance} | {chance_ok} |")
+    return ("\n**Did the single-task LoRAs learn their tasks?** (single - baseline on the same resampled rows, 95%; "
+            "above chance: the single's interval above the chance level)\n\n"
+            "| task | single | single - base | above base | single - majority | above majority | chance | above chance |"
+            "\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def normalized_points(found: dict) -> dict:
+    """{method: normalized score (mean over tasks of method / single)}, None where a method lacks a task."""
+    tasks = next(iter(found.values()))["tasks"]
+    primary = {t: get_task(t).primary for t in tasks}
+    if "single" not in found:
+        return {m: None for m in found}
+    single = found["single"]["metrics"]
+    return {m: normalized_score(r["metrics"], single, primary)["mean"] if set(r["metrics"]) == set(single) == set(tasks)
+            else None for m, r in found.items()}
+
+
+def summary_table(found: dict, ci: dict) -> tuple[list[str], list[list]]:
+    """One row per method of `found` (from `load_method_results`): per task the primary metric and its interval,
+    then the normalized score and its interval, then the paper's normalized scores. Cells are (value, (lo, hi))
+    or None."""
+    tasks = next(iter(found.values()))["tasks"]
+    primary = {t: get_task(t).primary for t in tasks}
+    paper = paper_normalized(tasks)
+    header = ["method"] + [f"{t} ({primary[t]})" for t in tasks] + ["normalized"] + [f"paper {m}" for m in paper]
+    rows = []
+    points = normalized_points(found)
+    for m, res in found.items():
+        norm = points[m]
+        cells = [(res["primary"][t], ci[m]["per_task"].get(t)) if t in res["primary"] else None for t in tasks]
+        rows.append([m] + cells + [(norm, ci[m]["normalized"]) if norm is not None else None]
+                    + [paper[p].get(m) for p in paper])
+    return header, rows
+
+
+def _big(v) -> bool:
+    return isinstance(v, tuple) and max(abs(v[0]), abs((v[1] or (0, 0))[1])) >= 10
+
+
+def _fmt(v, big: bool = False) -> str:
+    """`big`: the column is on 0-100 (QA's F1), one decimal in every row, a collapsed method's 0.5 included."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, tuple):
+        value, (lo, hi) = v[0], v[1] if v[1] is not None else (None, None)
+        f = (lambda x: f"{x:.1f}") if big else (lambda x: f"{x:.3f}")
+        return f(value) + (f" [{f(lo)}, {f(hi)}]" if lo is not None else "")
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _csv_cells(v) -> list:
+    if isinstance(v, tuple):
+        lo, hi = v[1] if v[1] is not None else (None, None)
+        return [v[0], lo, hi]
+    return [v, None, None]
+
+
+def same_inputs(found: dict) -> tuple[dict, dict]:
+    """(results that can share a table, {left-out method: why}): a normalized score divides a method's score by
+    single's, and a paired interval resamples the same rows, so every row must come from the same adapters
+    (fingerprints) and the same test prompts as single's. Base and majority use no adapter; a file from before
+    these were recorded is compared on what it has."""
+    ref = found.get("single") or next(iter(found.values()))
+    ref_adapters, ref_inputs = ref["settings"].get("adapters", {}), ref["settings"].get("inputs")
+    kept, left_out = {}, {}
+    for m, r in found.items():
+        adapters, inputs = r["settings"].get("adapters", {}), r["settings"].get("inputs")
+        differ = [t for t in adapters if ref_adapters.get(t) not in (None, adapters[t])]
+        if differ:
+            left_out[m] = f"other adapters than single's ({', '.join(differ)})"
+        elif inputs and ref_inputs and any(inputs.get(t) != ref_inputs.get(t) for t in ref_inputs):
+            left_out[m] = "other test prompts or references than single's"
+        else:
+            kept[m] = r
+    return kept, left_out
+
+
+def write_summary(out: Path):
+    found = load_method_results(out)
+    if not found:
+        return
+    found, left_out = same_inputs(found)
+    ci = intervals(found)   # one bootstrap, shared by the table and the single-task check
+    header, rows = summary_table(found, ci)
+    tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
+    n_scored = len(tasks) + 1  # the per-task cells and the normalized score carry intervals
+    scored = [c for h in header[1:1 + n_scored] for c in (h, f"{h} lo", f"{h} hi")]
+    csv_header = ["method"] + scored + header[1 + n_scored:]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([csv_header] + [[row[0]] + [c for v in row[1:1 + n_scored] for c in _csv_cells(v)]
+                                              + row[1 + n_scored:] for row in rows])
+    atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    big = [any(_big(row[k]) for row in rows) for k in range(len(header))]
+    lines += ["| " + " | ".join(_fmt(v, b) for v, b in zip(row, big)) + " |" for row in rows]
+    n_rows = sorted({n for r in found.values() for n in r["rows"].values()})
+    chance = ", ".join(f"{t} {get_task(t).chance:.2f}" for t in tasks if get_task(t).chance)
+    majority = found.get("majority", {}).get("majority_class", {})
+    note = (f"\nPrimary metric per task (QA F1 on 0-100, the rest on 0-1) on {'/'.join(map(str, n_rows))} test rows "
+            "per task; normalized = mean over tasks of method / single. [lo, hi]: 95% paired bootstrap interval "
+            "(1,000 resamples of the test rows, the same rows for a method and for single; corpus BLEU recomputed "
+            "per resample). majority: the most frequent class of the train split"
+            + (f" ({', '.join(f'{t}: {c}' for t, c in majority.items())})" if majority else "")
+            + (f"; chance level (1 / classes): {chance}" if chance else "")
+            + ". Paper columns: the thesis logs' normalized score for the same task set.\n"
+            + "".join(f"\n**Left out of this table** (computed on {why}; rerun them): "
+                      f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
+                      for why in dict.fromkeys(left_out.values())))
+    text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
+    atomic_write(out / "summary.md", lambda p: p.write_text(text))
+
+
+def merge_table(found: dict) -> str:
+    """How each merge was made: its parameters, how they were chosen (grid on validation loss, learned on train
+    rows, or defaults), and the time it took (selection or fitting included)."""
+    rows = []
+    for m, res in found.items():
+        info = res.get("merge")
+        if info is None:
+            continue
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in info["params"].items())
+        if "selection" in info:
+            grid = info["selection"]["candidates"]
+            edge = info["selection"].get("at_edge")
+            how = (f"lowest validation loss of {len(grid)} candidates ({info['selection']['rows_per_task']} train-split "
+                   f"rows per task after the training rows): {min(c['val_loss'] for c in grid):.3f}"
+                   + (f"; **at the edge** of the values tried for {', '.join(edge)}" if edge else ""))
+        elif "loss_after" in info:
+            how = (f"learned on {sum(info['rows_per_task'].values())} train-split rows after the training rows: loss "
+                   f"{sum(info['loss_before'].values()) / len(info['loss_before']):.3f} -> "
+                   f"{sum(info['loss_after'].values()) / len(info['loss_after']):.3f}")
+        elif "objective_best" in info:
+            weights = ", ".join(f"{w:.2f}" for w in info["weights"])
+            how = (f"NGOpt, {info['evaluations']} evaluations on {sum(info['rows_per_task'].values())} train-split rows "
+                   "after the training rows: "
+                   f"loss {info['loss_start']:.3f} -> {info['loss_best']:.3f}, w = {weights}")
+        else:
+            how = "the method's defaults"
+        rows.append(f"| {m} | {params or '-'} | {how} | {info['seconds']:.1f} |")
+    if not rows:
+        return ""
+    return ("\n**Merges: parameters and how they were chosen** (never on test rows)\n\n"
+            "| method | parameters | chosen by | seconds |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+NO_CORE = {"factors": "on the factors, exact", "data": "learned on rows after the training rows"}
+
+
+def method_table() -> str:
+    """The README's method table, from the registry (a test keeps the README in step with it)."""
+    lines = ["| method | paper | merged update | parameters (default; grid searched on validation rows) | output "
+             "| core space vs dense |", "|---|---|---|---|---|---|"]
+    for name, m in merges.METHODS.items():
+        params = "; ".join(f"{k}={p.default}" + (f" ({', '.join(map(str, p.grid))})" if p.grid else "")
+                           for k, p in m.params.items()) or "none"
+        if m.mean:
+            params += "; weights 1/n"
+        opt = "" if m.default else " (option)"
+        lines.append(f"| `{name}`{opt} | {m.paper} | `{m.formula}` | {params} | {m.output} | "
+                     f"{m.exact or NO_CORE[m.space]} |")
+    return "\n".join(lines)
