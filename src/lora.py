@@ -18,6 +18,7 @@ What is here, top to bottom:
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -394,26 +395,26 @@ def route_decisions(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  gold: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+                  gold: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
     """Every LoRA layer's input at the last prompt position, with each sample's gold adapter active (teacher
     forcing, as the original trained its routers). Prompts must be left-padded.
 
-    Returns (features, where): features (batch, U, d_in) in the model's dtype, the U distinct inputs (q, k and v
-    read the same tensor, so it is kept once), and for each LoRA layer the index of its input among them.
-    The routers do not change these inputs (the gold adapter is used, not the routed one), so they can be
-    computed once and the routers trained on them as classifiers: the same gradients as the original's loop."""
+    Returns (features, where): features, the U distinct inputs, each (batch, d_in of the layers reading it) in the
+    model's dtype (q, k and v read the same tensor, so it is kept once; so do gate and up; down_proj's input is
+    intermediate_size wide, the others hidden_size, hence a list rather than one stacked tensor), and for each LoRA
+    layer the index of its input among them. The routers do not change these inputs (the gold adapter is used, not
+    the routed one), so they can be computed once and the routers trained on them as classifiers: the same
+    gradients as the original's loop."""
     layers = list(lora_layers(model).values())
-    if len({layer.base.in_features for layer in layers}) != 1:
-        raise BadInput("router_inputs needs the LoRA layers to share one input width")
-    captured, where, previous = [], [], []
+    captured, where, previous = [], [None] * len(layers), []
 
-    def hook(module, args):
+    def hook(index, module, args):  # where is indexed by layer (lora_layers order), not by call order
         if not previous or args[0] is not previous[0]:
             captured.append(args[0][:, -1].clone())
             previous[:] = [args[0]]
-        where.append(len(captured) - 1)
+        where[index] = len(captured) - 1
 
-    hooks = [layer.register_forward_pre_hook(hook) for layer in layers]
+    hooks = [layer.register_forward_pre_hook(functools.partial(hook, i)) for i, layer in enumerate(layers)]
     gate = F.one_hot(gold, len(layers[0].A)).float()
     try:
         with gated(model, gate):
@@ -421,14 +422,15 @@ def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(captured, dim=1), where
+    return captured, where
 
 
-def router_loss(routers: nn.ModuleList, features: torch.Tensor, where: list[int],
+def router_loss(routers: nn.ModuleList, features: list[torch.Tensor], where: list[int],
                 labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over routers of the cross-entropy of each router on its layer's features (batch, U, d_in), with the
-    samples' CE averaged (reduction "mean") or summed ("sum"); also each layer's predictions (layers, batch)."""
-    logits = torch.stack([r(features[:, u].to(r.weight.dtype)) for r, u in zip(routers, where)]).float()
+    """Mean over the R routers of each router's cross-entropy on its layer's features, features[where[l]]
+    (batch, d_in of layer l): loss = 1/R sum_l CE(router_l(x_l), labels), the samples' CE averaged (reduction
+    "mean") or summed ("sum"); also each layer's predictions (layers, batch)."""
+    logits = torch.stack([r(features[u].to(r.weight.dtype)) for r, u in zip(routers, where)]).float()
     loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(routers)), reduction=reduction)
     return (loss / len(routers) if reduction == "sum" else loss), logits.argmax(-1)
 

@@ -375,14 +375,27 @@ def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
     return {"accuracy": right.mean().item(), "per_layer": right.mean(0).tolist(), "n_prompts": len(labels)}
 
 
+def gather_items(x: torch.Tensor, n_items: int, accelerator: Accelerator) -> torch.Tensor:
+    """Every process's rows of `x` gathered to all, back in item order: process p of N holds items p, p + N, ..."""
+    n = accelerator.num_processes
+    padded = accelerator.pad_across_processes(x.to(accelerator.device), dim=0)
+    gathered = accelerator.gather(padded).cpu().reshape(n, -1, *x.shape[1:])
+    out = torch.empty(n_items, *x.shape[1:], dtype=x.dtype)
+    for p in range(n):
+        out[p::n] = gathered[p, :len(range(p, n_items, n))]
+    return out
+
+
 @torch.no_grad()
 def router_features(model, items: list, pad_id: int, batch_size: int, accelerator: Accelerator):
     """`L.router_inputs` of every (gold task, prompt) item, with each item's gold adapter active; the items are
-    shared out over the processes and the features gathered back to all. Returns (features (items, U, d), where)."""
+    shared out over the processes and the features gathered back to all. Returns (features, where): features a
+    list of U tensors (items, d_u), one per distinct layer input, of the widths of the layers reading them
+    (hidden_size, or intermediate_size for down_proj); where as in `L.router_inputs`."""
     if len(items) < accelerator.num_processes:
         raise BadInput(f"{len(items)} router prompts for {accelerator.num_processes} processes: raise --router-rows")
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
-    feats, where = [], None
+    feats, where = None, None
     for i in tqdm(range(0, len(mine), batch_size), desc="router features", unit="batch",
                   disable=not accelerator.is_main_process):
         chunk = [items[j] for j in mine[i:i + batch_size]]
@@ -390,23 +403,20 @@ def router_features(model, items: list, pad_id: int, batch_size: int, accelerato
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with padding_skipped(model, batch["attention_mask"]):
             f, where = L.router_inputs(model, batch["input_ids"], batch["attention_mask"], gold.to(model.device))
-        feats.append(f.cpu())
-    feats = torch.cat(feats)
-    if accelerator.num_processes > 1:  # back into item order: process p computed items p, p + N, p + 2N, ...
-        counts = [len(range(p, len(items), accelerator.num_processes)) for p in range(accelerator.num_processes)]
-        padded = accelerator.pad_across_processes(feats.to(accelerator.device), dim=0)
-        gathered = accelerator.gather(padded).cpu().reshape(accelerator.num_processes, -1, *feats.shape[1:])
-        out = torch.empty(len(items), *feats.shape[1:], dtype=feats.dtype)
-        for p, n in enumerate(counts):
-            out[p::accelerator.num_processes] = gathered[p, :n]
-        feats = out
+        if feats is None:  # filled in place rather than concatenated at the end: no second copy of many GB
+            feats = [torch.empty(len(mine), x.shape[1], dtype=x.dtype) for x in f]
+        for out, x in zip(feats, f):
+            out[i:i + len(chunk)] = x.cpu()
+    if accelerator.num_processes > 1:
+        feats = [gather_items(x, len(items), accelerator) for x in feats]
     return feats, where
 
 
-def train_router_set(cfg: TrainConfig, features: torch.Tensor, where: list[int], labels: torch.Tensor,
-                     routers: nn.ModuleList, desc: str) -> list[dict]:
-    """Train `routers` on precomputed features: epochs of shuffled batches, loss = mean over routers of the
-    cross-entropy against the task. Returns the log."""
+def train_router_set(cfg: TrainConfig, features: list[torch.Tensor], where: list[int], rows: torch.Tensor,
+                     labels: torch.Tensor, routers: nn.ModuleList, desc: str) -> list[dict]:
+    """Train `routers` on precomputed features (`router_features`; label i's prompt is row rows[i] of each, read
+    in place: a copy of the set's rows could be tens of GB): epochs of shuffled batches, loss = mean over routers
+    of the cross-entropy against the task (`L.router_loss`). Returns the log."""
     optimizer = torch.optim.AdamW(routers.parameters(), lr=cfg.router_lr)
     device = next(routers.parameters()).device
     n = len(labels)
@@ -418,7 +428,7 @@ def train_router_set(cfg: TrainConfig, features: torch.Tensor, where: list[int],
             for i in range(0, n, cfg.router_batch_size):
                 idx = order[i:i + cfg.router_batch_size]
                 gold = labels[idx].to(device)
-                loss, predicted = L.router_loss(routers, features[idx].to(device), where, gold)
+                loss, predicted = L.router_loss(routers, [f[rows[idx]].to(device) for f in features], where, gold)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -461,7 +471,7 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
                 for t in tasks:
                     L.add_adapter(model, adapters[t])
                 routers = L.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
-                log = train_router_set(cfg, features[pick], where, labels, routers, desc=f"routers {len(tasks)} tasks")
+                log = train_router_set(cfg, features, where, pick, labels, routers, desc=f"routers {len(tasks)} tasks")
                 L.attach_routers(model, routers)
                 accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
                 L.save_routers(model, out_dir, tasks, cfg.model,

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tiny_qwen2
@@ -207,7 +209,7 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
         labels = torch.randint(0, 3, (8,), generator=gen)
         x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
         feats, where = L.router_inputs(model, x, torch.ones_like(x), labels)
-        assert feats.shape == (8, 2 * 2, 64) and where == [0, 0, 0, 1, 2, 2, 2, 3]  # q, k, v share their input
+        assert [f.shape for f in feats] == [(8, 64)] * (2 * 2) and where == [0, 0, 0, 1, 2, 2, 2, 3]  # q/k/v: one input
         loss, _ = L.router_loss(routers, feats, where, labels)
         opt.zero_grad()
         loss.backward()
@@ -241,3 +243,51 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     L.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
     with torch.no_grad(), L.routing(fresh):
         assert torch.allclose(fresh(x).logits, mixed, atol=1e-6)
+
+
+def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
+    """The original code's targets: down_proj reads the MLP's hidden state (intermediate_size wide), every other
+    target hidden_size. Each layer's router reads its own layer's input: routers, teacher-forced features and loss
+    come in both widths, and saved then loaded routers route exactly as before."""
+    gen = torch.Generator().manual_seed(11)
+    model = tiny_qwen2()  # hidden 64, intermediate 128
+    L.inject(model, targets=L.ORIGINAL_CODE_TARGETS)
+    adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
+    for a in adapters:
+        L.add_adapter(model, a)
+    widths = [layer.base.in_features for layer in L.lora_layers(model).values()]
+    assert widths == ([64] * 5 + [128]) * 2  # q, k, v, gate, up, down per decoder layer
+    routers = L.make_routers(model, 3, generator=gen)
+    assert [(r.in_features, r.out_features) for r in routers] == [(w, 3) for w in widths]
+
+    labels = torch.tensor([0, 1, 2, 1])
+    x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
+    feats, where = L.router_inputs(model, x, torch.ones_like(x), labels)
+    assert where == [0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 5]  # q, k, v share one input, gate and up another
+    assert [f.shape for f in feats] == [(4, 64), (4, 64), (4, 128)] * 2
+    mlp = model.model.layers[1].mlp  # down_proj's feature is act(gate(x)) * up(x) of gate/up's, gold adapter active
+    with torch.no_grad(), L.gated(model, F.one_hot(labels, 3).float()):
+        assert torch.allclose(feats[5], mlp.act_fn(mlp.gate_proj(feats[4])) * mlp.up_proj(feats[4]), atol=1e-6)
+    loss, predicted = L.router_loss(routers, feats, where, labels)
+    reference = torch.stack([F.cross_entropy(r(feats[u]), labels) for r, u in zip(routers, where)]).mean()
+    assert torch.allclose(loss, reference) and predicted.shape == (12, 4)
+    loss.backward()
+    assert all(r.weight.grad.abs().sum() > 0 for r in routers)
+
+    L.attach_routers(model, routers)
+    with torch.no_grad(), L.routing(model):
+        logits = model(x).logits
+        decisions = L.route_decisions(model)
+    assert decisions.shape == (4, 12)
+    L.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
+    saved = load_file(str(tmp_path / "moa" / "routers.safetensors"))
+    assert saved["model.layers.0.mlp.down_proj.router.weight"].shape == (3, 128)
+    assert saved["model.layers.0.mlp.up_proj.router.weight"].shape == (3, 64)
+    fresh = tiny_qwen2()
+    L.inject(fresh, targets=L.ORIGINAL_CODE_TARGETS)
+    for a in adapters:
+        L.add_adapter(fresh, a)
+    L.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
+    with torch.no_grad(), L.routing(fresh):
+        assert torch.equal(fresh(x).logits, logits)
+        assert torch.equal(L.route_decisions(fresh), decisions)

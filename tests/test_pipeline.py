@@ -140,6 +140,42 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
     assert [e["step"] for e in log] == list(range(1, 401))
 
 
+
+def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
+    """train_moa.py over adapters on the original code's targets (q, k, v, gate, up, down): down_proj's router reads
+    the MLP's hidden state (intermediate_size wide), the others hidden_size. Random adapters saved as the training
+    script would, so this takes seconds; whether routers learn is tested on the attention targets above."""
+    import train_moa
+    from src import lora as L
+    from src.evaluation import adapter_dir, moa_dir
+    from src.models import load_model
+
+    model, _ = load_model(str(tiny_dir), device="cpu")
+    L.inject(model, targets=L.ORIGINAL_CODE_TARGETS)
+    layers = L.lora_layers(model)
+    gen, tasks = torch.Generator().manual_seed(0), TASKS.split(",")
+    for task in tasks:
+        modules = {name: L.Lora(torch.randn(4, m.base.in_features, generator=gen) * 0.05,
+                                torch.randn(m.base.out_features, 4, generator=gen) * 0.05, 2.0)
+                   for name, m in layers.items()}
+        L.save_adapter(L.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
+    train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
+                    "--router-epochs", "1", "--root", str(tmp_path)])
+
+    out = moa_dir(tmp_path, str(tiny_dir), tasks)
+    meta = json.loads((out / "routers.json").read_text())
+    assert meta["layers"] == list(layers) and len(meta["heldout_accuracy"]["per_layer"]) == 12
+    assert meta["heldout_accuracy"]["n_prompts"] == 4 and len(meta["log"]) == 1  # 8 prompts, one batch of 8
+    for task in tasks:
+        L.add_adapter(model, L.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
+    L.load_routers(model, out, tasks)
+    assert [m.router.in_features for m in layers.values()] == ([32] * 5 + [64]) * 2
+    x = torch.randint(3, 1000, (3, 9), generator=gen)
+    with torch.no_grad(), L.routing(model):
+        model(x)
+        decisions = L.route_decisions(model)
+    assert decisions.shape == (3, 12) and decisions.max() <= 1
+
 # -------------------------------------------------------------------------------------------------- bad input
 MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa")}
 
