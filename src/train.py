@@ -132,6 +132,22 @@ def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     return check_config(TrainConfig(**values), TRAIN_SETTINGS)
 
 
+def check_task_sets(task_sets: list[list[str]]):
+    """Refuse task sets the routers cannot be trained on, before any adapter or model loads: a router chooses
+    among its set's adapters (with one task there is no choice and the accuracy is 1 by construction), and each set
+    is written to moa-<N>, so two sets of the same size would overwrite each other."""
+    for tasks in task_sets:
+        if len(tasks) < 2:
+            other = next(t for t in TASKS if t not in tasks)
+            raise BadInput(f"--tasks {','.join(tasks)}: a router chooses among tasks, give at least 2 "
+                           f"(e.g. --tasks {','.join([*tasks, other])})")
+    sizes = [len(tasks) for tasks in task_sets]
+    same = sorted({n for n in sizes if sizes.count(n) > 1})
+    if same:
+        raise BadInput(f"several --tasks sets of {same[0]} tasks would all be written to moa-{same[0]}: "
+                       "give one set per size")
+
+
 def make_accelerator() -> Accelerator:
     """The Accelerator of the scripts: GPUs when present, else CPU processes (gloo) under torchrun. Without
     `cpu=True` a CPU-only machine would not see the other processes (each would think it is alone)."""
@@ -470,6 +486,7 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     against the task. A prompt's features depend only on its gold adapter, so they are computed once for the
     union of the sets (sharded over the processes) and shared by every set and epoch; the routers, a few linear
     classifiers, are then trained on the main process. Returns each set's held-out routing accuracy."""
+    check_task_sets(task_sets)
     acc = accelerator or make_accelerator()
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
     targets = sorted({n.rpartition(".")[2] for n in adapters[union[0]].modules})

@@ -506,11 +506,14 @@ def no_model(monkeypatch):
 
 @pytest.mark.parametrize("script_name, flags, message", [
     # what a new user tried: a traceback from the optimizer after the model loaded, a traceback from the parser,
-    # every test row read silently
+    # every test row read silently, a router over one task reporting accuracy 1.000
     ("train_individual_loras", ["--task", "qa", "--lr", "-1"], "--lr -1.0 is out of range: give a finite number > 0"),
     ("full_evaluation", ["--tasks", "qa", "--set", "ties.density=abc"],
      "ties.density='abc' is not a number: give a value in (0, 1]"),
     ("full_evaluation", ["--tasks", "qa", "--rows", "0"], "--rows 0 is out of range: give a whole number >= 1"),
+    ("train_moa", ["--tasks", "qa"], "--tasks qa: a router chooses among tasks, give at least 2 (e.g. --tasks qa,"),
+    ("train_moa", ["--tasks", "qa,nli", "--tasks", "sentiment,nli"],
+     "several --tasks sets of 2 tasks would all be written to moa-2: give one set per size"),
     ("train_individual_loras", ["--task", "qa", "--max-steps", "-5"], "--max-steps -5 is out of range"),
     ("train_individual_loras", ["--task", "qa", "--targets", ","], "--targets () is not accepted"),
     ("train_moa", ["--tasks", "qa,nli", "--router-heldout", "0"], "--router-heldout 0 is out of range"),
