@@ -15,7 +15,7 @@ from src import lora as L
 from src.layout import adapter_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
-from src.train import make_accelerator, make_config, train_routers
+from src.train import check_task_sets, make_accelerator, make_config, train_routers
 
 
 def main(argv=None):
@@ -27,6 +27,7 @@ def main(argv=None):
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
     args = p.parse_args(argv)
     task_sets = [parse_tasks(t) for t in (args.tasks or [",".join(full_evaluation.tasks)])]
+    check_task_sets(task_sets)  # before the adapters and the model load
     cfg = make_config(args.preset, cli.config_flags(args, "tasks"))
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
     adapters = {t: L.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))

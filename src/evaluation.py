@@ -36,6 +36,7 @@ from .layout import (ALL_METHODS, MERGE_METHODS, PAPER_METHODS, ROOT, adapter_di
 from .metrics import example_stats, score
 from .models import load_model
 from .reporting import write_summary
+from .settings import DATA, SEED, Setting, check_config
 from .tasks import get_task
 
 MAJORITY_TRAIN_ROWS = 1000   # the majority class is counted on the first rows of the train split
@@ -61,6 +62,21 @@ EVAL_PRESETS = {
 }
 
 
+# What each EvalConfig field accepts (src/settings.py); make_eval_config checks every one before any model loads.
+EVAL_SETTINGS = {
+    "model": Setting(str),
+    "data": DATA,
+    "preset": Setting(str, choices=tuple(EVAL_PRESETS)),
+    "rows": Setting(int, low=1),             # load_rows(n=0) would read every test row
+    "batch_size": Setting(int, low=1),
+    "max_prompt": Setting(int, low=1),
+    "max_new_tokens": Setting(int, low=1),
+    "select_rows": Setting(int, low=0, note="0: each merge's defaults, no search on validation rows"),
+    "seed": SEED,
+    "merge_params": Setting(dict, none_ok=True),  # its values are checked when parsed (parse_merge_params)
+}
+
+
 def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
     if preset not in EVAL_PRESETS:
         raise BadInput(f"unknown preset {preset!r}: choose from {', '.join(EVAL_PRESETS)}")
@@ -68,8 +84,9 @@ def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:
     unknown = sorted(set(overrides or {}) - known - {"preset"})
     if unknown:  # a misspelt setting would otherwise evaluate with the preset's value
         raise BadInput(f"unknown evaluation setting(s) {', '.join(unknown)}: EvalConfig has {', '.join(sorted(known))}")
-    return EvalConfig(preset=preset, **{**EVAL_PRESETS[preset],
-                                        **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}})
+    cfg = EvalConfig(preset=preset, **{**EVAL_PRESETS[preset],
+                                       **{k: v for k, v in (overrides or {}).items() if v is not None and k in known}})
+    return check_config(cfg, EVAL_SETTINGS)
 
 
 def parse_merge_params(items) -> dict:

@@ -40,7 +40,8 @@ from . import lora as L
 from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
-from .tasks import get_task
+from .settings import DATA, SEED, Setting, check_config
+from .tasks import TASKS, get_task
 
 
 @dataclass
@@ -82,6 +83,39 @@ PRESETS = {
                 router_batch_size=8, router_rows=48, router_heldout=24, max_prompt=192),
 }
 
+POSITIVE_COUNT = Setting(int, low=1)
+# AdamW moves each entry by about lr per step: 0 or below trains nothing (or ascends), above 1 is a typo of an exponent
+LEARNING_RATE = Setting(float, low=0, high=1, open="low")
+
+# What each TrainConfig field accepts (src/settings.py); make_config checks every one before any model loads.
+TRAIN_SETTINGS = {
+    "preset": Setting(str, choices=tuple(PRESETS)),
+    "task": Setting(str, choices=tuple(TASKS)),
+    "model": Setting(str),                         # a hub id or a folder: whether it exists is load_model's check
+    "data": DATA,
+    "r": POSITIVE_COUNT,
+    "alpha": Setting(float, low=0, open="low"),   # the scale is alpha / r: 0 gives an adapter that does nothing
+    "targets": Setting(tuple),                     # module names, matched against the model's layers by L.inject
+    "lr": LEARNING_RATE,
+    "batch_size": POSITIVE_COUNT,
+    "epochs": POSITIVE_COUNT,
+    "max_steps": Setting(int, low=0, note="0: no limit besides epochs and early stopping"),
+    "train_rows": POSITIVE_COUNT,
+    "val_rows": POSITIVE_COUNT,                    # early stopping and the best adapter need a validation loss
+    "max_len": Setting(int, low=2),                # at least one target token and EOS
+    "max_target": POSITIVE_COUNT,
+    "eval_every": POSITIVE_COUNT,                  # periods in steps
+    "patience": POSITIVE_COUNT,                    # 0 would stop at the first validation, whatever its loss
+    "save_every": POSITIVE_COUNT,
+    "seed": SEED,
+    "router_lr": LEARNING_RATE,
+    "router_epochs": POSITIVE_COUNT,
+    "router_batch_size": POSITIVE_COUNT,
+    "router_rows": POSITIVE_COUNT,
+    "router_heldout": POSITIVE_COUNT,              # the routing accuracy is a mean over these prompts
+    "max_prompt": POSITIVE_COUNT,
+}
+
 
 def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     """The preset's TrainConfig with `overrides` (None: keep the preset's value). An unknown key is an error, not
@@ -95,7 +129,23 @@ def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None}, "preset": preset}
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
-    return TrainConfig(**values)
+    return check_config(TrainConfig(**values), TRAIN_SETTINGS)
+
+
+def check_task_sets(task_sets: list[list[str]]):
+    """Refuse task sets the routers cannot be trained on, before any adapter or model loads: a router chooses
+    among its set's adapters (with one task there is no choice and the accuracy is 1 by construction), and each set
+    is written to moa-<N>, so two sets of the same size would overwrite each other."""
+    for tasks in task_sets:
+        if len(tasks) < 2:
+            other = next(t for t in TASKS if t not in tasks)
+            raise BadInput(f"--tasks {','.join(tasks)}: a router chooses among tasks, give at least 2 "
+                           f"(e.g. --tasks {','.join([*tasks, other])})")
+    sizes = [len(tasks) for tasks in task_sets]
+    same = sorted({n for n in sizes if sizes.count(n) > 1})
+    if same:
+        raise BadInput(f"several --tasks sets of {same[0]} tasks would all be written to moa-{same[0]}: "
+                       "give one set per size")
 
 
 def make_accelerator() -> Accelerator:
@@ -446,6 +496,7 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     against the task. A prompt's features depend only on its gold adapter, so they are computed once for the
     union of the sets (sharded over the processes) and shared by every set and epoch; the routers, a few linear
     classifiers, are then trained on the main process. Returns each set's held-out routing accuracy."""
+    check_task_sets(task_sets)
     acc = accelerator or make_accelerator()
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
     targets = sorted({n.rpartition(".")[2] for n in adapters[union[0]].modules})

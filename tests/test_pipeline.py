@@ -524,6 +524,108 @@ def test_make_config_refuses_unknown_settings():
     assert make_config("cpu", {"lr": 1e-3, "task": "qa"}).preset == "cpu"
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every script's model loader, made to fail: a flag test passes only if the script refused before loading."""
+    import full_evaluation  # noqa: F401  (imported so that its src.evaluation is the one patched)
+    import train_individual_loras
+    import train_moa
+
+    import src.evaluation
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    for module in (train_individual_loras, train_moa, src.evaluation):
+        monkeypatch.setattr(module, "load_model", load_model)
+
+
+@pytest.mark.parametrize("script_name, flags, message", [
+    # what a new user tried: a traceback from the optimizer after the model loaded, a traceback from the parser,
+    # every test row read silently, a router over one task reporting accuracy 1.000
+    ("train_individual_loras", ["--task", "qa", "--lr", "-1"], "--lr -1.0 is out of range: give a finite number > 0"),
+    ("full_evaluation", ["--tasks", "qa", "--set", "ties.density=abc"],
+     "ties.density='abc' is not a number: give a value in (0, 1]"),
+    ("full_evaluation", ["--tasks", "qa", "--rows", "0"], "--rows 0 is out of range: give a whole number >= 1"),
+    ("train_moa", ["--tasks", "qa"], "--tasks qa: a router chooses among tasks, give at least 2 (e.g. --tasks qa,"),
+    ("train_moa", ["--tasks", "qa,nli", "--tasks", "sentiment,nli"],
+     "several --tasks sets of 2 tasks would all be written to moa-2: give one set per size"),
+    ("train_individual_loras", ["--task", "qa", "--max-steps", "-5"], "--max-steps -5 is out of range"),
+    ("train_individual_loras", ["--task", "qa", "--targets", ","], "--targets () is not accepted"),
+    ("train_moa", ["--tasks", "qa,nli", "--router-heldout", "0"], "--router-heldout 0 is out of range"),
+    ("full_evaluation", ["--tasks", "qa", "--data", "local", "--seed", "-1"], "--seed -1 is out of range"),
+])
+def test_bad_flags_fail_in_one_line_before_the_model_loads(script_name, flags, message, tmp_path, capsys, no_model):
+    err = run_main(script_name, [*flags, "--root", str(tmp_path)], capsys)
+    assert message in err, err
+    assert not any(tmp_path.iterdir())  # nothing written: no adapters/ or results/ folder
+
+
+def _refused(setting) -> list:
+    """Values of a wrong type or out of range for `setting` (src.settings.Setting)."""
+    wrong_type = [object(), True] if setting.kind is not bool else [1, "yes"]
+    if setting.kind is int:
+        wrong_type += [2.5, "3"]
+    if setting.kind is float:
+        wrong_type += ["1e-3"]
+    out_of_range = []
+    if setting.kind in (int, float):
+        assert setting.low is not None, "a numeric setting needs a range"
+        out_of_range += [setting.low if "low" in setting.open else setting.low - 1]
+        out_of_range += [] if setting.high is None else [setting.high if "high" in setting.open else setting.high + 1]
+        out_of_range += [float("nan"), float("inf")] if setting.kind is float else []
+    if setting.kind is str:
+        out_of_range += ["", " "] + (["no-such-choice"] if setting.choices else [])
+    if setting.kind is tuple:
+        out_of_range += [(), ("q_proj", "q_proj"), ("",)]
+    return wrong_type + out_of_range
+
+
+def _config_cases():
+    from dataclasses import fields
+
+    from src.evaluation import EVAL_SETTINGS, EvalConfig, make_eval_config
+    from src.train import TRAIN_SETTINGS, TrainConfig, make_config
+
+    # every field of both dataclasses: one added later without a Setting fails here (KeyError)
+    return [pytest.param(make, table[f.name], f.name, id=f"{cls.__name__}.{f.name}")
+            for cls, table, make in ((TrainConfig, TRAIN_SETTINGS, make_config),
+                                     (EvalConfig, EVAL_SETTINGS, make_eval_config)) for f in fields(cls)]
+
+
+@pytest.mark.parametrize("make, setting, name", _config_cases())
+def test_every_config_field_refuses_wrong_types_and_values_out_of_range(make, setting, name):
+    """make_config / make_eval_config check every field against its declared Setting: a value of the wrong type
+    (a bool or a string for a number, a float for a count) or out of range is a one-line BadInput naming the flag."""
+    from src.errors import BadInput
+
+    flag = "^(--preset |unknown preset )" if name == "preset" else f"^--{name.replace('_', '-')} "
+    for value in _refused(setting):
+        with pytest.raises(BadInput, match=flag) as info:
+            make(value, {}) if name == "preset" else make("cpu", {name: value})  # the preset is an argument
+        message = str(info.value)  # one line, and it says what to give instead
+        assert "\n" not in message and ("give " in message or "choose from" in message), (name, value)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_each_presets_own_values_pass_the_checks(preset):
+    from dataclasses import fields
+
+    from src.evaluation import EVAL_PRESETS, EVAL_SETTINGS, make_eval_config
+    from src.settings import check_config
+    from src.tasks import TASKS
+    from src.train import PRESETS, TRAIN_SETTINGS, TrainConfig, make_config
+
+    assert preset in PRESETS and preset in EVAL_PRESETS
+    for task in TASKS:
+        make_config(preset, {"task": task})
+    make_eval_config(preset)
+    assert set(TRAIN_SETTINGS) == {f.name for f in fields(TrainConfig)}
+    assert set(EVAL_SETTINGS) == {f.name for f in fields(make_eval_config(preset))}
+    with pytest.raises(TypeError, match="have no Setting"):  # a field without a declared Setting is a code bug
+        check_config(make_config(preset), {k: v for k, v in TRAIN_SETTINGS.items() if k != "lr"})
+
+
 @pytest.mark.parametrize("task_set", ["5-task", "7-task"])
 def test_committed_merges_name_disjoint_training_selection_and_test_rows(task_set):
     """Every merge in a committed table names the rows its adapters trained on, the rows it chose or learned on,
