@@ -12,13 +12,13 @@ from train rows: use full_evaluation.py --methods cat,lorahub.
 import argparse
 
 from src import cli
-from src import lora as L
-from src import merges as M
+from src import lora
+from src import merges
 from src.errors import BadInput
 
 
 def parser() -> argparse.ArgumentParser:
-    data_free = {n: m for n, m in M.METHODS.items() if m.space != "data"}
+    data_free = {n: m for n, m in merges.METHODS.items() if m.space != "data"}
     lines = [f"  {n:16} {m.formula} [{m.paper}]" + (f"; {', '.join(f'{k}={p.default}' for k, p in m.params.items())}"
                                                   if m.params else "") for n, m in data_free.items()]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="methods:\n" + "\n".join(lines),
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    method = M.get_method(args.method)
+    method = merges.get_method(args.method)
     given = {k: v for k, v in vars(args).items() if k in method.params and v is not None}
     general = ("adapters", "method", "out", "weights", "seed", "rank")
     other = [k for k, v in vars(args).items() if v is not None and k not in method.params and k not in general]
@@ -57,11 +57,11 @@ def main(argv=None):
         raise BadInput(f"--weights has {len(weights)} values for {len(args.adapters)} adapters: give one per adapter")
     seed = {"seed": args.seed} if args.seed is not None else {}
     truncate = {} if "rank" in method.params else {"rank": args.rank}  # svd: --rank is its own parameter
-    M.check_arguments(method, **seed, **truncate)  # every flag checked before an adapter is read
-    M.resolve_params(method, given)
-    adapters = [L.load_adapter(a) for a in args.adapters]
-    merged = M.merge(adapters, args.method, weights=weights, **seed, **truncate, **given)
-    L.save_adapter(merged, args.out)
+    merges.check_arguments(method, **seed, **truncate)  # every flag checked before an adapter is read
+    merges.resolve_params(method, given)
+    adapters = [lora.load_adapter(a) for a in args.adapters]
+    merged = merges.merge(adapters, args.method, weights=weights, **seed, **truncate, **given)
+    lora.save_adapter(merged, args.out)
     print(f"{args.method} of {len(adapters)} adapters ({len(merged.modules)} modules) -> {args.out}")
 
 

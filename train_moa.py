@@ -11,7 +11,7 @@ prompts.
 """
 import full_evaluation
 from src import cli
-from src import lora as L
+from src import lora
 from src.layout import adapter_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
@@ -30,7 +30,7 @@ def main(argv=None):
     check_task_sets(task_sets)  # before the adapters and the model load
     cfg = make_config(args.preset, cli.config_flags(args, "tasks"))
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
-    adapters = {t: L.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
+    adapters = {t: lora.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
                 for t in union}
     accelerator = make_accelerator()
     model, tokenizer = load_model(args.model, device=accelerator.device)

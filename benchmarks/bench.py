@@ -30,8 +30,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from src import lora as L  # noqa: E402
-from src import merges as M  # noqa: E402
+from src import lora  # noqa: E402
+from src import merges  # noqa: E402
 
 N_ADAPTERS, RANK, ALPHA = 7, 8, 16
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -102,12 +102,12 @@ def full_model(device, dtype):
 def random_adapters(model: nn.Module, n: int, gen: torch.Generator, std=0.02) -> list:
     """Adapters shaped like trained ones: B's columns decay (0.7^j), and each task has its own overall size
     (0.5x to 2x), so the summed update has a spread spectrum rather than clustered singular values."""
-    L.inject(model)
-    shapes = {name: (layer.base.in_features, layer.base.out_features) for name, layer in L.lora_layers(model).items()}
-    L.remove(model)
+    lora.inject(model)
+    shapes = {name: (layer.base.in_features, layer.base.out_features) for name, layer in lora.lora_layers(model).items()}
+    lora.remove(model)
     decay = 0.7 ** torch.arange(RANK, dtype=torch.float32)
     sizes = 0.5 + 1.5 * torch.rand(n, generator=gen)
-    return [L.Adapter({name: L.Lora(torch.randn(RANK, d_in, generator=gen) * std,
+    return [lora.Adapter({name: lora.Lora(torch.randn(RANK, d_in, generator=gen) * std,
                                     torch.randn(d_out, RANK, generator=gen) * std * decay * sizes[i], ALPHA / RANK)
                        for name, (d_in, d_out) in shapes.items()}) for i in range(n)]
 
@@ -116,17 +116,17 @@ def peft_with(model: nn.Module, adapters: list):
     """The same adapters loaded into PEFT, as t0..t{n-1}."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(L.ATTENTION_TARGETS), lora_dropout=0.0)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(lora.ATTENTION_TARGETS), lora_dropout=0.0)
     peft_model = get_peft_model(model, config, adapter_name="t0")
     for i in range(1, len(adapters)):
         peft_model.add_adapter(f"t{i}", config)
     lora_model = peft_model.base_model
     with torch.no_grad():
         for i, adapter in enumerate(adapters):
-            for name, lora in adapter.modules.items():
+            for name, factors in adapter.modules.items():
                 module = lora_model.model.get_submodule(name)
-                module.lora_A[f"t{i}"].weight.copy_(lora.A)
-                module.lora_B[f"t{i}"].weight.copy_(lora.B)
+                module.lora_A[f"t{i}"].weight.copy_(factors.A)
+                module.lora_B[f"t{i}"].weight.copy_(factors.B)
     return peft_model
 
 
@@ -189,7 +189,7 @@ def case_merge(method: str, shape: str, reps: int, svd_form: bool = False) -> di
     truncate = {} if method == "svd" else ({"rank": RANK} if svd_form else {})
 
     def ours():
-        return M.merge(adapters, method, weights=weights, **truncate, **PARAMS.get(method, {}))
+        return merges.merge(adapters, method, weights=weights, **truncate, **PARAMS.get(method, {}))
 
     def reference():
         if "merged" in peft_model.peft_config:
@@ -204,7 +204,7 @@ def case_merge(method: str, shape: str, reps: int, svd_form: bool = False) -> di
            "max_rel_frobenius_diff": worst_rel(mine, theirs), "modules": len(merged.modules), "shape": shape}
     if svd_form and method in ("ties", "magnitude_prune"):  # deterministic: PEFT against our dense form, same math
         subset = sorted(merged.modules)[:8]
-        dense = M.merge([L.Adapter({n: a.modules[n] for n in subset}) for a in adapters], method, weights=weights,
+        dense = merges.merge([lora.Adapter({n: a.modules[n] for n in subset}) for a in adapters], method, weights=weights,
                         rank=RANK, dense=True, **PARAMS[method])
         out["peft_vs_our_dense_rel_diff"] = worst_rel({n: theirs[n] for n in subset},
                                                       {n: l.delta().double() for n, l in dense.modules.items()})
@@ -228,12 +228,12 @@ def case_core_vs_dense(method: str, reps: int, modules: int = 16) -> dict:
     gen = torch.Generator().manual_seed(0)
     adapters = random_adapters(merge_model("smollm2"), N_ADAPTERS, gen)
     subset = sorted(adapters[0].modules)[:modules]
-    adapters = [L.Adapter({n: a.modules[n] for n in subset}) for a in adapters]
-    result = compare(lambda: M.merge(adapters, method), lambda: M.merge(adapters, method, dense=True), reps)
-    core = {n: l.delta().double() for n, l in M.merge(adapters, method).modules.items()}
-    dense = {n: l.delta().double() for n, l in M.merge(adapters, method, dense=True).modules.items()}
+    adapters = [lora.Adapter({n: a.modules[n] for n in subset}) for a in adapters]
+    result = compare(lambda: merges.merge(adapters, method), lambda: merges.merge(adapters, method, dense=True), reps)
+    core = {n: l.delta().double() for n, l in merges.merge(adapters, method).modules.items()}
+    dense = {n: l.delta().double() for n, l in merges.merge(adapters, method, dense=True).modules.items()}
     return {**result, "max_rel_frobenius_diff": worst_rel(core, dense), "modules": len(subset), "shape": "smollm2",
-            "exact": M.get_method(method).exact}
+            "exact": merges.get_method(method).exact}
 
 
 def training_batch(model, device, batch=8, seq=128, target=32):
@@ -257,13 +257,13 @@ def case_train(loss_kind: str, device, dtype, reps: int) -> dict:
     batch = training_batch(model, device)
     torch.manual_seed(0)
     ours_model = model
-    L.inject(ours_model)
-    L.add_adapter(ours_model, r=RANK, alpha=ALPHA, trainable=True)
-    ours_opt = torch.optim.AdamW(L.adapter_parameters(ours_model), lr=1e-4)
+    lora.inject(ours_model)
+    lora.add_adapter(ours_model, r=RANK, alpha=ALPHA, trainable=True)
+    ours_opt = torch.optim.AdamW(lora.adapter_parameters(ours_model), lr=1e-4)
 
     plain = copy.deepcopy(ours_model)
-    L.remove(plain)
-    peft_model = get_peft_model(plain, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(L.ATTENTION_TARGETS)))
+    lora.remove(plain)
+    peft_model = get_peft_model(plain, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(lora.ATTENTION_TARGETS)))
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     hf_model = peft_model.base_model.model
 
@@ -296,18 +296,18 @@ def case_train_padded(device, dtype, reps: int) -> dict:
     from src.train import TargetLoss
 
     model, label = full_model(device, dtype)
-    L.inject(model)
-    L.add_adapter(model, r=RANK, alpha=ALPHA, trainable=True, generator=torch.Generator().manual_seed(0))
+    lora.inject(model)
+    lora.add_adapter(model, r=RANK, alpha=ALPHA, trainable=True, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in L.adapter_parameters(model):
+        for p in lora.adapter_parameters(model):
             p.normal_(0, 0.02)  # B = 0 would zero A's gradient
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(100, model.config.vocab_size - 1, (n,), generator=gen).tolist()
             for n in (128, 120, 110, 100, 96, 90, 84, 80)]
     batch = pad_batch(seqs, 0, left=False, labels=[[-100] * (len(s) - 32) + s[-32:] for s in seqs])
     batch = {k: v.to(device) for k, v in batch.items()}
-    params = L.adapter_parameters(model)
+    params = lora.adapter_parameters(model)
 
     def grads(skip: bool):
         loss, _ = TargetLoss(model, skip_padding=skip)(**batch)
@@ -330,36 +330,36 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
     moa-batched-vs-bs1: MoA batched against MoA one prompt at a time (how the original had to evaluate)."""
     model, label = full_model(device, dtype)
     gen = torch.Generator().manual_seed(0)
-    adapters = [L.Adapter({n: L.Lora(l.A.to(device, dtype), l.B.to(device, dtype), l.scale) for n, l in a.modules.items()})
+    adapters = [lora.Adapter({n: lora.Lora(l.A.to(device, dtype), l.B.to(device, dtype), l.scale) for n, l in a.modules.items()})
                 for a in random_adapters(model, N_ADAPTERS, gen)]
     ids = torch.randint(100, model.config.vocab_size - 1, (8, 64), generator=gen).to(device)
     mask = torch.ones_like(ids)
 
     def greedy(m=model, x=ids, x_mask=mask, route=False):
-        with torch.no_grad(), (L.routing(m) if route else nullcontext()):
+        with torch.no_grad(), (lora.routing(m) if route else nullcontext()):
             m.generate(input_ids=x, attention_mask=x_mask, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                        pad_token_id=0)
 
     tokens = ids.shape[0] * 32
     if kind == "folded-vs-base":
         base_model = copy.deepcopy(model)
-        L.fold(model, M.merge(adapters, "svd", rank=RANK))
+        lora.fold(model, merges.merge(adapters, "svd", rank=RANK))
         result = compare(greedy, lambda: greedy(base_model), reps, device)
     elif kind == "concat-unfolded":
         folded = copy.deepcopy(model)
-        L.fold(folded, M.merge(adapters, "concat"))
-        L.inject(model)
+        lora.fold(folded, merges.merge(adapters, "concat"))
+        lora.inject(model)
         for a in adapters:
-            L.add_adapter(model, a)
+            lora.add_adapter(model, a)
         result = compare(greedy, lambda: greedy(folded), reps, device)  # ratio < 1: unfolded is slower
     elif kind in ("moa-vs-single", "moa-batched-vs-bs1"):
         single = copy.deepcopy(model)
-        L.inject(single)
-        L.add_adapter(single, adapters[0])
-        L.inject(model)
+        lora.inject(single)
+        lora.add_adapter(single, adapters[0])
+        lora.inject(model)
         for a in adapters:
-            L.add_adapter(model, a)
-        L.attach_routers(model, L.make_routers(model, N_ADAPTERS, generator=torch.Generator().manual_seed(1)))
+            lora.add_adapter(model, a)
+        lora.attach_routers(model, lora.make_routers(model, N_ADAPTERS, generator=torch.Generator().manual_seed(1)))
 
         def moa_bs1():
             for i in range(ids.shape[0]):
@@ -385,8 +385,8 @@ def case_eval(device, dtype, reps: int) -> dict:
     rows = load_rows(task, "eval", n=20)
     prompts = [fit_prompt(task, r, tokenizer, 192) for r in rows]
     adapter = random_adapters(model, 1, torch.Generator().manual_seed(0))[0]
-    L.inject(model)
-    L.add_adapter(model, adapter)
+    lora.inject(model)
+    lora.add_adapter(model, adapter)
     result = compare(lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 20),
                      lambda: generate(model, tokenizer, prompts, task.max_new_tokens, 1), reps, device)
     return {**result, "rows": len(rows), "ours_rows_per_s": len(rows) / result["ours_s"],
@@ -452,7 +452,7 @@ def run_all(args) -> dict:
 
 def write_report(results: dict, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
-    L.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
+    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
     lines = [f"# Benchmarks ({results['device']}, {results['dtype']}, torch {results['torch']}, "
              f"{results['threads']} threads)", "",
              "ratio = reference time / our time (above 1: ours faster); medians of alternating runs.", "",
@@ -485,7 +485,7 @@ def write_report(results: dict, out: Path):
             notes.append(f"measured at commit {r.get('commit', 'unknown')}")
         lines.append(f"| {name} | {CASES[name][0]} | {r['ratio']:.2f} | {target[1] if target else ''} | {met} | "
                      f"{'; '.join(notes)} |")
-    L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
+    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
 def main():

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.bench import QWEN2_1_5B, random_adapters, sync  # noqa: E402
-from src import lora as L  # noqa: E402
-from src import merges as M  # noqa: E402
+from src import lora  # noqa: E402
+from src import merges  # noqa: E402
 from src.errors import BadInput  # noqa: E402
 from src.train import lm_loss  # noqa: E402
 
@@ -67,9 +67,9 @@ def check_training(model, device, steps: int) -> dict:
 
     data = batches(model, device, steps)
     plain = copy.deepcopy(model)
-    L.inject(model)
-    L.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(0))
-    params = L.adapter_parameters(model)
+    lora.inject(model)
+    lora.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(0))
+    params = lora.adapter_parameters(model)
     init = [p.detach().clone() for p in params]
     touched = [torch.zeros_like(p, dtype=torch.bool) for p in params]
     opt = torch.optim.AdamW(params, lr=5e-5)
@@ -88,8 +88,8 @@ def check_training(model, device, steps: int) -> dict:
     ours_s = timed(ours, device)
     moved_share = torch.cat([(p.detach() != p0)[t] for p, p0, t in zip(params, init, touched)]).float().mean().item()
     moved = moved_share >= 0.999  # bf16 factors: the entries above 2^-6 would never move
-    L.remove(model)
-    peft_model = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, target_modules=list(L.ATTENTION_TARGETS)))
+    lora.remove(model)
+    peft_model = get_peft_model(plain, LoraConfig(r=8, lora_alpha=16, target_modules=list(lora.ATTENTION_TARGETS)))
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-5)
 
     def peft():
@@ -110,8 +110,8 @@ def check_training(model, device, steps: int) -> dict:
 def check_fold(model) -> dict:
     adapters = random_adapters(model, 7, torch.Generator().manual_seed(1))
     before = {n: p.clone() for n, p in model.named_parameters()}
-    merged = M.merge(adapters, "svd", rank=8)
-    with L.folded(model, merged):
+    merged = merges.merge(adapters, "svd", rank=8)
+    with lora.folded(model, merged):
         changed = sum(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     exact = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     return {"ok": exact and changed > 0, "weights_changed_while_folded": changed, "restored_bit_identical": exact}
@@ -120,24 +120,24 @@ def check_fold(model) -> dict:
 @torch.no_grad()
 def check_moa(model, device) -> dict:
     adapters = random_adapters(model, 7, torch.Generator().manual_seed(2), std=0.05)
-    L.inject(model)
+    lora.inject(model)
     for a in adapters:
-        L.add_adapter(model, a)
-    L.attach_routers(model, L.make_routers(model, 7, generator=torch.Generator().manual_seed(3)))
+        lora.add_adapter(model, a)
+    lora.attach_routers(model, lora.make_routers(model, 7, generator=torch.Generator().manual_seed(3)))
     ids = torch.randint(100, model.config.vocab_size - 1, (8, 64), generator=torch.Generator().manual_seed(4)).to(device)
 
     def greedy(x):
-        with L.routing(model):
+        with lora.routing(model):
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
                                  pad_token_id=0)
-            return out[:, x.shape[1]:], L.route_decisions(model)
+            return out[:, x.shape[1]:], lora.route_decisions(model)
 
     batched_s = timed(lambda: greedy(ids), device)
     tokens, routes = greedy(ids)
     alone = [greedy(ids[i:i + 1]) for i in range(len(ids))]
     same_routes = all(torch.equal(r[0], routes[i]) for i, (_, r) in enumerate(alone))
     same_tokens = sum(torch.equal(t[0], tokens[i]) for i, (t, _) in enumerate(alone))
-    L.remove(model)
+    lora.remove(model)
     return {"ok": same_routes, "same_routes_as_alone": same_routes, "same_tokens_as_alone": f"{same_tokens}/{len(ids)}",
             "batched_tokens_per_s": tokens.numel() / batched_s,
             "note": "bf16 batched and single-row matmuls may round differently, so a greedy token can differ"}
@@ -161,7 +161,7 @@ def main():
         report[name] = check()
         print(f"{name}: {'ok' if report[name]['ok'] else 'FAILED'} {json.dumps(report[name])[:300]}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    L.atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(report, indent=2)))
+    lora.atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(report, indent=2)))
     if not all(report[k]["ok"] for k in ("training", "fold", "moa")):
         sys.exit(1)
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from src import lora as L  # noqa: E402
+from src import lora  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
 from src.metrics import example_stats, normalized_score, paired_bootstrap, score  # noqa: E402
@@ -67,14 +67,14 @@ def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) ->
     task, ev = get_task(task_name), EVAL_PRESETS["cpu"]
     rows = load_rows(task, "train", n=VAL_ROWS, offset=VAL_OFFSET)
     prompts = [fit_prompt(task, r, tokenizer, ev["max_prompt"], strict=False) for r in rows]
-    adapter = L.load_adapter(adapter_folder)
-    L.inject(model, sorted({n.rpartition(".")[2] for n in adapter.modules}))
+    adapter = lora.load_adapter(adapter_folder)
+    lora.inject(model, sorted({n.rpartition(".")[2] for n in adapter.modules}))
     try:
-        L.add_adapter(model, adapter)
+        lora.add_adapter(model, adapter)
         texts, _ = generate(model, tokenizer, prompts, min(task.max_new_tokens, ev["max_new_tokens"]),
                             ev["batch_size"], desc=f"validate {task_name}")
     finally:
-        L.remove(model)
+        lora.remove(model)
     references = [task.references(r) for r in rows]
     return score(task, texts, references), example_stats(task, texts, references)
 
@@ -104,7 +104,7 @@ def write_report(results: dict, tasks: list[str], out: Path):
     choice = choose(results, tasks)
     payload = {"val_offset": VAL_OFFSET, "val_rows": VAL_ROWS, "common": COMMON, "settings": SETTINGS,
                "train_budget_sequences": TRAIN_BUDGET, "results": results, **choice}
-    L.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
+    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
     keys = ["lr", "max_steps", "batch_size", "train_rows", "max_len"]
     header = ["setting", *keys, "sequences"] + [f"{t} ({get_task(t).primary})" for t in tasks] + [
         "relative", "vs chosen [95%]", "train s"]
@@ -129,7 +129,7 @@ def write_report(results: dict, tasks: list[str], out: Path):
             "setting's, with a 95% paired bootstrap interval over the validation rows (1,000 resamples), where the "
             "rows' statistics are stored. Common to all: "
             + ", ".join(f"{k} {v}" for k, v in COMMON.items()) + ".\n")
-    L.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
+    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
 
 
 def main():

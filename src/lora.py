@@ -1,4 +1,4 @@
-"""LoRA layers, the Mixture-of-LoRAs router, and the merges: the math of the project in one file.
+"""LoRA layers, the Mixture-of-LoRAs router, and the paper's merges: the math of the original's `src/lora.py`.
 
 What is here, top to bottom:
 
@@ -13,7 +13,10 @@ What is here, top to bottom:
 * `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
 * `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
 * `fold` (add an adapter's update into W for good) and `folded` (for the duration of a block, then the original W
-  bit for bit). The merges themselves are in src/merges.py.
+  bit for bit).
+* The paper's three merges, per module: `concat` (sum_i s_i B_i A_i, rank R, exact), `weight_sum` (s (sum B_i)
+  (sum A_i), the original's "weighted"), `svd_merge` (rank-8 truncated SVD of the mean update). The merges published
+  since, and the registry every merge is run from, are in src/merges.py.
 * MoA: `make_routers` / `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
 """
@@ -342,6 +345,64 @@ def folded(model: nn.Module, adapter: Adapter):
     finally:
         for name, W in originals.items():
             _linear(model, name).weight.copy_(W)
+
+
+# ----------------------------------------------------------------------------------------- the paper's merges
+def merge_weights(n: int, weights, default: float) -> list[float]:
+    """Per-task merge weights: `weights` as floats, or `default` for every task; one per adapter."""
+    weights = [default] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise BadInput(f"{len(weights)} merge weights for {n} adapters")
+    return weights
+
+
+def concat(loras: list[Lora], weights=None) -> Lora:
+    """Concatenation: one adapter of rank sum(r_i) whose update is exactly sum_i w_i s_i B_i A_i,
+    A = [A_1; ...; A_n], B = [w_1 s_1 B_1 ... w_n s_n B_n], scale 1 (w_i = 1: the original)."""
+    w = merge_weights(len(loras), weights, 1.0)
+    A = torch.cat([l.A for l in loras], dim=0)
+    B = torch.cat([wi * l.scale * l.B for wi, l in zip(w, loras)], dim=1)
+    return Lora(A, B, 1.0)
+
+
+def weight_sum(loras: list[Lora], weights=None) -> Lora:
+    """The original's "weighted": A = sum w_i A_i, B = sum w_i B_i, common scale s, so the update
+    s (sum_i w_i B_i)(sum_j w_j A_j) has the cross terms B_i A_j. w_i = 1 is the paper's weight summing, w_i = 1/N
+    the log's "weighted_avg". Needs equal ranks and scales."""
+    w = merge_weights(len(loras), weights, 1.0)
+    ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise BadInput(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
+                       f"{sorted(scales)}: use concat or svd for these adapters")
+    A = sum(wi * l.A for wi, l in zip(w, loras))
+    B = sum(wi * l.B for wi, l in zip(w, loras))
+    return Lora(A, B, loras[0].scale)
+
+
+def weighted_avg(loras: list[Lora], weights=None) -> Lora:
+    """The thesis log's "weighted_avg": weight_sum with w_i = 1/N (A = mean A_i, B = mean B_i)."""
+    return weight_sum(loras, merge_weights(len(loras), weights, 1.0 / len(loras)))
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor):
+    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
+    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
+    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    return Qb @ U, S, (Qa @ Vh.T).T
+
+
+def svd_merge(loras: list[Lora], weights=None, rank: int = 8) -> Lora:
+    """The thesis's SVD merge: the rank-k truncated SVD of the mean update, U_k S_k V_k^T of
+    sum_i w_i s_i B_i A_i (w_i = 1/N), as B = U_k S_k, A = V_k^T, scale 1. Computed from the stacked factors
+    (`factored_svd` of the concatenation), so exact and never a d_out x d_in matrix."""
+    stacked = concat(loras, merge_weights(len(loras), weights, 1.0 / len(loras)))
+    U, S, Vh = factored_svd(stacked.B, stacked.A)
+    k = min(rank, S.shape[0])
+    dtype = loras[0].A.dtype
+    return Lora(Vh[:k].to(dtype).contiguous(), (U[:, :k] * S[:k]).to(dtype).contiguous(), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- MoA

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import lora as L
-from . import merges as M
+from . import lora
+from . import merges
 from . import provenance
 from .data import load_rows, pad_batch
 from .errors import BadInput, MissingFile
@@ -101,11 +101,11 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
     mixed = [e for t in sorted(data.tasks) for e in examples[t]]
     model, pad = data.model, data.tokenizer.eos_token_id
     started = time.perf_counter()
-    L.inject(model, _targets(adapters))
+    lora.inject(model, _targets(adapters))
     try:
         for a in adapters:
-            L.add_adapter(model, a)
-        layers = L.lora_layers(model)
+            lora.add_adapter(model, a)
+        layers = lora.lora_layers(model)
         alphas = {}
         for name, layer in layers.items():  # a plain tensor gate: rank_weights reads it, autograd follows it
             alphas[name] = torch.full((n,), init, dtype=layer.factor_dtype, device=layer.base.weight.device,
@@ -130,10 +130,10 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
             after = data.loss(examples)
         weights = {name: a.detach().cpu().tolist() for name, a in alphas.items()}
     finally:
-        for layer in L.lora_layers(model).values():
+        for layer in lora.lora_layers(model).values():
             layer.gate = None
-        L.remove(model)
-    merged = M.check_finite(L.Adapter({name: M.concat([a.modules[name] for a in adapters], weights=weights[name])
+        lora.remove(model)
+    merged = merges.check_finite(lora.Adapter({name: lora.concat([a.modules[name] for a in adapters], weights=weights[name])
                                        for name in sorted(adapters[0].modules)}, adapters[0].base_model), "cat")
     info = {"loss_before": before, "loss_after": after, "train_log": log, "alphas": weights,
             "rows_per_task": {t: len(e) for t, e in examples.items()}, "rows": spans,
@@ -152,8 +152,8 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     history = []
 
     def objective(w) -> float:
-        merged = M.merge(adapters, "weight_sum", weights=[float(x) for x in w])
-        with torch.no_grad(), L.folded(data.model, merged):
+        merged = merges.merge(adapters, "weight_sum", weights=[float(x) for x in w])
+        with torch.no_grad(), lora.folded(data.model, merged):
             losses = data.loss(examples)
         value = sum(losses.values()) / len(losses) + l1 * float(np.abs(w).sum())
         history.append({"w": [round(float(x), 6) for x in w], "loss": sum(losses.values()) / len(losses),
@@ -167,7 +167,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
     optimizer.minimize(objective)
     best = min(history, key=lambda h: h["objective"])
-    merged = M.merge(adapters, "weight_sum", weights=best["w"])
+    merged = merges.merge(adapters, "weight_sum", weights=best["w"])
     info = {"weights": best["w"], "objective_start": history[0]["objective"], "objective_best": best["objective"],
             "loss_start": history[0]["loss"], "loss_best": best["loss"], "evaluations": len(history),
             "rows_per_task": {t: len(e) for t, e in examples.items()}, "rows": spans, "history": history,
@@ -179,7 +179,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
 MAX_EXTENSIONS = 8   # candidates added past the ends of a grid at most (halving 8 times: 1/256 of the grid's end)
 
 
-def beyond_edge(param: M.Param, best, tried: list):
+def beyond_edge(param: merges.Param, best, tried: list):
     """The next value past the end of `tried` where `best` sits (a float: half the smallest, twice the largest; an
     int: one past), if that value is in the parameter's range; None when the best is inside the values tried, or
     the range ends there (density 1: the optimum at the end of what the method allows is no artifact of a grid)."""
@@ -195,7 +195,7 @@ def beyond_edge(param: M.Param, best, tried: list):
 
 def needs_rows(name: str, select_rows: int, fixed: dict | None = None) -> bool:
     """Whether building merge `name` reads rows: a data method always, a grid method unless its grid is fixed."""
-    method = M.get_method(name)
+    method = merges.get_method(name)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     return method.space == "data" or (select_rows > 0 and any(p.grid and k not in fixed
                                                               for k, p in method.params.items()))
@@ -205,29 +205,29 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
           seed: int = 0) -> tuple:
     """The merged adapter of method `name` and what was done to get it: parameters (fixed ones as given, grids
     searched on the validation rows by mean target-token loss), the losses of every candidate, and the time."""
-    method = M.get_method(name)
+    method = merges.get_method(name)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     started = time.perf_counter()
     if method.space == "data":
         if data is None:
             raise BadInput(f"{name} learns from train rows: it needs the model and data")
-        merged, info = method.fn(adapters, data, **M.resolve_params(method, fixed))
-        return merged, {"params": M.resolve_params(method, fixed), **info,
+        merged, info = method.fn(adapters, data, **merges.resolve_params(method, fixed))
+        return merged, {"params": merges.resolve_params(method, fixed), **info,
                         "seconds": round(time.perf_counter() - started, 1)}
     seeded = {"seed": seed} if method.seeded else {}
     grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
     if not grids or data is None or select_rows <= 0:
-        params = M.resolve_params(method, fixed)
-        return M.merge(adapters, name, **seeded, **params), {"params": params,
+        params = merges.resolve_params(method, fixed)
+        return merges.merge(adapters, name, **seeded, **params), {"params": params,
                                                                "seconds": round(time.perf_counter() - started, 1)}
     examples, spans = data.examples(select_rows)
     candidates = []
 
     def evaluate(values: dict):
-        params = M.resolve_params(method, {**fixed, **values})
+        params = merges.resolve_params(method, {**fixed, **values})
         if any(c["params"] == params for c in candidates):
             return
-        with torch.no_grad(), L.folded(data.model, M.merge(adapters, name, **seeded, **params)):
+        with torch.no_grad(), lora.folded(data.model, merges.merge(adapters, name, **seeded, **params)):
             losses = data.loss(examples)
         candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
                            "per_task": {t: round(v, 6) for t, v in losses.items()}})
@@ -245,7 +245,7 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     best = min(candidates, key=lambda c: c["val_loss"])
     at_edge = [k for k in grids if beyond_edge(method.params[k], best["params"][k],
                                                [c["params"][k] for c in candidates]) is not None]
-    return M.merge(adapters, name, **seeded, **best["params"]), {
+    return merges.merge(adapters, name, **seeded, **best["params"]), {
         "params": best["params"], "selection": {"rows_per_task": select_rows, "rows": spans,
                                                 "criterion": "mean over tasks of the target-token loss",
                                                 "candidates": candidates, "at_edge": at_edge},
@@ -253,19 +253,19 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
 
 
 # The learned merges join the registry here, where they are defined (merges.py does not import this module).
-M.register(M.Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
+merges.register(merges.Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
                 "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on validation rows",
                 "data", cat,
-                {"rows": M.Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "epochs": M.Param(2, "passes over those rows", low=1, kind=int),
-                 "lr": M.Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
-                 "init": M.Param(None, "initial alpha (None: 1/n)", none_ok=True)},
+                {"rows": merges.Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "epochs": merges.Param(2, "passes over those rows", low=1, kind=int),
+                 "lr": merges.Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
+                 "init": merges.Param(None, "initial alpha (None: 1/n)", none_ok=True)},
                 "exact, rank R"))
-M.register(M.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
+merges.register(merges.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
                 "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on validation-row loss + L1",
                 "data", lorahub,
-                {"rows": M.Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "budget": M.Param(40, "loss evaluations of the optimiser", low=1, kind=int),
-                 "l1": M.Param(0.05, "weight of the L1 penalty on w", low=0.0),
-                 "bound": M.Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
+                {"rows": merges.Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
+                 "budget": merges.Param(40, "loss evaluations of the optimiser", low=1, kind=int),
+                 "l1": merges.Param(0.05, "weight of the L1 penalty on w", low=0.0),
+                 "bound": merges.Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
                 "exact, rank r"))

@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 
 from .errors import BadInput
-from .lora import Adapter, Lora
+from . import lora
+from .lora import Adapter, Lora, merge_weights
 
 # ------------------------------------------------------------------------------------------------ the registry
 
@@ -67,6 +68,8 @@ class Param:
                 return None
             raise BadInput(f"{method}.{name} needs a value in {self.range_text()}")
         try:
+            if isinstance(value, bool):  # True would pass as 1
+                raise TypeError
             number = float(value)
         except (TypeError, ValueError):
             raise BadInput(f"{method}.{name}={value!r} is not a number: give a value in {self.range_text()}") from None
@@ -121,49 +124,6 @@ def resolve_params(method: Method, given: dict) -> dict:
                        f"{', '.join(method.params) or 'none'}")
     return {k: p.check(method.name, k, given[k] if given.get(k) is not None else p.default)
             for k, p in method.params.items()}
-
-
-# ------------------------------------------------------------------------------------ the paper's factor merges
-def _weights(n: int, weights, default: float) -> list[float]:
-    weights = [default] * n if weights is None else [float(w) for w in weights]
-    if len(weights) != n:
-        raise BadInput(f"{len(weights)} merge weights for {n} adapters")
-    return weights
-
-
-def concat(loras: list[Lora], weights=None) -> Lora:
-    """One adapter of rank sum(r_i) whose update is exactly sum_i w_i s_i B_i A_i (w_i = 1: the original)."""
-    w = _weights(len(loras), weights, 1.0)
-    A = torch.cat([l.A for l in loras], dim=0)
-    B = torch.cat([wi * l.scale * l.B for wi, l in zip(w, loras)], dim=1)
-    return Lora(A, B, 1.0)
-
-
-def weight_sum(loras: list[Lora], weights=None) -> Lora:
-    """The original's "weighted": A = sum w_i A_i, B = sum w_i B_i, common scale (so s * B A has the cross terms
-    B_i A_j). w_i = 1 is the paper's weight summing, w_i = 1/N the log's "weighted_avg"."""
-    w = _weights(len(loras), weights, 1.0)
-    ranks, scales = {l.A.shape[0] for l in loras}, {l.scale for l in loras}
-    if len(ranks) > 1 or len(scales) > 1:
-        raise BadInput(f"weight_sum needs equal ranks and scales, got ranks {sorted(ranks)} and scales "
-                       f"{sorted(scales)}: use concat or svd for these adapters")
-    A = sum(wi * l.A for wi, l in zip(w, loras))
-    B = sum(wi * l.B for wi, l in zip(w, loras))
-    return Lora(A, B, loras[0].scale)
-
-
-def weighted_avg(loras: list[Lora], weights=None) -> Lora:
-    """The thesis log's "weighted_avg": weight_sum with w_i = 1/N (A = mean A_i, B = mean B_i)."""
-    return weight_sum(loras, _weights(len(loras), weights, 1.0 / len(loras)))
-
-
-def factored_svd(B: torch.Tensor, A: torch.Tensor):
-    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
-    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
-    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
-    Qb, Qa = qr_basis(B.double()), qr_basis(A.double().T)
-    U, S, Vh = torch.linalg.svd(Qb.triangle() @ Qa.triangle().T)
-    return Qb @ U, S, (Qa @ Vh.T).T
 
 
 # -------------------------------------------------------------------------------------- core-space primitives
@@ -257,11 +217,6 @@ def magnitude_prune(M, w, ctx, density, lam):
     return lam * weighted_sum(trim(M, density), w)
 
 
-def svd_mean(M, w, ctx):
-    """The paper's SVD merge before truncation: sum_i w_i D_i with w_i = 1/n (the mean)."""
-    return weighted_sum(M, w)
-
-
 def knots(M, w, ctx, merge: str, density: float, p: float, lam):
     """KnOTS: SVD of the column-wise concatenation [w_1 D_1 ... w_n D_n] = U S [V_1^T ... V_n^T]; each task is
     U (S V_i^T) in the shared basis U; the blocks S V_i^T are merged ("ties": trim + disjoint mean, "dare_ties":
@@ -351,15 +306,15 @@ def _drop(default=0.9):
 
 
 register(Method("concat", "the thesis (Lee, UNIST): concatenation", "sum_i s_i B_i A_i (all LoRAs at once)",
-                "factors", concat, {}, "exact, rank R", identity={}))
+                "factors", lora.concat, {}, "exact, rank R", identity={}))
 register(Method("weight_sum", "the thesis: weight summing (its \"weighted\")",
-                "s (sum_i B_i)(sum_i A_i): the factors summed, with the cross terms B_i A_j", "factors", weight_sum,
+                "s (sum_i B_i)(sum_i A_i): the factors summed, with the cross terms B_i A_j", "factors", lora.weight_sum,
                 {}, "exact, rank r", identity={}, equal_ranks=True))
 register(Method("weighted_avg", "the thesis log's \"weighted_avg\"", "s (mean_i B_i)(mean_i A_i)", "factors",
-                weighted_avg, {}, "exact, rank r", default=False, identity={}, equal_ranks=True))
-register(Method("svd", "the thesis: SVD merge", "rank-8 truncated SVD of mean_i s_i B_i A_i", "core", svd_mean,
-                {"rank": Param(8, "rank of the truncation", low=1, kind=int)}, "rank-k truncation (exact)", "equal",
-                mean=True, identity={}))
+                lora.weighted_avg, {}, "exact, rank r", default=False, identity={}, equal_ranks=True))
+register(Method("svd", "the thesis: SVD merge", "rank-8 truncated SVD of mean_i s_i B_i A_i", "factors",
+                lora.svd_merge, {"rank": Param(8, "rank of the truncation", low=1, kind=int)},
+                "rank-k truncation (exact)", "equal", mean=True, identity={}))
 register(Method("task_arithmetic", "Ilharco et al., ICLR 2023", "lambda sum_i D_i", "core", task_arithmetic,
                 {"lam": _scale()}, exact="equal", identity={"lam": 1.0}))
 register(Method("ties", "Yadav et al., NeurIPS 2023", "lambda disjoint_mean(trim(D_i, density)) (on the cores)", "core",
@@ -418,8 +373,8 @@ register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
 # ------------------------------------------------------------------------------------------------ applying one
 def _check_compatible(adapters: list[Adapter]):
     for i, a in enumerate(adapters):
-        for name, lora in a.modules.items():
-            if lora.A.shape[0] == 0:
+        for name, factors in a.modules.items():
+            if factors.A.shape[0] == 0:
                 raise BadInput(f"adapter {i + 1} of {len(adapters)} has rank 0 at {name}: it adapts nothing there; "
                                "leave that module out of the adapter")
     names = set(adapters[0].modules)
@@ -559,16 +514,16 @@ def refuse_non_finite(adapters: list[Adapter]):
     where it is needed (before the dense path, when a result is not finite or a decomposition failed), since on
     Qwen2-1.5B shapes it costs a sixth of a core merge."""
     for i, a in enumerate(adapters):
-        for name, lora in a.modules.items():
-            if not (torch.isfinite(lora.A).all() and torch.isfinite(lora.B).all()):
+        for name, factors in a.modules.items():
+            if not (torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()):
                 raise BadInput(f"adapter {i + 1} of {len(adapters)} has non-finite factors at {name} (NaN or inf): "
                                "it cannot be merged; retrain or replace it")
 
 
 def check_finite(adapter: Adapter, what: str) -> Adapter:
     """Refuse a merged adapter with a NaN or an infinite factor entry (before it is folded or saved)."""
-    for name, lora in adapter.modules.items():
-        if not (torch.isfinite(lora.A).all() and torch.isfinite(lora.B).all()):
+    for name, factors in adapter.modules.items():
+        if not (torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()):
             raise BadInput(f"{what} gives non-finite factors at {name} (NaN or inf in the adapters, weights or "
                            "parameters): check the inputs; nothing was written")
     return adapter
@@ -600,11 +555,13 @@ def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None =
     time (the reference form: slow, and for entry-wise methods a different merge). An argument the method does not
     use, a parameter out of its range or a non-finite result is a BadInput, raised before anything is returned."""
     m = get_method(method)
+    if rank is not None and "rank" in m.params:  # the SVD merge: `rank` is its own parameter
+        params, rank = {**params, "rank": rank}, None
     check_arguments(m, seed, rank, dense)
     p = resolve_params(m, params)
     _check_compatible(adapters)
     n = len(adapters)
-    if weights is not None and not all(math.isfinite(x) for x in _weights(n, weights, 1.0)):
+    if weights is not None and not all(math.isfinite(x) for x in merge_weights(n, weights, 1.0)):
         raise BadInput(f"merge weights {list(weights)}: every weight must be a finite number")
     if m.space != "core" or dense:  # a NaN entry could be trimmed away on these paths: look first
         refuse_non_finite(adapters)
@@ -626,11 +583,7 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
     if m.space == "factors":
         return Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
                         for name in sorted(adapters[0].modules)}, adapters[0].base_model)
-    if "rank" in p:  # the method's own rank (svd); an explicit `rank` argument wins
-        p = dict(p)
-        default_rank = p.pop("rank")
-        rank = default_rank if rank is None else rank
-    w = torch.tensor(_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
+    w = torch.tensor(merge_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
     dtype = next(iter(adapters[0].modules.values())).A.dtype
     out = {}
     for (_, _, ranks), names in _groups(adapters).items():
@@ -648,4 +601,4 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
 
 def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:
     """`merge` for one module: the task LoRAs of that module in, the merged LoRA out."""
-    return merge([Adapter({"m": lora}) for lora in loras], method, **kwargs).modules["m"]
+    return merge([Adapter({"m": factors}) for factors in loras], method, **kwargs).modules["m"]

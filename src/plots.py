@@ -12,8 +12,8 @@ matplotlib.use("Agg")  # headless: the notebook shows the saved figures inline a
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import lora as L  # noqa: E402
-from . import merges as M  # noqa: E402
+from . import lora  # noqa: E402
+from . import merges  # noqa: E402
 from .layout import ALL_METHODS  # noqa: E402
 from .reporting import intervals, load_method_results, paper_normalized, same_inputs  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
@@ -133,10 +133,10 @@ def load_adapters(adapters_root: Path, model: str, tasks: list[str]) -> dict | N
     folder = Path(adapters_root, model)
     if not all((folder / t / "adapter_model.safetensors").exists() for t in tasks):
         return None
-    return {t: L.load_adapter(folder / t) for t in tasks}
+    return {t: lora.load_adapter(folder / t) for t in tasks}
 
 
-def frobenius_inner(a: L.Lora, b: L.Lora) -> float:
+def frobenius_inner(a: lora.Lora, b: lora.Lora) -> float:
     """<s_a B_a A_a, s_b B_b A_b>_F from the factors: sum((B_a^T B_b) * (A_a A_b^T)), no dense matrix."""
     return float(a.scale * b.scale * ((a.B.double().T @ b.B.double()) * (a.A.double() @ b.A.double().T)).sum())
 
@@ -147,7 +147,7 @@ def update_norm_ratios(adapters: dict, tasks: list[str], methods=("concat", "wei
     loras = [adapters[t] for t in tasks]
     out = {}
     for method in methods:
-        merged = M.merge(loras, method)
+        merged = merges.merge(loras, method)
         ratios = [np.sqrt(frobenius_inner(m, m)) / np.mean([np.sqrt(frobenius_inner(a.modules[n], a.modules[n]))
                                                             for a in loras])
                   for n, m in merged.modules.items()]
@@ -159,14 +159,14 @@ def fig_spectra(adapters: dict, rank: int = 8):
     tasks = list(adapters)
     targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})
     fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.6), squeeze=False, layout="constrained")
-    merged = M.merge([adapters[t] for t in tasks], "svd", rank=rank)
+    merged = merges.merge([adapters[t] for t in tasks], "svd", rank=rank)
     for ax, target in zip(axes[0], targets):
         names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
         for t in tasks:
-            spectra = [M.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
+            spectra = [lora.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
                        for n in names]
             ax.plot(np.mean([s.numpy() for s in spectra], 0), marker=".", label=t)
-        merged_s = [M.factored_svd(merged.modules[n].scale * merged.modules[n].B, merged.modules[n].A)[1].numpy()
+        merged_s = [lora.factored_svd(merged.modules[n].scale * merged.modules[n].B, merged.modules[n].A)[1].numpy()
                     for n in names]
         ax.plot(np.mean(merged_s, 0), "k--", marker="x", label="SVD merge")
         ax.set_yscale("log")

@@ -6,10 +6,11 @@ and test prompts share a table; the others are named."""
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from . import merges
-from .layout import ALL_METHODS, PAPER_RESULTS
+from .layout import ALL_METHODS, PAPER_RESULTS, ROOT
 from .lora import atomic_write
 from .metrics import normalized_score, paired_bootstrap
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
@@ -177,10 +178,11 @@ def same_inputs(found: dict) -> tuple[dict, dict]:
     return kept, left_out
 
 
-def write_summary(out: Path):
+def summary_files(out: Path) -> tuple[str, str] | None:
+    """(summary.md, summary.csv) of a results folder, from its method files alone (None if it has none)."""
     found = load_method_results(out)
     if not found:
-        return
+        return None
     found, left_out = same_inputs(found)
     ci = intervals(found)   # one bootstrap, shared by the table and the single-task check
     header, rows = summary_table(found, ci)
@@ -191,7 +193,6 @@ def write_summary(out: Path):
     buf = io.StringIO()
     csv.writer(buf).writerows([csv_header] + [[row[0]] + [c for v in row[1:1 + n_scored] for c in _csv_cells(v)]
                                               + row[1 + n_scored:] for row in rows])
-    atomic_write(out / "summary.csv", lambda p: p.write_text(buf.getvalue()))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     big = [any(_big(row[k]) for row in rows) for k in range(len(header))]
     lines += ["| " + " | ".join(_fmt(v, b) for v, b in zip(row, big)) + " |" for row in rows]
@@ -209,7 +210,15 @@ def write_summary(out: Path):
                       f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
                       for why in dict.fromkeys(left_out.values())))
     text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
-    atomic_write(out / "summary.md", lambda p: p.write_text(text))
+    return text, buf.getvalue()
+
+
+def write_summary(out: Path):
+    """Rebuild `summary.md` and `summary.csv` of a results folder (after every method a run finishes)."""
+    files = summary_files(out)
+    if files is not None:
+        atomic_write(out / "summary.md", lambda p: p.write_text(files[0]))
+        atomic_write(out / "summary.csv", lambda p: p.write_text(files[1]))
 
 
 def merge_table(found: dict) -> str:
@@ -261,3 +270,73 @@ def method_table() -> str:
         lines.append(f"| `{name}`{opt} | {m.paper} | `{m.formula}` | {params} | {m.output} | "
                      f"{m.exact or NO_CORE[m.space]} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the generated parts of README.md and REPORT.md
+GENERATED = re.compile(r"(<!-- generated: (?P<key>[^>]+?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.DOTALL)
+REPORTS = ("README.md", "results/REPORT.md")   # the documents whose generated parts `python -m src.reporting` refills
+
+
+def headline_table(model_dir: Path) -> str:
+    """Per method, the normalized score with its 95% interval on 5 and on 7 tasks, the paper's, and the paired
+    difference from MoA on 7 tasks: the front page's table, from the result files of one model."""
+    sets = {}
+    for n in (5, 7):
+        found = load_method_results(model_dir / f"{n}-task")
+        if found:
+            found, _ = same_inputs(found)
+            sets[n] = (found, intervals(found), normalized_points(found), paper_normalized(found["single"]["tasks"]))
+    methods = [m for m in ALL_METHODS if any(s[2].get(m) is not None for s in sets.values())]
+    header, rows = ["method"], []
+    for n, (_, _, _, paper) in sets.items():
+        header += [f"{n} tasks [95%]"] + [f"paper {model}" for model in paper]
+    if 7 in sets:
+        header.append("7 tasks: - MoA [95%]")
+    for m in methods:
+        cells = [m]
+        for n, (found, ci, points, paper) in sets.items():
+            point = points.get(m)
+            cells.append(_fmt((point, ci[m]["normalized"])) if point is not None else "n/a")
+            cells += [_fmt(paper[model].get(m)) for model in paper]
+        if 7 in sets:
+            found, ci, points, _ = sets[7]
+            gap = ci.get(m, {}).get("normalized_diff", {}).get("moa")
+            cells.append("" if m in ("moa", "single") or points.get(m) is None or gap is None
+                         else f"{points[m] - points['moa']:+.3f} [{gap[0]:+.3f}, {gap[1]:+.3f}]")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
+
+
+def generated(key: str, root: Path) -> str:
+    """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `methods` (the
+    registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
+    kind, _, arg = key.partition(" ")
+    if kind == "headline":
+        return headline_table(root / arg)
+    if kind == "summary":
+        return summary_files(root / arg)[0].rstrip("\n")
+    if kind == "methods":
+        return method_table()
+    if kind == "file":  # its own title line, if any, becomes bold text under the document's heading
+        text = (root / arg).read_text()
+        if text.startswith("# "):
+            title, _, rest = text[2:].partition("\n")
+            text = f"**{title}**\n{rest}"
+        return text.rstrip("\n")
+    raise ValueError(f"unknown generated part {key!r}")
+
+
+def fill(text: str, root: Path) -> str:
+    """`text` with every generated part rebuilt from the files under `root`; the prose around them is kept."""
+    return GENERATED.sub(lambda m: m.group(1) + generated(m.group("key"), root) + "\n" + m.group(4), text)
+
+
+def main(root: Path = ROOT):
+    for name in REPORTS:
+        path = Path(root) / name
+        atomic_write(path, lambda p, text=fill(path.read_text(), Path(root)): p.write_text(text))
+        print(f"refilled the generated parts of {name}")
+
+
+if __name__ == "__main__":
+    main()

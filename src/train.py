@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from torch import nn
 
-from . import lora as L
+from . import lora
 from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
@@ -52,7 +52,7 @@ class TrainConfig:
     data: str = "local"
     r: int = 8
     alpha: float = 16
-    targets: tuple = L.ATTENTION_TARGETS
+    targets: tuple = lora.ATTENTION_TARGETS
     lr: float = 5e-5
     batch_size: int = 2
     epochs: int = 10
@@ -95,7 +95,7 @@ TRAIN_SETTINGS = {
     "data": DATA,
     "r": POSITIVE_COUNT,
     "alpha": Setting(float, low=0, open="low"),   # the scale is alpha / r: 0 gives an adapter that does nothing
-    "targets": Setting(tuple),                     # module names, matched against the model's layers by L.inject
+    "targets": Setting(tuple),                     # module names, matched against the model's layers by lora.inject
     "lr": LEARNING_RATE,
     "batch_size": POSITIVE_COUNT,
     "epochs": POSITIVE_COUNT,
@@ -257,7 +257,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _save_checkpoint(path: Path, model, optimizer, state: dict, best: dict):
-    params = L.adapter_parameters(model)
+    params = lora.adapter_parameters(model)
     tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
     tensors.update({f"best.{k}": v.cpu().contiguous() for k, v in best.items()})
     for i, p in enumerate(params):
@@ -275,7 +275,7 @@ def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
     with safe_open(str(path), "pt") as f:
         state = json.loads(f.metadata()["state"])
     tensors = load_file(str(path))
-    params = L.adapter_parameters(model)
+    params = lora.adapter_parameters(model)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -288,7 +288,7 @@ def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
 
 
 def _snapshot(model) -> dict:
-    return {f"{i}": p.detach().clone() for i, p in enumerate(L.adapter_parameters(model))}
+    return {f"{i}": p.detach().clone() for i, p in enumerate(lora.adapter_parameters(model))}
 
 
 def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False,
@@ -313,11 +313,11 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
 
     seed = task_seed(cfg.seed, cfg.task)
     torch.manual_seed(seed)
-    L.inject(model, cfg.targets)
+    lora.inject(model, cfg.targets)
     try:
-        L.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True, generator=torch.Generator().manual_seed(seed))
+        lora.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True, generator=torch.Generator().manual_seed(seed))
         model.train()
-        optimizer = torch.optim.AdamW(L.adapter_parameters(model), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=cfg.lr)
         state = {"step": 0, "best_val": None, "bad": 0, "log": [], "stopped": False, "config": asdict(cfg)}
         best = _snapshot(model)
         if resume and ckpt_path.exists():
@@ -367,22 +367,22 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
                 _save_checkpoint(ckpt_path, model, optimizer, state, best)
         bar.close()
         with torch.no_grad():
-            for i, p in enumerate(L.adapter_parameters(model)):
+            for i, p in enumerate(lora.adapter_parameters(model)):
                 p.copy_(best[str(i)])
-        adapter = L.get_adapter(model, 0, base_model=cfg.model)
+        adapter = lora.get_adapter(model, 0, base_model=cfg.model)
     finally:
         acc.free_memory()
-        L.remove(model)
+        lora.remove(model)
         model.eval()
     if acc.is_main_process:
-        L.save_adapter(adapter, out_dir, cfg.targets)
+        lora.save_adapter(adapter, out_dir, cfg.targets)
         provenance.write_record(out_dir, {
             "task": cfg.task, "base_model": cfg.model, "preset": cfg.preset, "source": provenance.data_source(task, cfg.data),
             "rows": {"train": [0, len(train_rows)], "validation": [len(train_rows), len(train_rows) + len(val_rows)]},
             "skipped_rows": skipped + skipped_val, "max_len": cfg.max_len, "max_target": cfg.max_target,
             "seed": cfg.seed, "task_seed": seed, "steps": state["step"], "best_val_loss": state["best_val"],
             "processes": acc.num_processes, "commit": provenance.commit(), "config": asdict(cfg)})
-        L.atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
+        lora.atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
@@ -394,7 +394,7 @@ def publish_log(adapter_folder: Path, dest: Path):
     """Copy a finished run's train_log.jsonl next to the results (adapters/ stays out of git; the curves do not)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     text = (Path(adapter_folder) / "train_log.jsonl").read_text()
-    L.atomic_write(dest, lambda p: p.write_text(text))
+    lora.atomic_write(dest, lambda p: p.write_text(text))
 
 
 # -------------------------------------------------------------------------------------------------- routers
@@ -416,9 +416,9 @@ def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
     gold task: overall share of (sample, layer) decisions that are right, and the share per layer."""
     decisions, labels = [], []
     for batch, gold in prompt_batches(prompt_items(tasks, rows, tokenizer, budget), tokenizer.eos_token_id, batch_size):
-        with L.routing(model):
+        with lora.routing(model):
             model.base_model(**{k: v.to(model.device) for k, v in batch.items()})
-            decisions.append(L.route_decisions(model).cpu())
+            decisions.append(lora.route_decisions(model).cpu())
         labels.append(gold)
     decisions, labels = torch.cat(decisions), torch.cat(labels)
     right = (decisions == labels[:, None]).float()
@@ -438,10 +438,10 @@ def gather_items(x: torch.Tensor, n_items: int, accelerator: Accelerator) -> tor
 
 @torch.no_grad()
 def router_features(model, items: list, pad_id: int, batch_size: int, accelerator: Accelerator):
-    """`L.router_inputs` of every (gold task, prompt) item, with each item's gold adapter active; the items are
+    """`lora.router_inputs` of every (gold task, prompt) item, with each item's gold adapter active; the items are
     shared out over the processes and the features gathered back to all. Returns (features, where): features a
     list of U tensors (items, d_u), one per distinct layer input, of the widths of the layers reading them
-    (hidden_size, or intermediate_size for down_proj); where as in `L.router_inputs`."""
+    (hidden_size, or intermediate_size for down_proj); where as in `lora.router_inputs`."""
     if len(items) < accelerator.num_processes:
         raise BadInput(f"{len(items)} router prompts for {accelerator.num_processes} processes: raise --router-rows")
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
@@ -452,7 +452,7 @@ def router_features(model, items: list, pad_id: int, batch_size: int, accelerato
         batch, gold = next(prompt_batches(chunk, pad_id, len(chunk)))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with padding_skipped(model, batch["attention_mask"]):
-            f, where = L.router_inputs(model, batch["input_ids"], batch["attention_mask"], gold.to(model.device))
+            f, where = lora.router_inputs(model, batch["input_ids"], batch["attention_mask"], gold.to(model.device))
         if feats is None:  # filled in place rather than concatenated at the end: no second copy of many GB
             feats = [torch.empty(len(mine), x.shape[1], dtype=x.dtype) for x in f]
         for out, x in zip(feats, f):
@@ -466,7 +466,7 @@ def train_router_set(cfg: TrainConfig, features: list[torch.Tensor], where: list
                      labels: torch.Tensor, routers: nn.ModuleList, desc: str) -> list[dict]:
     """Train `routers` on precomputed features (`router_features`; label i's prompt is row rows[i] of each, read
     in place: a copy of the set's rows could be tens of GB): epochs of shuffled batches, loss = mean over routers
-    of the cross-entropy against the task (`L.router_loss`). Returns the log."""
+    of the cross-entropy against the task (`lora.router_loss`). Returns the log."""
     optimizer = torch.optim.AdamW(routers.parameters(), lr=cfg.router_lr)
     device = next(routers.parameters()).device
     n = len(labels)
@@ -478,7 +478,7 @@ def train_router_set(cfg: TrainConfig, features: list[torch.Tensor], where: list
             for i in range(0, n, cfg.router_batch_size):
                 idx = order[i:i + cfg.router_batch_size]
                 gold = labels[idx].to(device)
-                loss, predicted = L.router_loss(routers, [f[rows[idx]].to(device) for f in features], where, gold)
+                loss, predicted = lora.router_loss(routers, [f[rows[idx]].to(device) for f in features], where, gold)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -503,13 +503,13 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in union}
     heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in union}
     items = prompt_items(union, rows, tokenizer, cfg.max_prompt)
-    L.inject(model, targets)
+    lora.inject(model, targets)
     try:
         for t in union:
-            L.add_adapter(model, adapters[t])
+            lora.add_adapter(model, adapters[t])
         features, where = router_features(model, items, tokenizer.eos_token_id, cfg.router_batch_size, acc)
     finally:
-        L.remove(model)
+        lora.remove(model)
     task_of = torch.tensor([k for k, _ in items])
     results = []
     for tasks, out_dir in zip(task_sets, out_dirs):
@@ -517,18 +517,18 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
         if acc.is_main_process:
             pick = torch.cat([(task_of == union.index(t)).nonzero()[:, 0] for t in tasks])
             labels = torch.cat([torch.full(((task_of == union.index(t)).sum(),), k) for k, t in enumerate(tasks)])
-            L.inject(model, targets)
+            lora.inject(model, targets)
             try:
                 for t in tasks:
-                    L.add_adapter(model, adapters[t])
-                routers = L.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
+                    lora.add_adapter(model, adapters[t])
+                routers = lora.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
                 log = train_router_set(cfg, features, where, pick, labels, routers, desc=f"routers {len(tasks)} tasks")
-                L.attach_routers(model, routers)
+                lora.attach_routers(model, routers)
                 accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
-                L.save_routers(model, out_dir, tasks, cfg.model,
+                lora.save_routers(model, out_dir, tasks, cfg.model,
                                extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log})
             finally:
-                L.remove(model)
+                lora.remove(model)
         acc.wait_for_everyone()
         results.append(accuracy)
     return results

@@ -9,22 +9,22 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tiny_qwen2
-from src import lora as L
-from src import merges as M
+from src import lora
+from src import merges
 
 
 def random_lora(d_in, d_out, r, scale, gen, dtype=torch.float64):
-    return L.Lora(torch.randn(r, d_in, generator=gen, dtype=dtype), torch.randn(d_out, r, generator=gen, dtype=dtype), scale)
+    return lora.Lora(torch.randn(r, d_in, generator=gen, dtype=dtype), torch.randn(d_out, r, generator=gen, dtype=dtype), scale)
 
 
-def random_adapter(model, r, alpha, gen, std=0.05) -> L.Adapter:
+def random_adapter(model, r, alpha, gen, std=0.05) -> lora.Adapter:
     """An adapter with non-zero A and B for every LoRA layer of `model` (B nonzero, unlike a fresh init)."""
     modules = {}
-    for name, layer in L.lora_layers(model).items():
+    for name, layer in lora.lora_layers(model).items():
         A = torch.randn(r, layer.base.in_features, generator=gen) * std
         B = torch.randn(layer.base.out_features, r, generator=gen) * std
-        modules[name] = L.Lora(A, B, alpha / r)
-    return L.Adapter(modules, "tiny")
+        modules[name] = lora.Lora(A, B, alpha / r)
+    return lora.Adapter(modules, "tiny")
 
 
 def ids(n=2, t=12, seed=0):
@@ -35,7 +35,7 @@ def ids(n=2, t=12, seed=0):
 def test_layer_matches_dense_formula_per_sample_gate():
     gen = torch.Generator().manual_seed(1)
     base = nn.Linear(24, 16).double()
-    layer = L.LoraLinear(base)
+    layer = lora.LoraLinear(base)
     loras = [random_lora(24, 16, r, s, gen) for r, s in [(2, 1.0), (5, 0.5), (3, 2.0)]]
     for lo in loras:
         layer.add(lo.A, lo.B, lo.scale, trainable=False)
@@ -53,9 +53,9 @@ def test_layer_matches_dense_formula_per_sample_gate():
 def test_init_is_kaiming_a_and_zero_b_and_only_adapters_get_gradients(tiny_model):
     x = ids()
     before = tiny_model(x).logits
-    L.inject(tiny_model)
-    L.add_adapter(tiny_model, r=8, alpha=16, trainable=True)
-    layer = L.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"]
+    lora.inject(tiny_model)
+    lora.add_adapter(tiny_model, r=8, alpha=16, trainable=True)
+    layer = lora.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"]
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
     assert layer.A[0].abs().max() <= bound and layer.A[0].abs().max() > 0.5 * bound
     assert torch.equal(layer.B[0], torch.zeros_like(layer.B[0])) and layer.scales == [2.0]
@@ -72,13 +72,13 @@ def test_inject_bad_targets_lists_candidates_and_remove_restores(tiny_model):
     before = tiny_model(x).logits
     originals = {n: m for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
     with pytest.raises(ValueError, match="match no Linear.*candidates: .*down_proj.*q_proj"):
-        L.inject(tiny_model, targets=("q_proj", "query"))
-    assert not L.lora_layers(tiny_model)  # nothing half-applied
-    names = L.inject(tiny_model, targets=L.ORIGINAL_CODE_TARGETS)
+        lora.inject(tiny_model, targets=("q_proj", "query"))
+    assert not lora.lora_layers(tiny_model)  # nothing half-applied
+    names = lora.inject(tiny_model, targets=lora.ORIGINAL_CODE_TARGETS)
     assert len(names) == 12 and not any("o_proj" in n for n in names)
-    L.add_adapter(tiny_model, random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0)))
+    lora.add_adapter(tiny_model, random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0)))
     assert not torch.allclose(tiny_model(x).logits, before)
-    L.remove(tiny_model)
+    lora.remove(tiny_model)
     assert {n: m for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)} == originals
     assert torch.equal(tiny_model(x).logits, before)
 
@@ -87,18 +87,18 @@ def test_one_hot_gate_is_that_adapter_alone_and_concat_is_all_at_once():
     gen = torch.Generator().manual_seed(2)
     x = ids(3)
     multi = tiny_qwen2()
-    L.inject(multi)
+    lora.inject(multi)
     adapters = [random_adapter(multi, r, 2 * r, gen) for r in (2, 4, 8)]
     for a in adapters:
-        L.add_adapter(multi, a)
+        lora.add_adapter(multi, a)
     alone = tiny_qwen2()
-    L.inject(alone)
-    L.add_adapter(alone, adapters[1])
-    with torch.no_grad(), L.gated(multi, torch.tensor([0.0, 1.0, 0.0])):
+    lora.inject(alone)
+    lora.add_adapter(alone, adapters[1])
+    with torch.no_grad(), lora.gated(multi, torch.tensor([0.0, 1.0, 0.0])):
         assert torch.allclose(multi(x).logits, alone(x).logits, atol=1e-5)
     merged = tiny_qwen2()
-    L.inject(merged)
-    L.add_adapter(merged, M.merge(adapters, "concat"))
+    lora.inject(merged)
+    lora.add_adapter(merged, merges.merge(adapters, "concat"))
     with torch.no_grad():
         all_at_once = multi(x).logits  # gate None: every adapter with weight 1
         assert torch.allclose(merged(x).logits, all_at_once, atol=1e-5)
@@ -109,21 +109,21 @@ def test_one_hot_gate_is_that_adapter_alone_and_concat_is_all_at_once():
 def test_folded_matches_unfolded_and_restores_w_exactly(tiny_model):
     gen = torch.Generator().manual_seed(7)
     x = ids()
-    L.inject(tiny_model)
+    lora.inject(tiny_model)
     adapter = random_adapter(tiny_model, 8, 16, gen)
-    weights = {n: m.base.weight.clone() for n, m in L.lora_layers(tiny_model).items()}
-    L.add_adapter(tiny_model, adapter)
+    weights = {n: m.base.weight.clone() for n, m in lora.lora_layers(tiny_model).items()}
+    lora.add_adapter(tiny_model, adapter)
     with torch.no_grad():
         want = tiny_model(x).logits
-        with L.gated(tiny_model, torch.zeros(1)), L.folded(tiny_model, adapter):  # adapter off, folded into W
+        with lora.gated(tiny_model, torch.zeros(1)), lora.folded(tiny_model, adapter):  # adapter off, folded into W
             assert torch.allclose(tiny_model(x).logits, want, atol=1e-5)
-            assert not torch.equal(L.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"].base.weight,
+            assert not torch.equal(lora.lora_layers(tiny_model)["model.layers.0.self_attn.q_proj"].base.weight,
                                    weights["model.layers.0.self_attn.q_proj"])
-    for n, m in L.lora_layers(tiny_model).items():
+    for n, m in lora.lora_layers(tiny_model).items():
         assert torch.equal(m.base.weight, weights[n])
-    bad = L.Adapter({"model.layers.0.self_attn.q_proj": random_lora(32, 64, 2, 1.0, gen, torch.float32)})
+    bad = lora.Adapter({"model.layers.0.self_attn.q_proj": random_lora(32, 64, 2, 1.0, gen, torch.float32)})
     with pytest.raises(ValueError, match="cannot fold into model.layers.0.self_attn.q_proj"):
-        with L.folded(tiny_model, bad):
+        with lora.folded(tiny_model, bad):
             pass
 
 
@@ -134,11 +134,11 @@ def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
     gen = torch.Generator().manual_seed(8)
     x = ids()
     ours = tiny_qwen2()
-    L.inject(ours)
+    lora.inject(ours)
     adapter = random_adapter(ours, 8, 16, gen)
     adapter.modules["model.layers.1.self_attn.v_proj"] = random_lora(64, 32, 4, 0.5, gen, torch.float32)  # rank 4
-    L.add_adapter(ours, adapter)
-    L.save_adapter(adapter, tmp_path / "a")
+    lora.add_adapter(ours, adapter)
+    lora.save_adapter(adapter, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["rank_pattern"] == {"model.layers.1.self_attn.v_proj": 4}
     peft_model = PeftModel.from_pretrained(tiny_qwen2(), tmp_path / "a").eval()
@@ -157,33 +157,33 @@ def test_peft_trained_adapter_loads_in_ours_with_same_logits(tmp_path):
         if "lora_B" in n:
             p.data.normal_(0, 0.05)  # as if trained: B is no longer zero
     peft_model.eval().save_pretrained(tmp_path / "p")
-    adapter = L.load_adapter(tmp_path / "p")
+    adapter = lora.load_adapter(tmp_path / "p")
     assert len(adapter.modules) == 6 and {lo.scale for lo in adapter.modules.values()} == {3.0}
     ours = tiny_qwen2()
-    L.inject(ours, targets=("q_proj", "v_proj", "down_proj"))
-    L.add_adapter(ours, adapter)
+    lora.inject(ours, targets=("q_proj", "v_proj", "down_proj"))
+    lora.add_adapter(ours, adapter)
     with torch.no_grad():
         assert (peft_model(x).logits - ours(x).logits).abs().max() <= 1e-5
 
 
 def test_load_errors_are_clear(tmp_path, tiny_model):
     with pytest.raises(FileNotFoundError, match="missing adapter file .*create it with `python train.py`"):
-        L.load_adapter(tmp_path / "none", hint="python train.py")
-    L.inject(tiny_model)
+        lora.load_adapter(tmp_path / "none", hint="python train.py")
+    lora.inject(tiny_model)
     adapter = random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0))
-    L.save_adapter(adapter, tmp_path / "a")
+    lora.save_adapter(adapter, tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt adapter"):
-        L.load_adapter(tmp_path / "a")
+        lora.load_adapter(tmp_path / "a")
     other = tiny_qwen2(hidden=32)
-    L.inject(other)
+    lora.inject(other)
     with pytest.raises(ValueError, match=r"does not fit module model.layers.0.self_attn.q_proj: A \(4, 64\)"):
-        L.add_adapter(other, adapter)
-    assert all(len(m.A) == 0 for m in L.lora_layers(other).values())  # nothing half-applied
-    L.remove(other)
-    L.inject(other, targets=("q_proj",))
+        lora.add_adapter(other, adapter)
+    assert all(len(m.A) == 0 for m in lora.lora_layers(other).values())  # nothing half-applied
+    lora.remove(other)
+    lora.inject(other, targets=("q_proj",))
     with pytest.raises(ValueError, match="adapter modules do not match"):
-        L.add_adapter(other, adapter)
+        lora.add_adapter(other, adapter)
 
 
 # ---------------------------------------------------------------------------------------------------------- MoA
@@ -198,50 +198,50 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     gen = torch.Generator().manual_seed(10)
     torch.manual_seed(10)
     model = tiny_qwen2()
-    L.inject(model)
+    lora.inject(model)
     adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
     for a in adapters:
-        L.add_adapter(model, a)
-    routers = L.make_routers(model, 3)
-    L.attach_routers(model, routers)
+        lora.add_adapter(model, a)
+    routers = lora.make_routers(model, 3)
+    lora.attach_routers(model, routers)
     opt = torch.optim.AdamW(routers.parameters(), lr=1e-2)
     for step in range(200):
         labels = torch.randint(0, 3, (8,), generator=gen)
         x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
-        feats, where = L.router_inputs(model, x, torch.ones_like(x), labels)
+        feats, where = lora.router_inputs(model, x, torch.ones_like(x), labels)
         assert [f.shape for f in feats] == [(8, 64)] * (2 * 2) and where == [0, 0, 0, 1, 2, 2, 2, 3]  # q/k/v: one input
-        loss, _ = L.router_loss(routers, feats, where, labels)
+        loss, _ = lora.router_loss(routers, feats, where, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
     # held-out prompts, routed for real inside the model
     labels = torch.arange(3).repeat(20)
     x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
-    with torch.no_grad(), L.routing(model):
+    with torch.no_grad(), lora.routing(model):
         mixed = model(x).logits
-        decisions = L.route_decisions(model)
+        decisions = lora.route_decisions(model)
     assert decisions.shape == (60, 8)
     assert (decisions == labels[:, None]).float().mean() >= 0.95
     with torch.no_grad():
         for i in range(0, 60, 7):  # each sample alone gives the same outputs as inside the mixed batch
-            with L.routing(model):
+            with lora.routing(model):
                 alone = model(x[i:i + 1]).logits
-                assert torch.equal(L.route_decisions(model)[0], decisions[i])
+                assert torch.equal(lora.route_decisions(model)[0], decisions[i])
             assert (alone[0] - mixed[i]).abs().max() <= 1e-5
     # routes chosen at the prompt are kept while generating
-    with torch.no_grad(), L.routing(model):
+    with torch.no_grad(), lora.routing(model):
         out = model.generate(x[:6], attention_mask=torch.ones_like(x[:6]), max_new_tokens=4, do_sample=False)
-        assert torch.equal(L.route_decisions(model), decisions[:6])
+        assert torch.equal(lora.route_decisions(model), decisions[:6])
     assert out.shape == (6, 14)
-    L.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
+    lora.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
     fresh = tiny_qwen2()
-    L.inject(fresh)
+    lora.inject(fresh)
     for a in adapters:
-        L.add_adapter(fresh, a)
+        lora.add_adapter(fresh, a)
     with pytest.raises(ValueError, match=r"trained for tasks \['a', 'b', 'c'\], not \['a', 'c', 'b'\]"):
-        L.load_routers(fresh, tmp_path / "moa", ["a", "c", "b"])
-    L.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
-    with torch.no_grad(), L.routing(fresh):
+        lora.load_routers(fresh, tmp_path / "moa", ["a", "c", "b"])
+    lora.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
+    with torch.no_grad(), lora.routing(fresh):
         assert torch.allclose(fresh(x).logits, mixed, atol=1e-6)
 
 
@@ -251,43 +251,43 @@ def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
     come in both widths, and saved then loaded routers route exactly as before."""
     gen = torch.Generator().manual_seed(11)
     model = tiny_qwen2()  # hidden 64, intermediate 128
-    L.inject(model, targets=L.ORIGINAL_CODE_TARGETS)
+    lora.inject(model, targets=lora.ORIGINAL_CODE_TARGETS)
     adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
     for a in adapters:
-        L.add_adapter(model, a)
-    widths = [layer.base.in_features for layer in L.lora_layers(model).values()]
+        lora.add_adapter(model, a)
+    widths = [layer.base.in_features for layer in lora.lora_layers(model).values()]
     assert widths == ([64] * 5 + [128]) * 2  # q, k, v, gate, up, down per decoder layer
-    routers = L.make_routers(model, 3, generator=gen)
+    routers = lora.make_routers(model, 3, generator=gen)
     assert [(r.in_features, r.out_features) for r in routers] == [(w, 3) for w in widths]
 
     labels = torch.tensor([0, 1, 2, 1])
     x = torch.cat([task_prompts(int(k), 1, 10, gen) for k in labels])
-    feats, where = L.router_inputs(model, x, torch.ones_like(x), labels)
+    feats, where = lora.router_inputs(model, x, torch.ones_like(x), labels)
     assert where == [0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 5]  # q, k, v share one input, gate and up another
     assert [f.shape for f in feats] == [(4, 64), (4, 64), (4, 128)] * 2
     mlp = model.model.layers[1].mlp  # down_proj's feature is act(gate(x)) * up(x) of gate/up's, gold adapter active
-    with torch.no_grad(), L.gated(model, F.one_hot(labels, 3).float()):
+    with torch.no_grad(), lora.gated(model, F.one_hot(labels, 3).float()):
         assert torch.allclose(feats[5], mlp.act_fn(mlp.gate_proj(feats[4])) * mlp.up_proj(feats[4]), atol=1e-6)
-    loss, predicted = L.router_loss(routers, feats, where, labels)
+    loss, predicted = lora.router_loss(routers, feats, where, labels)
     reference = torch.stack([F.cross_entropy(r(feats[u]), labels) for r, u in zip(routers, where)]).mean()
     assert torch.allclose(loss, reference) and predicted.shape == (12, 4)
     loss.backward()
     assert all(r.weight.grad.abs().sum() > 0 for r in routers)
 
-    L.attach_routers(model, routers)
-    with torch.no_grad(), L.routing(model):
+    lora.attach_routers(model, routers)
+    with torch.no_grad(), lora.routing(model):
         logits = model(x).logits
-        decisions = L.route_decisions(model)
+        decisions = lora.route_decisions(model)
     assert decisions.shape == (4, 12)
-    L.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
+    lora.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
     saved = load_file(str(tmp_path / "moa" / "routers.safetensors"))
     assert saved["model.layers.0.mlp.down_proj.router.weight"].shape == (3, 128)
     assert saved["model.layers.0.mlp.up_proj.router.weight"].shape == (3, 64)
     fresh = tiny_qwen2()
-    L.inject(fresh, targets=L.ORIGINAL_CODE_TARGETS)
+    lora.inject(fresh, targets=lora.ORIGINAL_CODE_TARGETS)
     for a in adapters:
-        L.add_adapter(fresh, a)
-    L.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
-    with torch.no_grad(), L.routing(fresh):
+        lora.add_adapter(fresh, a)
+    lora.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
+    with torch.no_grad(), lora.routing(fresh):
         assert torch.equal(fresh(x).logits, logits)
-        assert torch.equal(L.route_decisions(fresh), decisions)
+        assert torch.equal(lora.route_decisions(fresh), decisions)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_model
-from src import lora as L
+from src import lora
 from src import merge_fit, provenance
 from src.errors import BadInput
 from src.models import load_model
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
         train_lora(cfg, model, tokenizer, root / "adapters" / t)
         (root / "data" / t).mkdir(parents=True)
         shutil.copy(REPO / "data" / t / "train.jsonl", root / "data" / t / "train.jsonl")  # no test.jsonl
-    return model, tokenizer, [L.load_adapter(root / "adapters" / t) for t in TASKS], root / "data", root / "adapters"
+    return model, tokenizer, [lora.load_adapter(root / "adapters" / t) for t in TASKS], root / "data", root / "adapters"
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_cat_learns_its_weights_and_lowers_the_loss(trained, no_test_rows):
     assert len(alphas) == 2 and alphas != [0.5, 0.5]  # started at 1/n, moved
     layer = merged.modules["model.layers.0.self_attn.q_proj"]
     assert layer.A.shape[0] == 16  # the two rank-8 LoRAs, concatenated with their learned weights
-    assert not L.lora_layers(trained[0])  # the model is left as it was
+    assert not lora.lora_layers(trained[0])  # the model is left as it was
 
 
 def test_lorahub_lowers_its_objective_from_the_base_model(trained, no_test_rows):
@@ -85,8 +85,8 @@ def test_grid_extends_past_its_edge_until_the_best_is_inside(trained, no_test_ro
     """A validation loss whose minimum (lambda = 2.5) lies above the grid (0.125 .. 1): the search doubles past the
     top until a larger value is worse, so the chosen value has a worse neighbour on each side."""
     merged_with = []
-    monkeypatch.setattr(merge_fit.M, "merge", lambda adapters, name, **p: merged_with.append(p) or p)
-    monkeypatch.setattr(merge_fit.L, "folded", lambda model, merged: contextlib.nullcontext())
+    monkeypatch.setattr(merge_fit.merges, "merge", lambda adapters, name, **p: merged_with.append(p) or p)
+    monkeypatch.setattr(merge_fit.lora, "folded", lambda model, merged: contextlib.nullcontext())
     monkeypatch.setattr(merge_fit.FitData, "loss", lambda self, ex: {t: (merged_with[-1]["lam"] - 2.5) ** 2
                                                                     for t in TASKS})
     _, info = merge_fit.build("task_arithmetic", trained[2], fit_data(trained), select_rows=2)
@@ -97,7 +97,7 @@ def test_grid_extends_past_its_edge_until_the_best_is_inside(trained, no_test_ro
     _, info = merge_fit.build("task_arithmetic", trained[2], fit_data(trained), select_rows=2)
     assert [c["params"]["lam"] for c in info["selection"]["candidates"]][4:] == [0.125 / 2 ** k for k in range(1, 9)]
     assert info["selection"]["at_edge"] == ["lam"]  # MAX_EXTENSIONS reached: recorded, not hidden
-    density = merge_fit.M.METHODS["ties"].params["density"]
+    density = merge_fit.merges.METHODS["ties"].params["density"]
     assert merge_fit.beyond_edge(density, 1.0, [0.5, 1.0]) is None and merge_fit.beyond_edge(density, 0.5, [0.5, 1.0]) == 0.25
 
 

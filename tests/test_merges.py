@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from src import lora as L
-from src import merges as M
+from src import lora
+from src import merges
 from src import reporting
 from src.errors import BadInput
 
@@ -17,10 +17,10 @@ D_OUT, D_IN = 14, 11
 
 
 def random_adapters(seed: int, ranks=RANKS, scales=SCALES, modules=("a.q_proj", "b.q_proj", "c.v_proj"), d_out=D_OUT,
-                    d_in=D_IN) -> list[L.Adapter]:
+                    d_in=D_IN) -> list[lora.Adapter]:
     """One adapter per task over a few modules of the same shape (so the batched path runs), float64."""
     gen = torch.Generator().manual_seed(seed)
-    return [L.Adapter({m: L.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+    return [lora.Adapter({m: lora.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
                                  torch.randn(d_out, r, generator=gen, dtype=torch.float64), s) for m in modules})
             for r, s in zip(ranks, scales)]
 
@@ -118,18 +118,18 @@ def test_concat_and_weight_sum_against_dense_float64():
     adapters = random_adapters(3)
     loras = [a.modules["a.q_proj"] for a in adapters]
     w = [0.7, -1.3, 2.1]
-    got = M.merge_loras(loras, "concat", weights=w)
+    got = merges.merge_loras(loras, "concat", weights=w)
     want = sum(wi * D for wi, D in zip(w, updates(adapters, "a.q_proj")))
     assert got.A.shape == (10, D_IN) and rel(got.delta().numpy(), want) <= 1e-12
     same = [a.modules["a.q_proj"] for a in random_adapters(4, ranks=(4, 4, 4), scales=(2.0,) * 3)]
-    ws = M.merge_loras(same, "weight_sum", weights=w)
+    ws = merges.merge_loras(same, "weight_sum", weights=w)
     sum_A, sum_B = sum(wi * l.A for wi, l in zip(w, same)), sum(wi * l.B for wi, l in zip(w, same))
     assert torch.allclose(ws.delta(), 2.0 * sum_B @ sum_A, atol=1e-12)
     assert not torch.allclose(ws.delta(), sum(wi * l.delta() for wi, l in zip(w, same)), atol=1e-3)  # cross terms
-    avg = M.merge_loras(same, "weighted_avg")
+    avg = merges.merge_loras(same, "weighted_avg")
     assert torch.allclose(avg.delta(), 2.0 * (sum(l.B for l in same) / 3) @ (sum(l.A for l in same) / 3))
     with pytest.raises(BadInput, match="equal ranks and scales"):
-        M.merge_loras(loras, "weight_sum")
+        merges.merge_loras(loras, "weight_sum")
 
 
 def truncated(D, k):
@@ -140,9 +140,9 @@ def truncated(D, k):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
 def test_svd_merge_equals_dense_truncated_svd_at_qwen_size(dtype, tol):
     gen = torch.Generator().manual_seed(4)
-    loras = [L.Lora(torch.randn(8, 1536, generator=gen, dtype=dtype),
+    loras = [lora.Lora(torch.randn(8, 1536, generator=gen, dtype=dtype),
                     torch.randn(1536, 8, generator=gen, dtype=dtype), 2.0) for _ in range(7)]
-    got = M.merge_loras(loras, "svd", rank=8)
+    got = merges.merge_loras(loras, "svd", rank=8)
     assert got.A.dtype == dtype and got.A.shape == (8, 1536) and got.B.shape == (1536, 8)
     want = truncated(sum(l.delta().double().numpy() for l in loras) / 7, 8)
     assert rel(got.delta().double().numpy(), want) <= tol
@@ -153,16 +153,16 @@ def test_svd_merge_unequal_ranks_weights_and_ranks():
     w = [0.5, 1.5, -2.0]
     dense = sum(wi * D for wi, D in zip(w, updates(adapters, "c.v_proj")))
     for k in (3, 8, 10, 40):
-        got = M.merge(adapters, "svd", rank=k, weights=w).modules["c.v_proj"]
+        got = merges.merge(adapters, "svd", rank=k, weights=w).modules["c.v_proj"]
         assert got.A.shape[0] == min(k, 10) and rel(got.delta().numpy(), truncated(dense, min(k, 10))) <= 1e-10
-    default = M.merge(adapters, "svd").modules["c.v_proj"]  # rank 8 of the mean
+    default = merges.merge(adapters, "svd").modules["c.v_proj"]  # rank 8 of the mean
     assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
 
 
 def test_factored_svd_is_the_svd_of_the_update():
     gen = torch.Generator().manual_seed(3)
     B, A = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen, dtype=torch.float64)
-    U, S, Vh = M.factored_svd(B, A)
+    U, S, Vh = lora.factored_svd(B, A)
     D = (B @ A).numpy()
     assert np.allclose(S.numpy(), np.linalg.svd(D, compute_uv=False)[:4], rtol=1e-12)
     assert rel(((U * S) @ Vh).numpy(), D) <= 1e-12 and np.allclose(U.T @ U, np.eye(4)) and np.allclose(Vh @ Vh.T, np.eye(4))
@@ -173,9 +173,9 @@ def test_core_space_on_modules_narrower_than_the_stacked_rank():
     reflectors than stacked columns on the B side; exact and truncated merges still equal the dense ones."""
     adapters = random_adapters(9, d_out=6)
     Ds = updates(adapters, "b.q_proj")
-    assert rel(delta(M.merge(adapters, "task_arithmetic", lam=0.7), "b.q_proj"), 0.7 * sum(Ds)) <= 1e-10
-    assert rel(delta(M.merge(adapters, "svd", rank=4), "b.q_proj"), truncated(sum(Ds) / 3, 4)) <= 1e-10
-    assert rel(delta(M.merge(adapters, "tsv_m", alpha=1.3), "b.q_proj"), ref_tsv_m(Ds, RANKS, 1.3)) <= 1e-10
+    assert rel(delta(merges.merge(adapters, "task_arithmetic", lam=0.7), "b.q_proj"), 0.7 * sum(Ds)) <= 1e-10
+    assert rel(delta(merges.merge(adapters, "svd", rank=4), "b.q_proj"), truncated(sum(Ds) / 3, 4)) <= 1e-10
+    assert rel(delta(merges.merge(adapters, "tsv_m", alpha=1.3), "b.q_proj"), ref_tsv_m(Ds, RANKS, 1.3)) <= 1e-10
 
 
 # ----------------------------------------------------------------- basis-invariant methods: core == dense
@@ -192,13 +192,13 @@ def test_core_space_equals_dense_for_basis_invariant_methods(seed):
             "svd": (dict(rank=4), truncated(sum(Ds) / 3, 4)),
         }
         for name, (params, want) in cases.items():
-            got = delta(M.merge(adapters, name, **params), module)
+            got = delta(merges.merge(adapters, name, **params), module)
             assert rel(got, want) <= 1e-10, name
     # KnOTS with a plain sum of its blocks is task arithmetic, in the core as in the dense definition
     Ds = updates(adapters, "b.q_proj")
-    Qb, Ms, Qa = M.core_project([[a.modules["b.q_proj"] for a in adapters]])
-    ctx = M.Context(RANKS, ())
-    merged_core = M.knots(Ms, torch.ones(3, dtype=torch.float64), ctx, "sum", 1.0, 0.0, 1.0)
+    Qb, Ms, Qa = merges.core_project([[a.modules["b.q_proj"] for a in adapters]])
+    ctx = merges.Context(RANKS, ())
+    merged_core = merges.knots(Ms, torch.ones(3, dtype=torch.float64), ctx, "sum", 1.0, 0.0, 1.0)
     core_sum = (Qb.matrix() @ merged_core @ Qa.matrix().mT)[0]
     assert rel(core_sum.numpy(), ref_knots(Ds, sum)) <= 1e-10 and rel(ref_knots(Ds, sum), sum(Ds)) <= 1e-10
 
@@ -207,16 +207,16 @@ def test_tsv_m_budget_and_iso_c_rank_on_a_sum_of_loras():
     """TSV-M keeps min(r_i, R/n) components per task; Iso-C flattens only the nonzero spectrum, so a sum of LoRAs
     stays rank R (the public code's mean over the full spectrum would add a full-rank term)."""
     adapters = random_adapters(7, ranks=(6, 1, 3))
-    got = delta(M.merge(adapters, "iso_c"), "a.q_proj")
+    got = delta(merges.merge(adapters, "iso_c"), "a.q_proj")
     assert np.linalg.matrix_rank(got, tol=1e-8) == 10
     S = np.linalg.svd(got, compute_uv=False)[:10]
     assert np.allclose(S, S.mean(), rtol=1e-10)
     # Iso-CTS with a small common share: rounding the per-task share up must not claim more than R directions
     # (ranks 1, 1, 2, 2 at fraction 0.1: round(6 / 4) = 2 per task would leave -2 common; 6 // 4 = 1, 2 common)
     small = random_adapters(8, ranks=(1, 1, 2, 2), scales=(2.0, 1.0, 0.5, 1.5))
-    got = delta(M.merge(small, "iso_cts", common_fraction=0.1), "a.q_proj")
+    got = delta(merges.merge(small, "iso_cts", common_fraction=0.1), "a.q_proj")
     assert rel(got, ref_iso_cts(updates(small, "a.q_proj"), (1, 1, 2, 2), 0.1)) <= 1e-10
-    tsv = delta(M.merge(adapters, "tsv_m"), "a.q_proj")
+    tsv = delta(merges.merge(adapters, "tsv_m"), "a.q_proj")
     assert np.linalg.matrix_rank(tsv, tol=1e-8) == 3 + 1 + 3  # min(6, 10 // 3), min(1, 3), min(3, 3)
 
 
@@ -238,11 +238,11 @@ def test_ties_dare_magnitude_knots_on_the_cores_against_references():
             U, S, Vh = np.linalg.svd(np.concatenate([wi * X for wi, X in zip(w, Ms)], axis=1), full_matrices=False)
             blocks = [np.diag(S) @ V for V in np.split(Vh, 3, axis=1)]
             want = back(0.9 * U @ ref_disjoint_mean([ref_trim(b, 0.5) for b in blocks]))
-        got = delta(M.merge(adapters, name, weights=w, **params), module)
+        got = delta(merges.merge(adapters, name, weights=w, **params), module)
         assert rel(got, want) <= 1e-10, name
     # ties_dense is TIES on the dense updates; it differs from TIES on the cores
     Ds = updates(adapters, module)
-    dense = delta(M.merge(adapters, "ties_dense", weights=w, density=0.3, lam=0.8), module)
+    dense = delta(merges.merge(adapters, "ties_dense", weights=w, density=0.3, lam=0.8), module)
     assert rel(dense, 0.8 * ref_disjoint_mean([wi * ref_trim(D, 0.3) for wi, D in zip(w, Ds)])) <= 1e-12
     assert rel(dense, checks["ties"][1]) > 0.05
 
@@ -268,9 +268,9 @@ def test_dare_masks_are_bernoulli_and_shared_by_dare_ties():
     the same entries (its result is the disjoint mean of exactly those), and another seed draws other masks."""
     adapters = random_adapters(12)
     p, n = 0.7, len(RANKS)
-    got = M.merge(adapters, "dare_linear", seed=5, p=p, lam=0.6)
-    got_ties = M.merge(adapters, "dare_ties", seed=5, p=p, lam=1.4)
-    other = M.merge(adapters, "dare_linear", seed=6, p=p, lam=0.6)
+    got = merges.merge(adapters, "dare_linear", seed=5, p=p, lam=0.6)
+    got_ties = merges.merge(adapters, "dare_ties", seed=5, p=p, lam=1.4)
+    other = merges.merge(adapters, "dare_linear", seed=6, p=p, lam=0.6)
     kept, total = 0, 0
     for module in sorted(adapters[0].modules):
         Ub, Ms, Ua = core_reference(adapters, module)
@@ -281,24 +281,24 @@ def test_dare_masks_are_bernoulli_and_shared_by_dare_ties():
         assert rel(delta(other, module), delta(got, module)) > 1e-3
     # 3 modules x 3 tasks x 100 entries: the kept share is within 4 standard deviations of 1 - p
     assert abs(kept / total - (1 - p)) <= 4 * math.sqrt(p * (1 - p) / total), kept / total
-    again = M.merge(adapters, "dare_linear", seed=5, p=p, lam=0.6)
+    again = merges.merge(adapters, "dare_linear", seed=5, p=p, lam=0.6)
     assert all(torch.equal(got.modules[m].B, again.modules[m].B) for m in got.modules)
 
 
 # ------------------------------------------------------------------------------------------------ reductions
 def test_reductions_to_task_arithmetic():
     adapters = random_adapters(13)
-    ta = M.merge(adapters, "task_arithmetic", lam=1.0)
+    ta = merges.merge(adapters, "task_arithmetic", lam=1.0)
     for name, params in (("dare_linear", dict(p=0.0, lam=1.0)), ("magnitude_prune", dict(density=1.0, lam=1.0))):
-        got = M.merge(adapters, name, **params)
+        got = merges.merge(adapters, name, **params)
         assert all(rel(delta(got, m), delta(ta, m)) <= 1e-12 for m in ta.modules), name
     # TIES at density 1 is the disjoint mean: for tasks whose updates agree in sign it is their mean, so lambda = n
     # gives task arithmetic back
     base = random_adapters(14, ranks=(4,), scales=(2.0,))[0]
-    agreeing = [L.Adapter({m: L.Lora(l.A, c * l.B, l.scale) for m, l in base.modules.items()}) for c in (0.5, 1.0, 3.0)]
-    ties = M.merge(agreeing, "ties", density=1.0, lam=3.0)
-    dare_ties = M.merge(agreeing, "dare_ties", p=0.0, lam=3.0)
-    sum_ = M.merge(agreeing, "task_arithmetic")
+    agreeing = [lora.Adapter({m: lora.Lora(l.A, c * l.B, l.scale) for m, l in base.modules.items()}) for c in (0.5, 1.0, 3.0)]
+    ties = merges.merge(agreeing, "ties", density=1.0, lam=3.0)
+    dare_ties = merges.merge(agreeing, "dare_ties", p=0.0, lam=3.0)
+    sum_ = merges.merge(agreeing, "task_arithmetic")
     assert all(rel(delta(ties, m), delta(sum_, m)) <= 1e-10 and rel(delta(dare_ties, m), delta(sum_, m)) <= 1e-10
                for m in sum_.modules)
 
@@ -310,28 +310,28 @@ def test_reductions_to_task_arithmetic():
     ("knots_dare_ties", dict(p=0.0)), ("tsv_m", {})])
 def test_one_adapter_comes_back_unchanged(name, params):
     adapter = random_adapters(15, ranks=(5,), scales=(2.0,))[0]
-    got = M.merge([adapter], name, **params)
+    got = merges.merge([adapter], name, **params)
     assert all(rel(delta(got, m), delta(adapter, m)) <= 1e-10 for m in adapter.modules)
 
 
 def test_every_method_is_documented_and_bad_input_is_clear():
-    for name, method in M.METHODS.items():
+    for name, method in merges.METHODS.items():
         assert method.paper and method.formula and method.space in ("factors", "core", "dense", "data"), name
         assert all(p.help for p in method.params.values()), name
-    assert {"cat", "lorahub"} <= {n for n, m in M.METHODS.items() if m.space == "data"}
+    assert {"cat", "lorahub"} <= {n for n, m in merges.METHODS.items() if m.space == "data"}
     adapters = random_adapters(16)
     with pytest.raises(BadInput, match="unknown merge 'slerp'"):
-        M.merge(adapters, "slerp")
+        merges.merge(adapters, "slerp")
     with pytest.raises(BadInput, match="merge ties has no parameter alpha: it takes density, lam"):
-        M.merge(adapters, "ties", alpha=1.0)
+        merges.merge(adapters, "ties", alpha=1.0)
     with pytest.raises(BadInput, match="different target modules"):
-        M.merge([adapters[0], L.Adapter({"a.q_proj": adapters[1].modules["a.q_proj"]})], "concat")
+        merges.merge([adapters[0], lora.Adapter({"a.q_proj": adapters[1].modules["a.q_proj"]})], "concat")
     odd = random_adapters(17, modules=("a.q_proj", "b.q_proj", "c.v_proj"), d_out=9)
     with pytest.raises(BadInput, match="module a.q_proj has different"):
-        M.merge([adapters[0], odd[1]], "svd")
+        merges.merge([adapters[0], odd[1]], "svd")
     with pytest.raises(BadInput, match="learns its merge from rows"):
-        M.merge(adapters, "cat")
-    assert math.isclose(M.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
+        merges.merge(adapters, "cat")
+    assert math.isclose(merges.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
 
 
 def test_readme_method_table_is_the_registry():

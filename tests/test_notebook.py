@@ -6,7 +6,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from src import lora as L
+from src import lora
 from src.tasks import SEVEN_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,10 +16,10 @@ def write_random_adapters(folder: Path, layers: int = 3, d: int = 48, r: int = 4
     """Seven PEFT-format adapters on q/k/v/o of a small model's module paths (the geometry cells need no model)."""
     gen = torch.Generator().manual_seed(0)
     for k, task in enumerate(SEVEN_TASKS):
-        modules = {f"model.layers.{i}.self_attn.{p}": L.Lora(torch.randn(r, d, generator=gen) * 0.1,
+        modules = {f"model.layers.{i}.self_attn.{p}": lora.Lora(torch.randn(r, d, generator=gen) * 0.1,
                                                              torch.randn(d, r, generator=gen) * 0.1, 2.0)
                    for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        L.save_adapter(L.Adapter(modules, "smollm2-135m"), folder / "smollm2-135m" / task)
+        lora.save_adapter(lora.Adapter(modules, "smollm2-135m"), folder / "smollm2-135m" / task)
 
 
 def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import save_tiny_model, tiny_qwen2
 from src import cli
-from src import lora as L
-from src import merges as M
+from src import lora
+from src import merges
 from src.errors import BadInput
 from src.train import make_config
 
@@ -33,9 +33,9 @@ def train_steps(model, steps: int, lr: float):
     resolution and, for entries above 2^-6, below bf16's)."""
     from src.train import lm_loss
 
-    L.inject(model)
-    L.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(0))
-    params = L.adapter_parameters(model)
+    lora.inject(model)
+    lora.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(0))
+    params = lora.adapter_parameters(model)
     init = [p.detach().clone() for p in params]
     touched = [torch.zeros_like(p, dtype=torch.bool) for p in params]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -55,13 +55,13 @@ def train_steps(model, steps: int, lr: float):
 def test_bf16_base_keeps_float32_factors_that_train_like_the_float32_base():
     bf16 = tiny_qwen2().to(torch.bfloat16)
     init, touched = train_steps(bf16, steps=4, lr=5e-5)
-    params = L.adapter_parameters(bf16)
+    params = lora.adapter_parameters(bf16)
     assert all(p.dtype == torch.float32 for p in params)
     moved = torch.cat([(p != p0)[t] for p, p0, t in zip(params, init, touched)])
     # with bf16 factors the entries above 2^-6, a large share of A, would never move; here all do (up to a step
     # that an opposite step undoes to the last float32 bit, seen once in thousands)
     assert len(moved) > 1000 and moved.float().mean() >= 0.999
-    layer = L.lora_layers(bf16)["model.layers.0.self_attn.q_proj"]
+    layer = lora.lora_layers(bf16)["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
         assert layer(torch.randn(2, 3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
         assert bf16(ids()).logits.dtype == torch.bfloat16
@@ -71,7 +71,7 @@ def test_bf16_base_keeps_float32_factors_that_train_like_the_float32_base():
     fp32 = tiny_qwen2()
     init32, _ = train_steps(fp32, steps=4, lr=5e-5)
     relative = []
-    for p, p0, q, q0 in zip(params, init, L.adapter_parameters(fp32), init32):
+    for p, p0, q, q0 in zip(params, init, lora.adapter_parameters(fp32), init32):
         assert torch.equal(p0, q0)  # the same draw of A
         moved_bf16, moved_fp32 = (p.detach() - p0).flatten(), (q.detach() - q0).flatten()
         assert torch.nn.functional.cosine_similarity(moved_bf16, moved_fp32, dim=0) >= 0.95
@@ -83,30 +83,30 @@ def test_bf16_fold_restores_w_bit_for_bit_and_methods_in_sequence_equal_fresh_mo
     gen = torch.Generator().manual_seed(3)
     x = ids()
     model = tiny_qwen2().to(torch.bfloat16)
-    L.inject(model)
+    lora.inject(model)
     adapters = []
     for r in (4, 8, 8):
-        modules = {n: L.Lora(torch.randn(r, m.base.in_features, generator=gen) * 0.1,
+        modules = {n: lora.Lora(torch.randn(r, m.base.in_features, generator=gen) * 0.1,
                              torch.randn(m.base.out_features, r, generator=gen) * 0.1, 2.0)
-                   for n, m in L.lora_layers(model).items()}
-        adapters.append(L.Adapter(modules))
-    L.remove(model)
+                   for n, m in lora.lora_layers(model).items()}
+        adapters.append(lora.Adapter(modules))
+    lora.remove(model)
     original = {n: p.clone() for n, p in model.named_parameters()}
-    merges = {"concat": M.merge(adapters, "concat"), "svd": M.merge(adapters, "svd", rank=8),
-              "weight_sum": M.merge(adapters[1:], "weight_sum")}
+    merged_by = {"concat": merges.merge(adapters, "concat"), "svd": merges.merge(adapters, "svd", rank=8),
+                 "weight_sum": merges.merge(adapters[1:], "weight_sum")}
     with torch.no_grad():
         in_sequence = {}
-        for name, merged in merges.items():
-            with L.folded(model, merged):
+        for name, merged in merged_by.items():
+            with lora.folded(model, merged):
                 in_sequence[name] = model(x).logits
         assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
-        for name, merged in merges.items():
+        for name, merged in merged_by.items():
             fresh = tiny_qwen2().to(torch.bfloat16)
-            with L.folded(fresh, merged):
+            with lora.folded(fresh, merged):
                 assert torch.equal(fresh(x).logits, in_sequence[name]), name
     # subtracting the update again, as the first version did, does not restore a bf16 W
     W = model.model.layers[0].self_attn.q_proj.weight
-    delta = merges["concat"].modules["model.layers.0.self_attn.q_proj"].delta()
+    delta = merged_by["concat"].modules["model.layers.0.self_attn.q_proj"].delta()
     assert not torch.equal(((W.float() + delta).to(torch.bfloat16).float() - delta).to(torch.bfloat16), W)
 
 
@@ -307,7 +307,7 @@ def test_other_errors_keep_their_traceback():
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         cli.run(out_of_memory)
     with pytest.raises(TypeError):
-        cli.run(lambda: M.merge(None, "svd"))
+        cli.run(lambda: merges.merge(None, "svd"))
 
 
 def test_gpu_check_runs_on_a_tiny_model(tmp_path):

@@ -146,19 +146,19 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     the MLP's hidden state (intermediate_size wide), the others hidden_size. Random adapters saved as the training
     script would, so this takes seconds; whether routers learn is tested on the attention targets above."""
     import train_moa
-    from src import lora as L
+    from src import lora
     from src.evaluation import adapter_dir, moa_dir
     from src.models import load_model
 
     model, _ = load_model(str(tiny_dir), device="cpu")
-    L.inject(model, targets=L.ORIGINAL_CODE_TARGETS)
-    layers = L.lora_layers(model)
+    lora.inject(model, targets=lora.ORIGINAL_CODE_TARGETS)
+    layers = lora.lora_layers(model)
     gen, tasks = torch.Generator().manual_seed(0), TASKS.split(",")
     for task in tasks:
-        modules = {name: L.Lora(torch.randn(4, m.base.in_features, generator=gen) * 0.05,
+        modules = {name: lora.Lora(torch.randn(4, m.base.in_features, generator=gen) * 0.05,
                                 torch.randn(m.base.out_features, 4, generator=gen) * 0.05, 2.0)
                    for name, m in layers.items()}
-        L.save_adapter(L.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
+        lora.save_adapter(lora.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
     train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
                     "--router-epochs", "1", "--root", str(tmp_path)])
 
@@ -167,13 +167,13 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     assert meta["layers"] == list(layers) and len(meta["heldout_accuracy"]["per_layer"]) == 12
     assert meta["heldout_accuracy"]["n_prompts"] == 4 and len(meta["log"]) == 1  # 8 prompts, one batch of 8
     for task in tasks:
-        L.add_adapter(model, L.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
-    L.load_routers(model, out, tasks)
+        lora.add_adapter(model, lora.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
+    lora.load_routers(model, out, tasks)
     assert [m.router.in_features for m in layers.values()] == ([32] * 5 + [64]) * 2
     x = torch.randint(3, 1000, (3, 9), generator=gen)
-    with torch.no_grad(), L.routing(model):
+    with torch.no_grad(), lora.routing(model):
         model(x)
-        decisions = L.route_decisions(model)
+        decisions = lora.route_decisions(model)
     assert decisions.shape == (3, 12) and decisions.max() <= 1
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -266,15 +266,15 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from src import lora as L
-    from src import merges as M
+    from src import lora
+    from src import merges
 
     train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "3", "--train-rows", "24",
                                  "--val-rows", "4", "--lr", "0.05", "--root", str(tmp_path)])
     folders = [str(tmp_path / "adapters" / "tiny" / t) for t in TASKS.split(",")]
     merge_adapters.main(["--method", "svd", "--rank", "4", "--out", str(tmp_path / "merged"), *folders])
-    merged = L.load_adapter(tmp_path / "merged")
-    want = M.merge([L.load_adapter(f) for f in folders], "svd", rank=4)
+    merged = lora.load_adapter(tmp_path / "merged")
+    want = merges.merge([lora.load_adapter(f) for f in folders], "svd", rank=4)
     assert all(torch.allclose(merged.modules[n].delta(), want.modules[n].delta()) for n in want.modules)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "merged")
     assert model.peft_config["default"].r == 4
@@ -343,7 +343,7 @@ def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_di
     comes from the run's seed and the task's name, so tasks differ and reruns do not."""
     import torch.nn.functional as F
 
-    from src import lora as L
+    from src import lora
     from src.models import load_model
     from src.train import make_config, task_seed, train_lora
 
@@ -351,10 +351,10 @@ def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_di
     model, tokenizer = load_model(str(tiny_dir))
     fresh = {}
     for t in ("sentiment", "nli"):
-        L.inject(model)
-        L.add_adapter(model, r=8, alpha=16, generator=torch.Generator().manual_seed(task_seed(0, t)))
-        fresh[t] = L.get_adapter(model).modules["model.layers.0.self_attn.q_proj"].A
-        L.remove(model)
+        lora.inject(model)
+        lora.add_adapter(model, r=8, alpha=16, generator=torch.Generator().manual_seed(task_seed(0, t)))
+        fresh[t] = lora.get_adapter(model).modules["model.layers.0.self_attn.q_proj"].A
+        lora.remove(model)
     cosine = F.cosine_similarity(fresh["sentiment"].flatten(), fresh["nli"].flatten(), dim=0)
     assert abs(cosine) < 0.2  # independent draws (the same seed would give 1.0)
     runs = []
@@ -389,20 +389,20 @@ def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_mod
     a difference); the frozen layers saw only the real rows, and no hook outlives the context."""
     from torch import nn
 
-    from src import lora as L
+    from src import lora
     from src.data import pad_batch
     from src.train import TargetLoss
 
     model = tiny_model.double()
-    L.inject(model)
-    L.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
+    lora.inject(model)
+    lora.add_adapter(model, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for p in L.adapter_parameters(model):
+        for p in lora.adapter_parameters(model):
             p.normal_(0, 0.1)  # B = 0 at init would leave half the gradients zero
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (20, 13, 7)]
     labels = [[-100] * (len(s) // 2) + s[len(s) // 2:] for s in seqs]
-    params = L.adapter_parameters(model)
+    params = lora.adapter_parameters(model)
 
     def loss_and_grads(batch):
         loss, n = TargetLoss(model)(**batch)
@@ -426,8 +426,8 @@ def test_padding_skipped_gives_the_loss_and_gradients_of_each_row_alone(tiny_mod
 
     # on a bf16 base with float32 factors (the GPU path): the same loss as computing the padded rows, to bf16 rounding
     bf16 = tiny_qwen2().to(torch.bfloat16)
-    L.inject(bf16)
-    L.add_adapter(bf16, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
+    lora.inject(bf16)
+    lora.add_adapter(bf16, r=8, alpha=16, trainable=True, generator=torch.Generator().manual_seed(1))
     losses = {skip: TargetLoss(bf16, skip_padding=skip)(**batch)[0].item() for skip in (True, False)}
     assert abs(losses[True] - losses[False]) <= 1e-2 * abs(losses[False])
 

@@ -9,30 +9,30 @@ import numpy as np
 import pytest
 import torch
 
-from src import lora as L
+from src import lora
 from src import merge_fit  # noqa: F401  (registers the learned merges: the registry is complete)
-from src import merges as M
+from src import merges
 from src.errors import BadInput
 
-DATA_FREE = [n for n, m in M.METHODS.items() if m.space != "data"]
-CORE = [n for n, m in M.METHODS.items() if m.space == "core"]
+DATA_FREE = [n for n, m in merges.METHODS.items() if m.space != "data"]
+CORE = [n for n, m in merges.METHODS.items() if m.space == "core"]
 MODULES = ("a.q_proj", "b.q_proj", "c.v_proj")
 
 
-def adapters_for(name: str, seed: int, n: int = 5, d_out: int = 16, d_in: int = 13) -> list[L.Adapter]:
+def adapters_for(name: str, seed: int, n: int = 5, d_out: int = 16, d_in: int = 13) -> list[lora.Adapter]:
     """n adapters with unequal ranks and scales (equal ones for the methods that sum the factors themselves)."""
     gen = torch.Generator().manual_seed(seed)
-    equal = M.METHODS[name].equal_ranks
+    equal = merges.METHODS[name].equal_ranks
     ranks = [4] * n if equal else [int(r) for r in torch.randint(1, 7, (n,), generator=gen)]
     scales = [2.0] * n if equal else [float(s) for s in 0.5 + 2 * torch.rand(n, generator=gen, dtype=torch.float64)]
-    return [L.Adapter({m: L.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
+    return [lora.Adapter({m: lora.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
                                  torch.randn(d_out, r, generator=gen, dtype=torch.float64), s) for m in MODULES})
             for r, s in zip(ranks, scales)]
 
 
 def merged_updates(adapters, name, **kwargs) -> dict:
-    seed = {"seed": 3} if M.METHODS[name].seeded else {}
-    out = M.merge(adapters, name, **seed, **kwargs)
+    seed = {"seed": 3} if merges.METHODS[name].seeded else {}
+    out = merges.merge(adapters, name, **seed, **kwargs)
     return {m: out.modules[m].delta().numpy() for m in MODULES}
 
 
@@ -56,59 +56,59 @@ def test_the_order_of_the_adapters_does_not_matter(name, seed):
 def test_the_sign_of_a_basis_vector_does_not_matter(name):
     """A core method maps cores S_b M_i S_a (S diagonal signs: the same bases with some vectors flipped) to
     S_b M S_a: singular vectors come with an arbitrary sign, so the merge must not depend on it."""
-    method = M.METHODS[name]
+    method = merges.METHODS[name]
     adapters = adapters_for(name, 7)
-    Pb, Ms, Pa = M.core_project([[a.modules[m] for a in adapters] for m in MODULES])
+    Pb, Ms, Pa = merges.core_project([[a.modules[m] for a in adapters] for m in MODULES])
     gen = torch.Generator().manual_seed(8)
     Sb = torch.where(torch.rand(Ms.shape[-2], generator=gen) < 0.5, -1.0, 1.0).double()
     Sa = torch.where(torch.rand(Ms.shape[-1], generator=gen) < 0.5, -1.0, 1.0).double()
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
     ranks = tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters)
-    params = {k: v for k, v in M.resolve_params(method, {}).items() if k != "rank"}
+    params = {k: v for k, v in merges.resolve_params(method, {}).items() if k != "rank"}
 
     def run(X):
-        generators = M.adapter_generators(adapters, list(MODULES), 3) if method.seeded else ()
-        return method.fn(X, w, M.Context(ranks, generators), **params)
+        generators = merges.adapter_generators(adapters, list(MODULES), 3) if method.seeded else ()
+        return method.fn(X, w, merges.Context(ranks, generators), **params)
 
     want = Sb[:, None] * run(Ms) * Sa
     got = run(Sb[:, None] * Ms * Sa)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
 
 
-@pytest.mark.parametrize("name", [n for n in CORE if not M.METHODS[n].entrywise])
+@pytest.mark.parametrize("name", [n for n in CORE if not merges.METHODS[n].entrywise])
 def test_a_method_not_declared_entrywise_commutes_with_rotations(name):
     """`Method.entrywise` false lets a method run in the QR bases instead of the singular ones: that is only right if
     it maps cores U M_i V^T to U M V^T for any orthogonal U, V (random ones here), and if the whole merge through
     QR bases equals the merge through singular bases."""
-    method = M.METHODS[name]
+    method = merges.METHODS[name]
     adapters = adapters_for(name, 11)
     loras = [[a.modules[m] for a in adapters] for m in MODULES]
-    _, Ms, _ = M.core_project(loras)
+    _, Ms, _ = merges.core_project(loras)
     gen = torch.Generator().manual_seed(12)
     U = torch.linalg.qr(torch.randn(Ms.shape[-2], Ms.shape[-2], generator=gen, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(Ms.shape[-1], Ms.shape[-1], generator=gen, dtype=torch.float64))[0]
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
-    ctx = M.Context(tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters), ())
-    params = {k: v for k, v in M.resolve_params(method, {}).items() if k != "rank"}
+    ctx = merges.Context(tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters), ())
+    params = {k: v for k, v in merges.resolve_params(method, {}).items() if k != "rank"}
     want = U @ method.fn(Ms, w, ctx, **params) @ V.T
     got = method.fn(U @ Ms @ V.T, w, ctx, **params)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
 
     def merged(aligned: bool) -> list:
-        Pb, Ms, Pa = M.core_project(loras, aligned=aligned)
-        return [lora.delta().numpy() for lora in M._to_lora(Pb, method.fn(Ms, w, ctx, **params), Pa, None,
+        Pb, Ms, Pa = merges.core_project(loras, aligned=aligned)
+        return [lora.delta().numpy() for lora in merges._to_lora(Pb, method.fn(Ms, w, ctx, **params), Pa, None,
                                                              torch.float64)]
 
     for qr, svd, m in zip(merged(False), merged(True), MODULES):
         assert rel(qr, svd) <= 1e-10, (name, m)
 
 
-@pytest.mark.parametrize("name", [n for n in DATA_FREE if M.METHODS[n].identity is not None])
+@pytest.mark.parametrize("name", [n for n in DATA_FREE if merges.METHODS[n].identity is not None])
 def test_one_adapter_gives_itself_back(name):
     """Where the definition says so (`Method.identity`: TIES at density 1, DARE at p = 0, lambda 1, ...), merging
     one adapter returns its update (rank 5, under the SVD merge's default truncation at 8)."""
     adapter = adapters_for(name, 9, n=1)[0]
-    got = merged_updates([adapter], name, **M.METHODS[name].identity)
+    got = merged_updates([adapter], name, **merges.METHODS[name].identity)
     for m in MODULES:
         assert rel(got[m], adapter.modules[m].delta().numpy()) <= 1e-10, (name, m)
 
@@ -118,13 +118,13 @@ def test_scaling_every_update_scales_the_merge(name):
     """Every data-free method is positively homogeneous: D_i -> c D_i for all i gives c times the merge (B scaled,
     so DARE's masks, which follow the A factors, are the same)."""
     adapters = adapters_for(name, 10)
-    scaled = [L.Adapter({m: L.Lora(l.A, 2.5 * l.B, l.scale) for m, l in a.modules.items()}) for a in adapters]
+    scaled = [lora.Adapter({m: lora.Lora(l.A, 2.5 * l.B, l.scale) for m, l in a.modules.items()}) for a in adapters]
     want, got = merged_updates(adapters, name), merged_updates(scaled, name)
     for m in MODULES:
         assert rel(got[m], 2.5 * want[m]) <= 1e-10, (name, m)
 
 
-def out_of_range(p: M.Param) -> list:
+def out_of_range(p: merges.Param) -> list:
     values = [float("nan"), float("inf")]
     if p.low is not None:
         values.append(p.low if "low" in p.open else p.low - 0.5)
@@ -133,50 +133,54 @@ def out_of_range(p: M.Param) -> list:
     return values
 
 
-@pytest.mark.parametrize("name", list(M.METHODS))
+@pytest.mark.parametrize("name", list(merges.METHODS))
 def test_parameters_out_of_range_are_refused(name):
-    method = M.METHODS[name]
+    method = merges.METHODS[name]
     for key, p in method.params.items():
         for value in out_of_range(p):
             with pytest.raises(BadInput, match=f"{name}.{key}="):
-                M.resolve_params(method, {key: value})
+                merges.resolve_params(method, {key: value})
         for value in p.grid + ((p.default,) if p.default is not None else ()):
-            assert M.resolve_params(method, {key: value})[key] == value  # the grids and defaults are in range
+            assert merges.resolve_params(method, {key: value})[key] == value  # the grids and defaults are in range
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
 def test_arguments_a_method_does_not_use_are_refused(name):
-    method, adapters = M.METHODS[name], adapters_for(name, 11)
+    method, adapters = merges.METHODS[name], adapters_for(name, 11)
     if not method.seeded:
         with pytest.raises(BadInput, match="takes no seed"):
-            M.merge(adapters, name, seed=1)
+            merges.merge(adapters, name, seed=1)
+    if "rank" in method.params:  # the SVD merge: `rank` is its own parameter, checked as one
+        for rank in (0, 2.5, math.nan, True):
+            with pytest.raises(BadInput, match=f"{name}.rank="):
+                merges.merge(adapters, name, rank=rank)
     if method.space == "factors":
-        for extra in (dict(rank=4), dict(dense=True)):
+        for extra in (dict(dense=True),) + (() if "rank" in method.params else (dict(rank=4),)):
             with pytest.raises(BadInput, match="takes no"):
-                M.merge(adapters, name, **extra)
+                merges.merge(adapters, name, **extra)
     elif method.space == "core":
         for rank in (0, 2.5, math.nan, True):
             with pytest.raises(BadInput, match="give a whole number >= 1"):
-                M.merge(adapters, name, rank=rank)
+                merges.merge(adapters, name, rank=rank)
     with pytest.raises(BadInput, match="has no parameter"):
-        M.merge(adapters, name, not_a_parameter=1.0)
+        merges.merge(adapters, name, not_a_parameter=1.0)
     with pytest.raises(BadInput, match="finite"):
-        M.merge(adapters, name, weights=[1.0] * (len(adapters) - 1) + [math.nan])
+        merges.merge(adapters, name, weights=[1.0] * (len(adapters) - 1) + [math.nan])
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
 def test_a_rank_zero_module_is_refused(name):
     adapters = adapters_for(name, 13)
     empty = adapters[0].modules["c.v_proj"]
-    adapters[0].modules["c.v_proj"] = L.Lora(empty.A[:0], empty.B[:, :0], empty.scale)
+    adapters[0].modules["c.v_proj"] = lora.Lora(empty.A[:0], empty.B[:, :0], empty.scale)
     with pytest.raises(BadInput, match="adapter 1 of 5 has rank 0 at c.v_proj"):
-        M.merge(adapters, name, **({"seed": 0} if M.METHODS[name].seeded else {}))
+        merges.merge(adapters, name, **({"seed": 0} if merges.METHODS[name].seeded else {}))
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
 def test_non_finite_adapters_are_refused(name):
     adapters = adapters_for(name, 12)
     bad = adapters[1].modules["b.q_proj"]
-    adapters[1].modules["b.q_proj"] = L.Lora(bad.A, bad.B.clone().index_fill_(0, torch.tensor([0]), math.nan), bad.scale)
+    adapters[1].modules["b.q_proj"] = lora.Lora(bad.A, bad.B.clone().index_fill_(0, torch.tensor([0]), math.nan), bad.scale)
     with pytest.raises(BadInput, match="non-finite factors at b.q_proj"):
-        M.merge(adapters, name, **({"seed": 0} if M.METHODS[name].seeded else {}))
+        merges.merge(adapters, name, **({"seed": 0} if merges.METHODS[name].seeded else {}))
