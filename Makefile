@@ -1,5 +1,7 @@
-# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data);
-#                  METHODS=paper evaluates only the thesis's methods and baselines (or any --methods list)
+# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data), evaluating
+#                  the thesis's methods and baselines (METHODS=... any --methods list instead)
+# make reproduce-all  the same with every default method (the paper's and the twelve merges of 2023-2025)
+# make report      rebuild the generated parts of README.md and results/REPORT.md from results/
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
 # make notebook    execute visualize_lora.ipynb in place (figures in results/figures/)
@@ -13,7 +15,7 @@ DATA ?= local
 METHODS ?=
 export MODEL PRESET DATA METHODS
 
-.PHONY: setup test reproduce bench notebook gpu-check clean
+.PHONY: setup test reproduce reproduce-all report bench notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +34,13 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 reproduce: $(VENV)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/reproduce.sh
+	PATH="$(abspath $(BIN)):$$PATH" METHODS="$(or $(METHODS),paper)" bash scripts/reproduce.sh
+
+reproduce-all: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" METHODS= bash scripts/reproduce.sh
+
+report: $(VENV)/.installed
+	$(BIN)/python -m src.reporting
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench.py

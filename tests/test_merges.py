@@ -9,7 +9,6 @@ import torch
 
 from src import lora
 from src import merges
-from src import reporting
 from src.errors import BadInput
 
 RANKS, SCALES = (3, 5, 2), (2.0, 0.5, 1.5)
@@ -332,8 +331,3 @@ def test_every_method_is_documented_and_bad_input_is_clear():
     with pytest.raises(BadInput, match="learns its merge from rows"):
         merges.merge(adapters, "cat")
     assert math.isclose(merges.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
-
-
-def test_readme_method_table_is_the_registry():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reporting.method_table() in readme, "README's method table is stale: paste reporting.method_table() into it"
