@@ -395,14 +395,21 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor):
 
 
 def svd_merge(loras: list[Lora], weights=None, rank: int = 8) -> Lora:
-    """The thesis's SVD merge: the rank-k truncated SVD of the mean update, U_k S_k V_k^T of
-    sum_i w_i s_i B_i A_i (w_i = 1/N), as B = U_k S_k, A = V_k^T, scale 1. Computed from the stacked factors
-    (`factored_svd` of the concatenation), so exact and never a d_out x d_in matrix."""
+    """The thesis's SVD merge: the rank-k truncated SVD U_k S_k V_k^T of the mean update
+    sum_i w_i s_i B_i A_i (w_i = 1/N), as B = U_k S_k, A = V_k^T, scale 1. From the stacked factors B A
+    (`concat`), as `factored_svd` does, with the QRs' Q factors kept as Householder reflectors and applied to the k
+    kept columns only (ormqr): U_k S_k = Q_b (U'_k S_k), V_k = Q_a V'_k, so no d x R matrix Q is ever formed."""
     stacked = concat(loras, merge_weights(len(loras), weights, 1.0 / len(loras)))
-    U, S, Vh = factored_svd(stacked.B, stacked.A)
+    B, At = stacked.B.double(), stacked.A.double().T
+    hb, tau_b = torch.geqrf(B)           # B = Q_b R_b, R_b on and above the diagonal of hb
+    ha, tau_a = torch.geqrf(At)          # A^T = Q_a R_a
+    kb, ka = tau_b.shape[0], tau_a.shape[0]
+    U, S, Vh = torch.linalg.svd(hb[:kb].triu() @ ha[:ka].triu().T)
     k = min(rank, S.shape[0])
+    Bk = torch.ormqr(hb, tau_b, torch.cat([U[:, :k] * S[:k], B.new_zeros(B.shape[0] - kb, k)]))
+    Ak = torch.ormqr(ha, tau_a, torch.cat([Vh[:k].T, At.new_zeros(At.shape[0] - ka, k)]))
     dtype = loras[0].A.dtype
-    return Lora(Vh[:k].to(dtype).contiguous(), (U[:, :k] * S[:k]).to(dtype).contiguous(), 1.0)
+    return Lora(Ak.T.to(dtype).contiguous(), Bk.to(dtype).contiguous(), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- MoA
