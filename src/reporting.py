@@ -332,6 +332,9 @@ def fill(text: str, root: Path) -> str:
 
 
 def main(root: Path = ROOT):
+    """Rebuild every results folder's summary, then the generated parts of the README and REPORT.md."""
+    for folder in sorted(Path(root).glob("results/*/*-task")):
+        write_summary(folder)
     for name in REPORTS:
         path = Path(root) / name
         atomic_write(path, lambda p, text=fill(path.read_text(), Path(root)): p.write_text(text))
