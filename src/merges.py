@@ -563,8 +563,8 @@ def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None =
     n = len(adapters)
     if weights is not None and not all(math.isfinite(x) for x in merge_weights(n, weights, 1.0)):
         raise BadInput(f"merge weights {list(weights)}: every weight must be a finite number")
-    if m.space != "core" or dense:  # a NaN entry could be trimmed away on these paths: look first
-        refuse_non_finite(adapters)
+    if m.space == "dense" or dense:  # a NaN entry could be trimmed away on the dense path: look first (elsewhere a
+        refuse_non_finite(adapters)  # NaN reaches the result or fails a decomposition, and is named below)
     try:
         merged = _merge_checked(adapters, m, weights, seed, rank, dense, p)
     except torch.linalg.LinAlgError:  # the core space's decompositions fail on a NaN or inf factor
