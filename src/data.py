@@ -1,7 +1,9 @@
 """Rows, prompts and batches.
 
 Rows come either from the shipped samples in `data/` (`source="local"`) or from the paper's hub datasets
-(`source="hub"`); both go through `datasets.load_dataset`, so every step after loading is the same code.
+(`source="hub"`); both go through `datasets.load_dataset`, so every step after loading is the same code. A user's
+own rows (merge_adapters.py --rows) are a JSON-lines file of {"prompt", "target"} objects (`read_row_file`), encoded
+as a task's rows are (`encode_pair`).
 
 Splits: training rows are the first `n` rows of the train split, validation rows (for the early-stopping loss) the
 next ones, evaluation rows the first `n` rows of the evaluation split (the shipped `test.jsonl`, or the hub's
@@ -10,6 +12,11 @@ validation split as in the original).
 Token budgets are met by cutting the task's content field (article, context, sentence), never the template, so the
 `### ...:` cue that the model answers to is always there (the original truncated from the right and lost it).
 """
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from .errors import BadInput, MissingFile
@@ -111,3 +118,61 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool, labels: list[list[
     if lab is not None:
         batch["labels"] = lab
     return batch
+
+
+# ------------------------------------------------------------------------------------------ a user's own rows
+ROW_FIELDS = ("prompt", "target")
+
+
+@dataclass(frozen=True)
+class RowFile:
+    """A user's rows, as read: the file, the sha256 of the bytes read, and (line number, {"prompt", "target"}) per
+    row, in file order."""
+    path: Path
+    sha256: str
+    rows: list
+
+
+def read_row_file(path) -> RowFile:
+    """A JSON-lines file of {"prompt": str, "target": str} objects, one a line (other fields are ignored; blank lines
+    are skipped). Anything else is a BadInput naming the file and the line: invalid JSON, a line that is not an
+    object, a missing, empty or non-string prompt or target, a file with no rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"--rows: no file {path} (give a JSON-lines file of prompt/target rows, or a task name)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start}): give a JSON-lines file") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}, line {number}: invalid JSON ({e.msg}, column {e.colno}): give one JSON object "
+                           'a line, {"prompt": ..., "target": ...}') from None
+        if not isinstance(row, dict):
+            raise BadInput(f"{path}, line {number}: a JSON {type(row).__name__}, not an object: give "
+                           '{"prompt": ..., "target": ...}')
+        for key in ROW_FIELDS:
+            if key not in row:
+                raise BadInput(f'{path}, line {number}: no "{key}" field (a row needs "prompt" and "target")')
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise BadInput(f'{path}, line {number}: "{key}" is {"empty" if isinstance(row[key], str) else "not a string"}: '
+                               "give the text")
+        rows.append((number, {key: row[key] for key in ROW_FIELDS}))
+    if not rows:
+        raise BadInput(f'{path}: no rows (the file is empty): give one JSON object a line, {{"prompt": ..., "target": ...}}')
+    return RowFile(path, hashlib.sha256(raw).hexdigest(), rows)
+
+
+def encode_pair(prompt: str, target: str, tokenizer) -> dict:
+    """A user's row as a training example, as `encode_train` makes a task's: the prompt's tokens, then the target's
+    and EOS, the loss on the target and EOS only. Nothing is cut (a user's prompt has no content field to shorten):
+    a row too long for the model is refused by its caller."""
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(prompt).input_ids
+    return {"input_ids": prompt_ids + target_ids, "labels": [-100] * len(prompt_ids) + target_ids}

@@ -15,69 +15,126 @@
 
 Rows: every data step (CAT, LoraHub, the grid search) reads the first rows of the train split after the rows each
 adapter trained on, as its training record says (src/provenance.py; the early-stopping rows come first there:
-read, never trained on), never a test row and never a training row.
+read, never trained on), never a test row and never a training row (`TaskRows`). Or, for adapters trained
+elsewhere (merge_adapters.py --rows), the rows a user gives, one JSON-lines file per adapter (`FileRows`): which
+rows an adapter trained on is then the user's to know.
 """
 import itertools
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from . import lora
 from . import merges
 from . import provenance
-from .data import load_rows, pad_batch
+from .data import RowFile, encode_pair, load_rows, pad_batch, read_row_file
 from .errors import BadInput, MissingFile
 from .train import TargetLoss, encode_rows, make_accelerator, make_config, validation_loss
 from .tasks import get_task
 
 
 @dataclass
+class TaskRows:
+    """Where one adapter's rows come from when it is a task's: the task's train split, the rows after those its
+    adapter trained on (its training record says which: src/provenance.py), never one it trained on."""
+    task: str
+    record: dict | None       # the adapter's training record; None: it has none, and no row can be chosen
+    data: str = "local"
+
+    def examples(self, n: int, tokenizer, window: int) -> tuple[list, list]:
+        """(examples, [start, end)) for the n train-split rows after the adapter's training rows (rows longer than
+        the adapter's max length are skipped, as in its training; `window` is not needed: max_len is below it)."""
+        start, end = provenance.rows_after_training({self.task: self.record}, n)[self.task]
+        try:
+            rows = load_rows(get_task(self.task), "train", self.data, n=n, offset=start)
+        except BadInput:  # not one row left after the training rows
+            rows = []
+        if len(rows) < n:
+            raise BadInput(f"{self.task}: {n} rows after the {start} its adapter trained on need {end} train-split "
+                           f"rows, the data has {start + len(rows)}: ask for fewer rows or train on fewer")
+        rec = self.record
+        cfg = make_config(rec["preset"], {"max_len": rec["max_len"], "max_target": rec["max_target"]})
+        examples = encode_rows(get_task(self.task), rows, tokenizer, cfg)[0]
+        if not examples:
+            raise BadInput(f"{self.task}: none of train-split rows [{start}, {end}) fits the adapter's max length "
+                           f"{rec['max_len']}: ask for more rows")
+        return examples, [start, end]
+
+
+@dataclass
+class FileRows:
+    """Where one adapter's rows come from when a user gives them: a JSON-lines file of {"prompt", "target"} rows
+    (src.data.read_row_file), read once, so that the hash recorded names the rows used."""
+    file: RowFile
+
+    @classmethod
+    def read(cls, path) -> "FileRows":
+        return cls(read_row_file(path))
+
+    def examples(self, n: int, tokenizer, window: int) -> tuple[list, dict]:
+        """(examples, what was used) for the file's first n rows (all of them, if it has fewer). A row longer than
+        the model's `window` (prompt, target and EOS) is a BadInput naming its line: it cannot be scored whole."""
+        used, examples = self.file.rows[:n], []
+        for line, row in used:
+            example = encode_pair(row["prompt"], row["target"], tokenizer)
+            if len(example["input_ids"]) > window:
+                raise BadInput(f"{self.file.path}, line {line}: {len(example['input_ids'])} tokens (prompt, target "
+                               f"and EOS), longer than the model's window of {window}: shorten the row")
+            examples.append(example)
+        return examples, {"file": str(self.file.path), "sha256": self.file.sha256, "rows": len(used),
+                          "of": len(self.file.rows), "lines": [used[0][0], used[-1][0]]}
+
+
+def model_window(model, tokenizer) -> int:
+    """The longest sequence the model takes: its config's max_position_embeddings (else the tokenizer's limit)."""
+    return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+
+
+@dataclass
 class FitData:
-    """What a data-driven step needs: the model, its tokenizer, the tasks in adapter order, their adapters' training
-    records (which rows each trained on, and its max length) and where rows come from."""
+    """What a data-driven step needs: the model, its tokenizer, and where each adapter's rows come from, in adapter
+    order. By default every name of `tasks` is a task whose rows follow its adapter's training rows (`records`:
+    TaskRows); `sources` may name other sources instead (a user's row files: FileRows). Every step reads the
+    rows through `examples`, keyed by these names."""
     model: object
     tokenizer: object
-    tasks: list
-    records: dict             # {task: training record or None}, src/provenance.py
+    tasks: list               # the names of the row sources, in adapter order (task names, or row files)
+    records: dict = field(default_factory=dict)   # {task: training record or None}, src/provenance.py
     data: str = "local"
     seed: int = 0
     batch_size: int = 8
     accelerator: object = None
+    sources: dict | None = None   # {name: TaskRows or FileRows}; None: TaskRows of every task from `records`
 
     def __post_init__(self):
-        for t in self.tasks:
-            if self.records.get(t) is not None:
-                provenance.check_source(self.records[t], get_task(t), self.data)
+        if self.sources is None:
+            self.sources = {t: TaskRows(t, self.records.get(t), self.data) for t in self.tasks}
+        for source in self.sources.values():
+            if isinstance(source, TaskRows) and source.record is not None:
+                provenance.check_source(source.record, get_task(source.task), source.data)
 
     def rows(self, n: int) -> dict:
         """{task: [start, end)}: the n train-split rows per task after that task's adapter's training rows."""
-        missing = [t for t in self.tasks if self.records.get(t) is None]
+        tasks = {t: s for t, s in self.sources.items() if isinstance(s, TaskRows)}
+        missing = [t for t, s in tasks.items() if s.record is None]
         if missing:
             raise MissingFile(f"the adapter of {', '.join(missing)} has no {provenance.RECORD} (which rows it trained "
                               "on), so no rows can be chosen for this merge: retrain it, or fix the merge's "
                               "parameters with --set")
-        return provenance.rows_after_training({t: self.records[t] for t in self.tasks}, n)
+        return provenance.rows_after_training({t: s.record for t, s in tasks.items()}, n)
 
     def examples(self, n: int) -> tuple[dict, dict]:
-        """({task: examples}, {task: [start, end)}) for n rows per task from `rows(n)` (rows longer than the
-        adapter's max length are skipped, as in its training)."""
-        spans, out = self.rows(n), {}
+        """({name: examples}, {name: which rows}) for n rows per source, in `tasks` order: a task's n rows after its
+        adapter's training rows ([start, end)), or a file's first n rows (its name, hash and lines)."""
+        self.rows(n)  # every task's adapter must have its record: all missing ones named at once
+        window = model_window(self.model, self.tokenizer)
+        out, where = {}, {}
         for t in self.tasks:
-            rec, (start, end) = self.records[t], spans[t]
-            try:
-                rows = load_rows(get_task(t), "train", self.data, n=n, offset=start)
-            except BadInput:  # not one row left after the training rows
-                rows = []
-            if len(rows) < n:
-                raise BadInput(f"{t}: {n} rows after the {start} its adapter trained on need {end} train-split rows, "
-                               f"the data has {start + len(rows)}: ask for fewer rows or train on fewer")
-            cfg = make_config(rec["preset"], {"max_len": rec["max_len"], "max_target": rec["max_target"]})
-            out[t] = encode_rows(get_task(t), rows, self.tokenizer, cfg)[0]
-            if not out[t]:
-                raise BadInput(f"{t}: none of train-split rows [{start}, {end}) fits the adapter's max length "
-                               f"{rec['max_len']}: ask for more rows")
-        return out, spans
+            out[t], where[t] = self.sources[t].examples(n, self.tokenizer, window)
+        return out, where
 
     def loss(self, examples: dict) -> dict:
         """Mean target-token loss per task of the model as it is now."""
@@ -115,6 +172,7 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
         optimizer = torch.optim.AdamW(list(alphas.values()), lr=lr, weight_decay=0.0)
         loss_fn = TargetLoss(model)
         log = []
+        bar = tqdm(total=epochs * math.ceil(len(mixed) / data.batch_size), desc="cat: alphas", unit="step", leave=False)
         for epoch in range(epochs):
             order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(data.seed * 1000 + epoch))
             for i in range(0, len(mixed), data.batch_size):
@@ -126,6 +184,8 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 log.append(round(loss.item(), 6))
+                bar.update(1)
+        bar.close()
         with torch.no_grad():
             after = data.loss(examples)
         weights = {name: a.detach().cpu().tolist() for name, a in alphas.items()}
@@ -150,6 +210,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     examples, spans = data.examples(rows)
     started = time.perf_counter()
     history = []
+    bar = tqdm(total=budget + 1, desc="lorahub: weights", unit="evaluation", leave=False)
 
     def objective(w) -> float:
         merged = merges.merge(adapters, "weight_sum", weights=[float(x) for x in w])
@@ -158,6 +219,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
         value = sum(losses.values()) / len(losses) + l1 * float(np.abs(w).sum())
         history.append({"w": [round(float(x), 6) for x in w], "loss": sum(losses.values()) / len(losses),
                         "objective": value})
+        bar.update(1)
         return value
 
     start = np.zeros(n)
@@ -166,6 +228,7 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     parametrization.random_state = np.random.RandomState(data.seed)
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
     optimizer.minimize(objective)
+    bar.close()
     best = min(history, key=lambda h: h["objective"])
     merged = merges.merge(adapters, "weight_sum", weights=best["w"])
     info = {"weights": best["w"], "objective_start": history[0]["objective"], "objective_best": best["objective"],
@@ -202,11 +265,16 @@ def needs_rows(name: str, select_rows: int, fixed: dict | None = None) -> bool:
 
 
 def build(name: str, adapters: list, data: FitData | None, select_rows: int, fixed: dict | None = None,
-          seed: int = 0) -> tuple:
+          seed: int = 0, options: dict | None = None) -> tuple:
     """The merged adapter of method `name` and what was done to get it: parameters (fixed ones as given, grids
-    searched on the validation rows by mean target-token loss), the losses of every candidate, and the time."""
+    searched on the validation rows by mean target-token loss), the losses of every candidate, and the time.
+    `options`: further arguments of merges.merge for every candidate of a data-free method (weights, rank), so the
+    choice is made on the merge that is returned."""
     method = merges.get_method(name)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    options = options or {}
+    if options and method.space == "data":
+        raise BadInput(f"{name} learns its own weights: it takes no {', '.join(options)}")
     started = time.perf_counter()
     if method.space == "data":
         if data is None:
@@ -214,23 +282,25 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         merged, info = method.fn(adapters, data, **merges.resolve_params(method, fixed))
         return merged, {"params": merges.resolve_params(method, fixed), **info,
                         "seconds": round(time.perf_counter() - started, 1)}
-    seeded = {"seed": seed} if method.seeded else {}
+    extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
     grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
     if not grids or data is None or select_rows <= 0:
         params = merges.resolve_params(method, fixed)
-        return merges.merge(adapters, name, **seeded, **params), {"params": params,
+        return merges.merge(adapters, name, **extra, **params), {"params": params,
                                                                "seconds": round(time.perf_counter() - started, 1)}
     examples, spans = data.examples(select_rows)
     candidates = []
+    bar = tqdm(desc=f"{name}: grid", unit="candidate", leave=False)
 
     def evaluate(values: dict):
         params = merges.resolve_params(method, {**fixed, **values})
         if any(c["params"] == params for c in candidates):
             return
-        with torch.no_grad(), lora.folded(data.model, merges.merge(adapters, name, **seeded, **params)):
+        with torch.no_grad(), lora.folded(data.model, merges.merge(adapters, name, **extra, **params)):
             losses = data.loss(examples)
         candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
                            "per_task": {t: round(v, 6) for t, v in losses.items()}})
+        bar.update(1)
 
     for values in itertools.product(*grids.values()):
         evaluate(dict(zip(grids, values)))
@@ -242,10 +312,11 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         if step is None:
             break
         evaluate({**{k: best["params"][k] for k in grids}, step[0]: step[1]})
+    bar.close()
     best = min(candidates, key=lambda c: c["val_loss"])
     at_edge = [k for k in grids if beyond_edge(method.params[k], best["params"][k],
                                                [c["params"][k] for c in candidates]) is not None]
-    return merges.merge(adapters, name, **seeded, **best["params"]), {
+    return merges.merge(adapters, name, **extra, **best["params"]), {
         "params": best["params"], "selection": {"rows_per_task": select_rows, "rows": spans,
                                                 "criterion": "mean over tasks of the target-token loss",
                                                 "candidates": candidates, "at_edge": at_edge},
