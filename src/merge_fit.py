@@ -145,13 +145,14 @@ class FitData:
 
 
 def _targets(adapters: list) -> list[str]:
-    return sorted({n.rpartition(".")[2] for n in adapters[0].modules})
+    return sorted({n.rpartition(".")[2] for a in adapters for n in a.modules})
 
 
 # ------------------------------------------------------------------------------------------------------ CAT
 def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: float | None) -> tuple:
     n = len(adapters)
     init = 1.0 / n if init is None else float(init)
+    adapters = merges.over_union(adapters)  # an adapter without a module: no branch there (rank 0)
     examples, spans = data.examples(rows)
     # rows mixed in the order of the task names, not of the list, so that listing the adapters in another order
     # trains on the same batches and permutes the learned alphas (up to float rounding of the stacked sum)

@@ -2,7 +2,8 @@
 
 Each method declares its paper, its hyperparameters (defaults from the paper, and a small grid that evaluation
 searches on validation rows), the space it works in and its output; `merge(adapters, name, **params)` applies it to
-every module. Adding a method is one `register(Method(...))`.
+every module. Adding a method is one `register(Method(...))`. Adapters that adapt different modules merge over the
+union of their modules, a missing module being a zero update (`ZERO_UPDATE` says what that means per method).
 
 The core space (Panariello et al., NeurIPS 2025). For one module with task updates D_i = s_i B_i A_i (rank r_i,
 R = sum r_i), stack the factors, B = [s_1 B_1 ... s_n B_n] (d_out x R) and A = [A_1; ...; A_n] (R x d_in), and take
@@ -377,15 +378,42 @@ def _check_compatible(adapters: list[Adapter]):
             if factors.A.shape[0] == 0:
                 raise BadInput(f"adapter {i + 1} of {len(adapters)} has rank 0 at {name}: it adapts nothing there; "
                                "leave that module out of the adapter")
-    names = set(adapters[0].modules)
-    for a in adapters[1:]:
-        if set(a.modules) != names:
-            diff = sorted(names ^ set(a.modules))
-            raise BadInput(f"cannot merge adapters with different target modules (differ at {diff[:3]})")
-    for name in sorted(names):
-        shapes = {(a.modules[name].A.shape[1], a.modules[name].B.shape[0]) for a in adapters}
+    for name in sorted(set().union(*(a.modules for a in adapters))):
+        shapes = {(a.modules[name].A.shape[1], a.modules[name].B.shape[0]) for a in adapters if name in a.modules}
         if len(shapes) > 1:
             raise BadInput(f"cannot merge: module {name} has different (d_in, d_out) shapes {sorted(shapes)}")
+
+
+ZERO_UPDATE = """A module an adapter does not adapt is a zero update of that adapter (D_i = 0), as in PEFT's `cat`
+combination; per method family that means:
+  sums (concat, task_arithmetic, dare_linear, magnitude_prune, svd): it adds nothing; the sum is over the adapters
+    that adapt the module, with the weights given (svd's mean still divides by all N);
+  disjoint means (ties, ties_dense, dare_ties, knots_*): its zero entries cast no sign vote and are not counted in
+    the mean;
+  spectral methods (tsv_m, iso_c, iso_cts): it has no singular directions (rank 0): tsv_m keeps none for it, and
+    R, the dimension the space is split by, counts only the ranks present;
+  factor sums (weight_sum, weighted_avg, lorahub): zero A and B factors of the others' rank and scale, adding
+    nothing to sum_i B_i or sum_i A_i (weighted_avg's mean still divides by all N);
+  cat: no branch of that adapter in that module (its alpha there has nothing to scale)."""
+
+
+def over_union(adapters: list[Adapter], equal_ranks: bool = False) -> list[Adapter]:
+    """The adapters over the union of their modules (`ZERO_UPDATE`): where an adapter has no module, rank-0 factors
+    (A: 0 x d_in, B: d_out x 0), whose core M_i is 0 and which add no column to the stacked factors; for the methods
+    that sum the factors themselves (`equal_ranks`), zero factors of the rank and scale of the first adapter that
+    has the module, so that sum_i B_i and sum_i A_i are those of the others."""
+    union = sorted(set().union(*(a.modules for a in adapters)))
+    out = []
+    for a in adapters:
+        modules = dict(a.modules)
+        for name in union:
+            if name not in modules:
+                like = next(b.modules[name] for b in adapters if name in b.modules)
+                r = like.A.shape[0] if equal_ranks else 0
+                modules[name] = Lora(like.A.new_zeros(r, like.A.shape[1]), like.B.new_zeros(like.B.shape[0], r),
+                                     like.scale if equal_ranks else 1.0)
+        out.append(Adapter(dict(sorted(modules.items())), a.base_model))
+    return out
 
 
 def _groups(adapters: list[Adapter]) -> dict:
@@ -560,6 +588,7 @@ def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None =
     check_arguments(m, seed, rank, dense)
     p = resolve_params(m, params)
     _check_compatible(adapters)
+    adapters = over_union(adapters, m.equal_ranks)
     n = len(adapters)
     if weights is not None and not all(math.isfinite(x) for x in merge_weights(n, weights, 1.0)):
         raise BadInput(f"merge weights {list(weights)}: every weight must be a finite number")

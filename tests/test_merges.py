@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from src import lora
+from src import merge_fit  # noqa: F401  (registers cat and lorahub, which one test looks for)
 from src import merges
 from src.errors import BadInput
 
@@ -323,11 +324,48 @@ def test_every_method_is_documented_and_bad_input_is_clear():
         merges.merge(adapters, "slerp")
     with pytest.raises(BadInput, match="merge ties has no parameter alpha: it takes density, lam"):
         merges.merge(adapters, "ties", alpha=1.0)
-    with pytest.raises(BadInput, match="different target modules"):
-        merges.merge([adapters[0], lora.Adapter({"a.q_proj": adapters[1].modules["a.q_proj"]})], "concat")
+    # different target sets merge over their union (was refused; test_adapters_with_different_modules_... below)
+    union = merges.merge([adapters[0], lora.Adapter({"a.q_proj": adapters[1].modules["a.q_proj"]})], "concat")
+    assert set(union.modules) == set(adapters[0].modules)
     odd = random_adapters(17, modules=("a.q_proj", "b.q_proj", "c.v_proj"), d_out=9)
     with pytest.raises(BadInput, match="module a.q_proj has different"):
         merges.merge([adapters[0], odd[1]], "svd")
     with pytest.raises(BadInput, match="learns its merge from rows"):
         merges.merge(adapters, "cat")
     assert math.isclose(merges.merge(adapters, "svd").modules["a.q_proj"].scale, 1.0)
+
+
+def test_adapters_with_different_modules_merge_over_their_union():
+    """merges.ZERO_UPDATE: a module an adapter does not adapt is a zero update of that adapter. Adapter 2 lacks
+    c.v_proj and adapter 3 a.q_proj: the sums are the dense sums of the updates present, a disjoint mean counts no
+    vote of the absent adapter (TIES over the union is TIES over the adapters present, and the dense definition with
+    its update 0), TSV-M gives it no direction and splits R = the ranks present, the factor sum adds no factor."""
+    full = random_adapters(31)
+    drop = {1: "c.v_proj", 2: "a.q_proj"}
+    partial = [lora.Adapter({m: f for m, f in a.modules.items() if m != drop.get(i)}) for i, a in enumerate(full)]
+    w = [0.7, -1.3, 2.1]
+    for m in full[0].modules:
+        here = [a for a in partial if m in a.modules]
+        assert len(here) == (3 if m == "b.q_proj" else 2)
+        dense = updates(here, m)
+        for name, params in (("concat", {}), ("task_arithmetic", {"lam": 1.0})):
+            got = merges.merge(partial, name, weights=w, **params)
+            want = sum(w[i] * D for i, D in zip([i for i, a in enumerate(partial) if m in a.modules], dense))
+            assert rel(delta(got, m), want) <= 1e-10, (name, m)
+        assert rel(delta(merges.merge(partial, "svd", rank=10), m), sum(dense) / 3) <= 1e-10  # the mean over N = 3
+        ties = merges.merge(partial, "ties", density=0.5)
+        alone = merges.merge([lora.Adapter({m: a.modules[m]}) for a in here], "ties", density=0.5)
+        assert rel(delta(ties, m), delta(alone, m)) <= 1e-10, m
+        zero = [D if a_has else np.zeros_like(dense[0]) for D, a_has in
+                zip(updates(full, m), [m in a.modules for a in partial])]
+        assert rel(delta(merges.merge(partial, "ties_dense", density=0.5), m),
+                   ref_disjoint_mean([ref_trim(D, 0.5) for D in zero])) <= 1e-10, m
+        assert rel(ref_disjoint_mean([ref_trim(D, 0.5) for D in zero]),
+                   ref_disjoint_mean([ref_trim(D, 0.5) for D in dense])) <= 1e-12  # the zero update: no vote
+        ranks = [a.modules[m].A.shape[0] if m in a.modules else 0 for a in partial]
+        assert rel(delta(merges.merge(partial, "tsv_m"), m), ref_tsv_m(zero, ranks)) <= 1e-8, m
+    same = random_adapters(32, ranks=(4, 4, 4), scales=(2.0,) * 3)
+    same[0] = lora.Adapter({m: f for m, f in same[0].modules.items() if m != "c.v_proj"})
+    got = merges.merge(same, "weight_sum")
+    assert torch.allclose(got.modules["c.v_proj"].delta(),
+                          2.0 * sum(a.modules["c.v_proj"].B for a in same[1:]) @ sum(a.modules["c.v_proj"].A for a in same[1:]))
