@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     lines = [f"  {n:16} {m.formula} [{m.paper}]" + (f"; {', '.join(f'{k}={p.default}' for k, p in m.params.items())}"
                                                   if m.params else "") + (" (needs --rows)" if m.space == "data" else "")
              for n, m in merges.METHODS.items()]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="methods:\n" + "\n".join(lines),
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="methods:\n" + "\n".join(lines) + "\n\n" + merges.ZERO_UPDATE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter folders (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--method", required=True, choices=list(merges.METHODS))
@@ -210,6 +210,10 @@ def main(argv=None):
     if args.rows is None and args.select_rows is not None:
         raise BadInput("--select-rows counts the rows of --rows: give --rows too")
     adapters = [lora.load_adapter(a) for a in args.adapters]
+    union, shared = set().union(*(a.modules for a in adapters)), set.intersection(*(set(a.modules) for a in adapters))
+    if union != shared:
+        print(f"note: the adapters adapt different modules ({len(shared)} adapted by all, {len(union)} by any): "
+              "merged over all of them, a module an adapter lacks being a zero update of it (--help says how)")
     sources = row_sources(args) if args.rows is not None else {}
     n = rows_per_adapter(args, sources)
     if method.space == "data":

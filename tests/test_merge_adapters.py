@@ -31,13 +31,14 @@ def model(tiny_dir):
     return load_model(str(tiny_dir))
 
 
-def make_adapter(folder: Path, model, rank: int, seed: int, rslora: bool = False, alpha: float = 8.0) -> Path:
-    """A PEFT-format adapter of random factors on q_proj and v_proj of every layer; with rslora the config says
+def make_adapter(folder: Path, model, rank: int, seed: int, rslora: bool = False, targets=TARGETS) -> Path:
+    """A PEFT-format adapter of random factors on the `targets` of every layer, alpha 8; with rslora the config says
     use_rslora, and the scale is alpha / sqrt(r) (PEFT's rsLoRA) instead of alpha / r."""
+    alpha = 8.0
     g = torch.Generator().manual_seed(seed)
     modules = {name: lora.Lora(torch.randn(rank, m.in_features, generator=g) * 0.3,
                                torch.randn(m.out_features, rank, generator=g) * 0.3, alpha / rank)
-               for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rpartition(".")[2] in TARGETS}
+               for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets}
     lora.save_adapter(lora.Adapter(modules, "tiny"), folder)
     if rslora:
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -130,12 +131,20 @@ def test_the_grid_is_chosen_on_the_users_rows(tiny_dir, model, adapters, tmp_pat
     printed = capsys.readouterr().out
     assert f"lam={record['params']['lam']:g}: {min(c['val_loss'] for c in candidates):.6f}  <- chosen" in printed
     assert f"rows of {files[0]}: {ROWS} of {ROWS} (lines 1-{ROWS}" in printed
-    # --select-rows takes the first N rows of each file
-    merge_adapters.main(["--method", "ties", "--density", "0.5", "--model", str(tiny_dir), "--rows",
-                         ",".join(map(str, files)), "--select-rows", "2", "--out", str(tmp_path / "ties"),
+    # --select-rows takes the first N rows of each file; --weights enter every candidate and the merge written
+    merge_adapters.main(["--method", "ties", "--density", "0.5", "--weights", "1,0.5", "--model", str(tiny_dir),
+                         "--rows", ",".join(map(str, files)), "--select-rows", "2", "--out", str(tmp_path / "ties"),
                          *map(str, adapters[:2])])
     record = json.loads((tmp_path / "ties" / "merge.json").read_text())
     assert record["params"]["density"] == 0.5 and record["selection"]["rows"][str(files[1])]["lines"] == [1, 2]
+    assert record["options"] == {"weights": [1.0, 0.5]}
+    data = merge_fit.FitData(m, tokenizer, list(map(str, files)),
+                             sources={str(f): merge_fit.FileRows.read(f) for f in files})
+    _, info = merge_fit.build("ties", loaded, data, 2, {"density": 0.5}, options={"weights": [1.0, 0.5]})
+    assert [c["val_loss"] for c in info["selection"]["candidates"]] == \
+           [c["val_loss"] for c in record["selection"]["candidates"]]
+    written, want = lora.load_adapter(tmp_path / "ties"), merges.merge(loaded, "ties", weights=[1, 0.5], **record["params"])
+    assert all(torch.allclose(written.modules[n].delta(), want.modules[n].delta(), atol=1e-6) for n in want.modules)
 
 
 def test_task_names_read_the_rows_after_the_training_rows_same_as_a_file_of_them(tiny_dir, model, adapters,
@@ -192,6 +201,27 @@ def test_cat_and_lorahub_learn_on_the_users_rows(tiny_dir, adapters, tmp_path):
     want = merges.merge([loaded[0], lora.load_adapter(adapters[2])], "weight_sum", weights=record["weights"])
     written = lora.load_adapter(tmp_path / "hub")
     assert all(torch.allclose(written.modules[n].delta(), want.modules[n].delta(), atol=1e-6) for n in want.modules)
+
+
+def test_cat_merges_adapters_of_different_modules_over_their_union(tiny_dir, model, adapters, tmp_path, capsys):
+    """An adapter of q_proj only and one of q_proj and v_proj: CAT learns on their union; at v_proj the merge is the
+    other adapter's update times its alpha (the q-only adapter has no branch there)."""
+    import merge_adapters
+
+    q_only = make_adapter(tmp_path / "q", model[0], 3, 4, targets=("q_proj",))
+    files = [write_rows(tmp_path / f"{t}.jsonl", task_rows(t, 3)) for t in ("sentiment", "nli")]
+    merge_adapters.main(["--method", "cat", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
+                         "--lr", "0.05", "--out", str(tmp_path / "cat"), str(q_only), str(adapters[0])])
+    assert "note: the adapters adapt different modules (2 adapted by all, 4 by any)" in capsys.readouterr().out
+    record, written = json.loads((tmp_path / "cat" / "merge.json").read_text()), lora.load_adapter(tmp_path / "cat")
+    a = lora.load_adapter(adapters[0])
+    assert set(written.modules) == set(a.modules)
+    for name, alphas in record["alphas"].items():
+        if name.endswith("v_proj"):
+            assert written.modules[name].A.shape[0] == 4
+            assert torch.allclose(written.modules[name].delta(), alphas[1] * a.modules[name].delta(), atol=1e-6)
+        else:
+            assert written.modules[name].A.shape[0] == 3 + 4 and alphas[0] != alphas[1]
 
 
 def _mean(losses: dict) -> float:
