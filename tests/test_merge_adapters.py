@@ -305,3 +305,77 @@ def test_refusals_before_any_work(tiny_dir, adapters, tmp_path, capsys, monkeypa
         err = run_error([*flags, "--model", str(tiny_dir), *out, *two], capsys)
         assert message in err, (flags, err)
         assert not (tmp_path / "out").exists()
+
+
+def peft_adapter(folder: Path, tiny_dir: Path, rank: int, targets: list[str], seed: int, rslora: bool = False) -> Path:
+    """An adapter made by PEFT itself (get_peft_model, save_pretrained), its A and B filled with random values (PEFT
+    starts B at zero, which would make every merge the base model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                LoraConfig(r=rank, lora_alpha=8, target_modules=targets, use_rslora=rslora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def dense_updates(folder: Path) -> dict[str, torch.Tensor]:
+    """Each module's update s B A in float64, read straight from PEFT's files (keys ...<module>.lora_A.weight, scale
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora), independently of src.lora's reader."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    r = config["r"]
+    scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    return {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"):
+            scale * tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()
+            for key in tensors if key.endswith(".lora_A.weight")}
+
+
+def test_peft_adapters_of_unequal_ranks_and_targets_merged_on_rows_load_in_peft_as_the_dense_merge(tiny_dir, tmp_path):
+    """End to end, as a user would: three adapters saved by PEFT (ranks 4, 2 with rsLoRA, 3; targets q/v, q/k/o,
+    v/up) merged by task arithmetic with lambda chosen on two row files; merge.json holds the candidates and the
+    choice (the lowest loss); the written adapter, loaded by PEFT's own PeftModel, gives the logits of the dense
+    float64 reference W_0 + lambda sum_i s_i B_i A_i over the union of the modules (an adapter that does not adapt a
+    module adds nothing there). Tolerance: the PEFT model runs in float32 and the reference in float64; a logit of
+    this 2-layer, 32-wide model sums a few hundred rounded products, so its float32 error stays below
+    ~1e3 x 6e-8 of the logits' scale; 1e-4 of the largest logit leaves a margin of more than 1e3."""
+    import merge_adapters
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folders = [peft_adapter(tmp_path / "a", tiny_dir, 4, ["q_proj", "v_proj"], 1),
+               peft_adapter(tmp_path / "b", tiny_dir, 2, ["q_proj", "k_proj", "o_proj"], 2, rslora=True),
+               peft_adapter(tmp_path / "c", tiny_dir, 3, ["v_proj", "up_proj"], 3)]
+    files = [write_rows(tmp_path / f"{t}.jsonl", task_rows(t, 4)) for t in ("sentiment", "nli", "qa")]
+    out = tmp_path / "merged"
+    merge_adapters.main(["--method", "task_arithmetic", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
+                         "--out", str(out), *map(str, folders)])
+    record = json.loads((out / "merge.json").read_text())
+    candidates = record["selection"]["candidates"]
+    assert len(candidates) >= 4 and record["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
+    lam = record["params"]["lam"]
+
+    updates = [dense_updates(f) for f in folders]
+    union = set().union(*updates)
+    assert len(union) == 2 * 5  # q, k, v, o, up in each of the 2 layers
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name in union:
+            weight = reference.get_submodule(name).weight
+            weight += lam * sum(u[name] for u in updates if name in u)
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = torch.tensor([tokenizer("Three adapters, merged on the user's rows: ### Answer:\n").input_ids])
+    with torch.no_grad():
+        want, got = reference(ids).logits, served(ids).logits.double()
+        with served.disable_adapter():
+            base = served(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (base.double() - want).abs().max() > 1e-2 * want.abs().max()  # the merge moved the logits
