@@ -227,6 +227,12 @@ def main(argv=None):
         from src.train import make_accelerator
 
         model, tokenizer = load_model(args.model)
+        for folder, adapter in zip(args.adapters, adapters):  # before any work: an adapter of another base model
+            try:
+                lora.fold_targets(model, adapter)
+            except BadInput as e:
+                raise BadInput(f"{folder} does not fit --model {args.model} ({e}): give the base model the adapters "
+                               "were trained on") from None
     if sources:
         data = merge_fit.FitData(model, tokenizer, list(sources), seed=args.seed or 0, accelerator=make_accelerator(),
                                  sources=sources)

@@ -309,7 +309,7 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module.base if isinstance(module, LoraLinear) else module
 
 
-def _fold_targets(model: nn.Module, adapter: Adapter) -> dict:
+def fold_targets(model: nn.Module, adapter: Adapter) -> dict:
     """{module path: nn.Linear} for every module of the adapter; checks every shape before anything changes."""
     linears = {}
     for name, lora in adapter.modules.items():
@@ -327,7 +327,7 @@ def _fold_targets(model: nn.Module, adapter: Adapter) -> dict:
 def fold(model: nn.Module, adapter: Adapter):
     """W += s B A for every module of the adapter, for good (the update is computed in float32, W keeps its dtype):
     inference at the base model's cost. To take it out again, use `folded`."""
-    for name, linear in _fold_targets(model, adapter).items():
+    for name, linear in fold_targets(model, adapter).items():
         lora, W = adapter.modules[name], linear.weight
         delta = lora.scale * (lora.B.to(W.device, torch.float32) @ lora.A.to(W.device, torch.float32))
         W.copy_((W.float() + delta).to(W.dtype))
@@ -338,7 +338,7 @@ def fold(model: nn.Module, adapter: Adapter):
 def folded(model: nn.Module, adapter: Adapter):
     """Within the block W holds W + s B A; after it, the original W bit for bit (a copy of each targeted weight is
     kept: subtracting the update again would leave rounding error in bf16, and the next method would inherit it)."""
-    originals = {name: linear.weight.detach().clone() for name, linear in _fold_targets(model, adapter).items()}
+    originals = {name: linear.weight.detach().clone() for name, linear in fold_targets(model, adapter).items()}
     try:
         fold(model, adapter)
         yield model

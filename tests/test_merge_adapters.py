@@ -379,3 +379,19 @@ def test_peft_adapters_of_unequal_ranks_and_targets_merged_on_rows_load_in_peft_
             base = served(ids).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert (base.double() - want).abs().max() > 1e-2 * want.abs().max()  # the merge moved the logits
+
+
+def test_incompatible_adapters_are_refused_in_one_line(tiny_dir, model, adapters, tmp_path, capsys):
+    """Adapters whose modules have other shapes (made for another base model): against each other, and against the
+    --model their rows are run on; exit 2, nothing written."""
+    names = lora.load_adapter(adapters[0]).modules
+    other = tmp_path / "other"
+    lora.save_adapter(lora.Adapter({n: lora.Lora(torch.randn(2, 16), torch.randn(24, 2), 1.0) for n in names},
+                                   "other"), other)
+    err = run_error(["--method", "ties", "--out", str(tmp_path / "o1"), str(adapters[0]), str(other)], capsys)
+    assert "different (d_in, d_out) shapes" in err
+    files = [write_rows(tmp_path / f"{t}.jsonl", task_rows(t, 2)) for t in ("sentiment", "nli")]
+    err = run_error(["--method", "ties", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
+                     "--out", str(tmp_path / "o2"), str(other), str(other)], capsys)
+    assert f"{other} does not fit --model" in err and "weight (32, 32)" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o*"))
