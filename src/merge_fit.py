@@ -8,6 +8,10 @@
   (gradient-free, `budget` evaluations, w in [-bound, bound], starting at 0 as LoraHub does) on the mean target-token
   loss of `rows` rows per task plus l1 * sum |w_i|. Not invariant to the order of the adapters: the optimiser's
   random search treats the coordinates of w differently (a permuted list is a different search, seeded alike).
+* `regmean` (RegMean, Jin et al., ICLR 2023): the Gram matrices of each task's layer inputs, collected on the first
+  `rows` rows its adapter trained on with that adapter folded in; then, for each alpha of its grid, the exact
+  LoRA merges.regmean builds from them (no d_out x d_in matrix), alpha chosen on the rows after the training rows.
+  Order-invariant (a sum and one solve).
 * `build` is what evaluation calls for any merge: a data method is fitted; a data-free method with a grid (lambda,
   alpha) is merged at every candidate and the one with the lowest validation loss is kept; when the best value
   sits at an end of the values tried, the search goes on past that end (halving below, doubling above, within the
@@ -55,13 +59,28 @@ class TaskRows:
         if len(rows) < n:
             raise BadInput(f"{self.task}: {n} rows after the {start} its adapter trained on need {end} train-split "
                            f"rows, the data has {start + len(rows)}: ask for fewer rows or train on fewer")
+        return self._encode(rows, start, end, tokenizer), [start, end]
+
+    def training_examples(self, n: int, tokenizer, window: int) -> tuple[list, list]:
+        """(examples, [start, end)) for the first n of the rows the adapter trained on (all of them if fewer): the
+        inputs its fine-tuned model was fitted to (RegMean's Gram matrices)."""
+        if self.record is None:
+            raise MissingFile(f"the adapter of {self.task} has no {provenance.RECORD}: which rows it trained on is "
+                              "unknown, so RegMean cannot collect its inputs: retrain it")
+        start, end = self.record["rows"]["train"]
+        end = min(end, start + n)
+        return self._encode(load_rows(get_task(self.task), "train", self.data, n=end - start, offset=start),
+                            start, end, tokenizer), [start, end]
+
+    def _encode(self, rows: list, start: int, end: int, tokenizer) -> list:
+        """Rows encoded as the adapter's training encoded them (its max lengths; longer rows skipped)."""
         rec = self.record
         cfg = make_config(rec["preset"], {"max_len": rec["max_len"], "max_target": rec["max_target"]})
         examples = encode_rows(get_task(self.task), rows, tokenizer, cfg)[0]
         if not examples:
             raise BadInput(f"{self.task}: none of train-split rows [{start}, {end}) fits the adapter's max length "
                            f"{rec['max_len']}: ask for more rows")
-        return examples, [start, end]
+        return examples
 
 
 @dataclass
@@ -86,6 +105,11 @@ class FileRows:
             examples.append(example)
         return examples, {"file": str(self.file.path), "sha256": self.file.sha256, "rows": len(used),
                           "of": len(self.file.rows), "lines": [used[0][0], used[-1][0]]}
+
+    def training_examples(self, n: int, tokenizer, window: int) -> tuple[list, dict]:
+        """A user's file does not say which rows the adapter trained on: its first n rows stand in for them (the
+        same rows a grid is chosen on)."""
+        return self.examples(n, tokenizer, window)
 
 
 def model_window(model, tokenizer) -> int:
@@ -134,6 +158,15 @@ class FitData:
         out, where = {}, {}
         for t in self.tasks:
             out[t], where[t] = self.sources[t].examples(n, self.tokenizer, window)
+        return out, where
+
+    def training_examples(self, n: int) -> tuple[dict, dict]:
+        """({name: examples}, {name: which rows}) for the first n rows each adapter trained on (a task's), or a
+        file's first n rows."""
+        window = model_window(self.model, self.tokenizer)
+        out, where = {}, {}
+        for t in self.tasks:
+            out[t], where[t] = self.sources[t].training_examples(n, self.tokenizer, window)
         return out, where
 
     def loss(self, examples: dict) -> dict:
@@ -239,6 +272,62 @@ def lorahub(adapters: list, data: FitData, rows: int, budget: int, l1: float, bo
     return merged, info
 
 
+# -------------------------------------------------------------------------------------------------- RegMean
+def gram_matrices(model, adapter: lora.Adapter, examples: list, batch_size: int, pad_id: int) -> dict:
+    """{module: X^T X} in float64 over the inputs X (tokens x d_in) that every module of `adapter` receives on
+    every non-pad token (prompt, target and EOS) of `examples`, with the adapter folded into the model: the inputs of
+    that task's fine-tuned model, as RegMean takes them. Modules fed the same tensor (q, k and v take one hidden
+    state) share one matrix, computed once."""
+    linears = lora.fold_targets(model, adapter)
+    sums, alias, seen, mask = {}, {}, {}, {}
+
+    def hook(name):
+        def pre(module, inputs):
+            x = inputs[0]
+            owner = seen.get(id(x))
+            if owner is not None and owner[0] is x:  # the tensor is held in `seen`, so its id is not reused
+                alias[name] = owner[1]
+                return
+            seen[id(x)] = (x, name)
+            flat = x[mask["tokens"]].double()
+            sums[name] = sums.get(name, 0) + flat.T @ flat
+        return pre
+
+    handles = [linear.register_forward_pre_hook(hook(name)) for name, linear in linears.items()]
+    try:
+        with torch.no_grad(), lora.folded(model, adapter):
+            model.eval()
+            for i in range(0, len(examples), batch_size):
+                batch = pad_batch([e["input_ids"] for e in examples[i:i + batch_size]], pad_id, left=False)
+                mask["tokens"] = batch["attention_mask"].bool().to(model.device)
+                model(**{k: v.to(model.device) for k, v in batch.items()})
+                seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[alias.get(name, name)] for name in linears}
+
+
+def regmean(adapters: list, data: FitData, rows: int) -> tuple:
+    """RegMean's statistics: the Gram matrices of each task's inputs at every adapted module, from the first `rows`
+    rows its adapter trained on, run through its own fine-tuned model. Returns (merge at parameters -> Adapter,
+    info); build chooses alpha on validation rows (the rows after the training rows) like any grid."""
+    adapters = merges.over_union(adapters)   # a task's Grams are collected at every module of the union
+    examples, spans = data.training_examples(rows)
+    started = time.perf_counter()
+    grams = [gram_matrices(data.model, a, examples[t], data.batch_size, data.tokenizer.eos_token_id)
+             for t, a in zip(tqdm(data.tasks, desc="regmean: Gram matrices", unit="task", leave=False), adapters)]
+    names = sorted(adapters[0].modules)
+
+    def make(params: dict) -> lora.Adapter:
+        return merges.check_finite(lora.Adapter(
+            {name: merges.regmean([a.modules[name] for a in adapters], [g[name] for g in grams], params["alpha"])
+             for name in names}, adapters[0].base_model), "regmean")
+
+    tokens = {t: sum(len(e["input_ids"]) for e in ex) for t, ex in examples.items()}
+    return make, {"gram_rows": spans, "gram_tokens": tokens, "gram_seconds": round(time.perf_counter() - started, 1)}
+
+
 # ---------------------------------------------------------------------------------------------- build a merge
 MAX_EXTENSIONS = 8   # candidates added past the ends of a grid at most (halving 8 times: 1/256 of the grid's end)
 
@@ -270,34 +359,51 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     """The merged adapter of method `name` and what was done to get it: parameters (fixed ones as given, grids
     searched on the validation rows by mean target-token loss), the losses of every candidate, and the time.
     `options`: further arguments of merges.merge for every candidate of a data-free method (weights, rank), so the
-    choice is made on the merge that is returned."""
+    choice is made on the merge that is returned. A data method without a grid (CAT, LoraHub) is its fit; one with
+    a grid (RegMean's alpha) fits its statistics once, and its grid is searched like a data-free method's."""
     method = merges.get_method(name)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     options = options or {}
     if options and method.space == "data":
         raise BadInput(f"{name} learns its own weights: it takes no {', '.join(options)}")
     started = time.perf_counter()
+    grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
+    info = {}
     if method.space == "data":
         if data is None:
             raise BadInput(f"{name} learns from train rows: it needs the model and data")
-        merged, info = method.fn(adapters, data, **merges.resolve_params(method, fixed))
-        return merged, {"params": merges.resolve_params(method, fixed), **info,
-                        "seconds": round(time.perf_counter() - started, 1)}
-    extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
-    grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
+        params = merges.resolve_params(method, fixed)
+        if not any(p.grid for p in method.params.values()):
+            merged, info = method.fn(adapters, data, **params)
+            return merged, {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
+        make, info = method.fn(adapters, data, **{k: v for k, v in params.items() if not method.params[k].grid})
+    else:
+        extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
+
+        def make(params: dict) -> lora.Adapter:
+            return merges.merge(adapters, name, **extra, **params)
     if not grids or data is None or select_rows <= 0:
         params = merges.resolve_params(method, fixed)
-        return merges.merge(adapters, name, **extra, **params), {"params": params,
-                                                               "seconds": round(time.perf_counter() - started, 1)}
+        return make(params), {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
+    params, selection = choose(method, fixed, make, data, select_rows)
+    return make(params), {"params": params, **info, "selection": selection,
+                          "seconds": round(time.perf_counter() - started, 1)}
+
+
+def choose(method: merges.Method, fixed: dict, make, data: FitData, select_rows: int) -> tuple:
+    """(parameters, selection): every candidate of the method's grids not in `fixed` merged by `make` and folded
+    into the model, scored by the mean target-token loss over tasks on `select_rows` validation rows per task; the
+    grid extended past an end while the best sits there."""
+    grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
     examples, spans = data.examples(select_rows)
     candidates = []
-    bar = tqdm(desc=f"{name}: grid", unit="candidate", leave=False)
+    bar = tqdm(desc=f"{method.name}: grid", unit="candidate", leave=False)
 
     def evaluate(values: dict):
         params = merges.resolve_params(method, {**fixed, **values})
         if any(c["params"] == params for c in candidates):
             return
-        with torch.no_grad(), lora.folded(data.model, merges.merge(adapters, name, **extra, **params)):
+        with torch.no_grad(), lora.folded(data.model, make(params)):
             losses = data.loss(examples)
         candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
                            "per_task": {t: round(v, 6) for t, v in losses.items()}})
@@ -317,11 +423,9 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     best = min(candidates, key=lambda c: c["val_loss"])
     at_edge = [k for k in grids if beyond_edge(method.params[k], best["params"][k],
                                                [c["params"][k] for c in candidates]) is not None]
-    return merges.merge(adapters, name, **extra, **best["params"]), {
-        "params": best["params"], "selection": {"rows_per_task": select_rows, "rows": spans,
-                                                "criterion": "mean over tasks of the target-token loss",
-                                                "candidates": candidates, "at_edge": at_edge},
-        "seconds": round(time.perf_counter() - started, 1)}
+    return best["params"], {"rows_per_task": select_rows, "rows": spans,
+                            "criterion": "mean over tasks of the target-token loss", "candidates": candidates,
+                            "at_edge": at_edge}
 
 
 # The learned merges join the registry here, where they are defined (merges.py does not import this module).
@@ -341,3 +445,12 @@ merges.register(merges.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
                  "l1": merges.Param(0.05, "weight of the L1 penalty on w", low=0.0),
                  "bound": merges.Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
                 "exact, rank r"))
+merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an exact LoRA",
+                "sum_i s_i B_i (A_i G_i' G'^-1), G_i: Gram of task i's layer inputs, off-diagonals scaled by alpha",
+                "data", regmean,
+                {"rows": merges.Param(128, "training rows per task whose layer inputs make its Gram matrices",
+                                      low=1, kind=int),
+                 "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: least squares)",
+                                       grid=(0.1, 0.5, 0.9, 1.0), low=0.0, high=1.0, open="low")},
+                "exact, rank R", default=False,
+                exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"))

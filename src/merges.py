@@ -628,6 +628,36 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
     return Adapter(dict(sorted(out.items())), adapters[0].base_model)
 
 
+# ------------------------------------------------------------------------- RegMean: data-aware, an exact LoRA
+def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:
+    """RegMean (Jin et al., ICLR 2023) of one linear module, as an exact LoRA of rank R = sum_i r_i.
+
+    Task i's model maps its own layer inputs X_i (tokens x d_in) by W_i = W_0 + D_i, D_i = s_i B_i A_i. RegMean
+    takes the W minimising sum_i ||X_i W^T - X_i W_i^T||^2, with each Gram matrix G_i = X_i^T X_i regularised by
+    scaling its off-diagonal entries by alpha, G_i' = alpha G_i + (1 - alpha) diag(G_i):
+
+        W = (sum_i W_i G_i') G'^{-1},  G' = sum_j G_j'
+          = W_0 + sum_i s_i B_i (A_i G_i' G'^{-1})        (since sum_i G_i' G'^{-1} = I)
+
+    so the merge is the LoRA B = [s_1 B_1 ... s_n B_n], A = [A_1 G_1' G'^{-1}; ...; A_n G_n' G'^{-1}], scale 1,
+    and no d_out x d_in matrix is formed. G' is symmetric: A_i G_i' G'^{-1} = (G'^{-1} G_i' A_i^T)^T, one linear
+    solve (Cholesky) for all tasks at once in float64, no explicit inverse. A task that does not adapt the module
+    (rank 0) still counts in G': its model keeps W_0 there, which the merge should keep on its inputs too. alpha 1
+    is plain least squares; alpha -> 0 weighs each input feature by its share of the summed energy."""
+    if len(grams) != len(loras):
+        raise BadInput(f"{len(grams)} Gram matrices for {len(loras)} LoRAs: give one per task")
+    G = [(alpha * g.double() + (1 - alpha) * torch.diag(torch.diagonal(g.double()))) for g in grams]
+    dtype = loras[0].A.dtype
+    rhs = torch.cat([g @ f.A.double().T for g, f in zip(G, loras)], dim=1)   # d_in x R
+    factor, info = torch.linalg.cholesky_ex(sum(G))
+    if info.item() != 0:
+        raise BadInput(f"RegMean: the summed Gram matrix is singular (an input feature never seen, or alpha {alpha} "
+                       "with too few tokens): collect the Grams on more rows or lower alpha")
+    A = torch.cholesky_solve(rhs, factor).T                                 # R x d_in
+    B = torch.cat([f.scale * f.B.double() for f in loras], dim=1)
+    return Lora(A.to(dtype), B.to(dtype), 1.0)
+
+
 def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:
     """`merge` for one module: the task LoRAs of that module in, the merged LoRA out."""
     return merge([Adapter({"m": factors}) for factors in loras], method, **kwargs).modules["m"]

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import save_tiny_model
 from src import lora
@@ -137,3 +138,45 @@ def test_cat_permuted_adapters_learn_permuted_alphas(trained, no_test_rows):
     bound = steps * 0.05 * 3.17 * 2 * (16 * eps32) * 8
     for name, alphas in forward["alphas"].items():
         assert alphas == pytest.approx(backward["alphas"][name][::-1], abs=bound), name
+
+
+def test_gram_matrices_are_the_inputs_of_each_tasks_own_model(trained, no_test_rows):
+    """gram_matrices (batches of 3, right-padded) against Grams written here: each example run alone (no padding)
+    through the model with the task's adapter folded in, the inputs of q_proj and o_proj caught by forward hooks,
+    X^T X summed in float64. The model runs in float32 and a padded batch may take other kernels than a lone row,
+    so activations agree to float32 rounding (~1e-6 relative after 2 layers); 1e-4 on the Gram leaves a margin."""
+    model, tokenizer, adapters = trained[:3]
+    data = fit_data(trained)
+    examples, spans = data.training_examples(5)
+    assert spans == {"sentiment": [0, 5], "nli": [0, 5]}  # the first rows the adapters trained on
+    grams = merge_fit.gram_matrices(model, adapters[1], examples["nli"], 3, tokenizer.eos_token_id)
+    q, k, o = (f"model.layers.1.self_attn.{m}" for m in ("q_proj", "k_proj", "o_proj"))
+    assert grams[q] is grams[k] and grams[q] is not grams[o]  # q, k, v read one hidden state
+    want = {q: 0, o: 0}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, inp, n=n: want.__setitem__(n, want[n] + inp[0][0].double().T @ inp[0][0].double())) for n in want]
+    try:
+        with torch.no_grad(), lora.folded(model, adapters[1]):
+            for e in examples["nli"]:
+                model(torch.tensor([e["input_ids"]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in want:
+        assert (grams[n] - want[n]).abs().max() <= 1e-4 * want[n].abs().max(), n
+
+
+def test_regmean_chooses_alpha_on_validation_rows_and_merges_the_grams_of_the_training_rows(trained, no_test_rows):
+    model, tokenizer, adapters = trained[:3]
+    merged, info = merge_fit.build("regmean", adapters, fit_data(trained), select_rows=4, fixed={"rows": 6})
+    candidates = info["selection"]["candidates"]
+    assert [c["params"]["alpha"] for c in candidates][:4] == [0.1, 0.5, 0.9, 1.0]
+    assert info["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
+    assert info["gram_rows"] == {"sentiment": [0, 6], "nli": [0, 6]}             # Grams: rows trained on
+    assert info["selection"]["rows"] == {"sentiment": [48, 52], "nli": [48, 52]}  # alpha: rows after them
+    examples, _ = fit_data(trained).training_examples(6)
+    grams = [merge_fit.gram_matrices(model, a, examples[t], 4, tokenizer.eos_token_id) for t, a in zip(TASKS, adapters)]
+    for name, got in merged.modules.items():
+        want = merge_fit.merges.regmean([a.modules[name] for a in adapters], [g[name] for g in grams],
+                                        info["params"]["alpha"])
+        assert got.A.shape[0] == 16 and torch.allclose(got.delta(), want.delta(), rtol=1e-4, atol=1e-6), name

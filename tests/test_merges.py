@@ -1,7 +1,6 @@
 """src/merges.py against references written here from each paper's definition: dense float64 updates, numpy where
 an entry-wise rule reads better element by element, fresh random factors with unequal ranks."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,7 +266,7 @@ def test_dare_masks_are_bernoulli_and_shared_by_dare_ties():
     tasks that kept each entry: the kept share is 1 - p within a binomial bound, DARE-TIES with the same seed drops
     the same entries (its result is the disjoint mean of exactly those), and another seed draws other masks."""
     adapters = random_adapters(12)
-    p, n = 0.7, len(RANKS)
+    p = 0.7
     got = merges.merge(adapters, "dare_linear", seed=5, p=p, lam=0.6)
     got_ties = merges.merge(adapters, "dare_ties", seed=5, p=p, lam=1.4)
     other = merges.merge(adapters, "dare_linear", seed=6, p=p, lam=0.6)
@@ -369,3 +368,74 @@ def test_adapters_with_different_modules_merge_over_their_union():
     got = merges.merge(same, "weight_sum")
     assert torch.allclose(got.modules["c.v_proj"].delta(),
                           2.0 * sum(a.modules["c.v_proj"].B for a in same[1:]) @ sum(a.modules["c.v_proj"].A for a in same[1:]))
+
+
+# ------------------------------------------------------------------------------------------------------ RegMean
+def random_inputs(seed: int, tokens=(40, 25, 60), d_in=D_IN, correlated: bool = True) -> list[np.ndarray]:
+    """Each task's layer inputs X_i (tokens x d_in), with correlated features (a random mixing), float64."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((t, d_in)) @ (rng.standard_normal((d_in, d_in)) if correlated else np.eye(d_in))
+            for t in tokens]
+
+
+def test_regmean_at_alpha_1_is_the_least_squares_merge():
+    """alpha 1: W minimising sum_i ||X_i W^T - X_i W_i^T||^2, solved here by numpy's lstsq on the stacked rows
+    [X_1; ...; X_n] W^T = [X_1 W_1^T; ...] (an SVD-based solver, not the normal equations); W_0 cancels, so the
+    merged update equals W - W_0 for any W_0. Ranks 3, 5, 2, scales 2, 0.5, 1.5."""
+    adapters, X = random_adapters(11), random_inputs(12)
+    W0 = np.random.default_rng(13).standard_normal((D_OUT, D_IN))
+    for module in adapters[0].modules:
+        D = updates(adapters, module)
+        W, *_ = np.linalg.lstsq(np.vstack(X), np.vstack([x @ (W0 + d).T for x, d in zip(X, D)]), rcond=None)
+        merged = merges.regmean([a.modules[module] for a in adapters], [torch.tensor(x.T @ x) for x in X], 1.0)
+        assert merged.A.shape[0] == sum(RANKS) and merged.scale == 1.0
+        assert rel(delta(lora.Adapter({module: merged}), module), W.T - W0) < 1e-9
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_regmean_with_reduced_off_diagonals_is_the_papers_formula(alpha):
+    """W - W_0 = sum_i D_i G_i' (sum_j G_j')^{-1}, G_i' = alpha G_i + (1 - alpha) diag(G_i), written densely here with
+    numpy's inverse."""
+    adapters, X = random_adapters(21), random_inputs(22)
+    G = [x.T @ x for x in X]
+    Gr = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in G]
+    total = np.linalg.inv(sum(Gr))
+    for module in adapters[0].modules:
+        want = sum(d @ g @ total for d, g in zip(updates(adapters, module), Gr))
+        merged = merges.regmean([a.modules[module] for a in adapters], [torch.tensor(g) for g in G], alpha)
+        assert rel(delta(lora.Adapter({module: merged}), module), want) < 1e-9
+
+
+def test_regmean_one_task_gives_it_back_and_order_does_not_matter():
+    adapters, X = random_adapters(31), random_inputs(32)
+    grams = [torch.tensor(x.T @ x) for x in X]
+    module = "a.q_proj"
+    loras = [a.modules[module] for a in adapters]
+    one = merges.regmean(loras[1:2], grams[1:2], 0.5)
+    assert rel(one.delta().numpy(), updates(adapters, module)[1]) < 1e-10
+    order = [2, 0, 1]
+    forward = merges.regmean(loras, grams, 0.7).delta().numpy()
+    permuted = merges.regmean([loras[i] for i in order], [grams[i] for i in order], 0.7).delta().numpy()
+    assert rel(permuted, forward) < 1e-10
+
+
+def test_regmean_counts_the_inputs_of_a_task_that_does_not_adapt_the_module():
+    """A task without the module (rank 0 there, its model keeps W_0) enters G': the merge keeps W_0 on its inputs,
+    as the dense least-squares problem with D_i = 0 does."""
+    adapters, X = random_adapters(41), random_inputs(42)
+    module = "c.v_proj"
+    absent = lora.Lora(torch.zeros(0, D_IN, dtype=torch.float64), torch.zeros(D_OUT, 0, dtype=torch.float64), 1.0)
+    loras = [adapters[0].modules[module], absent, adapters[2].modules[module]]
+    D = updates(adapters, module)
+    D[1] = np.zeros_like(D[1])
+    W, *_ = np.linalg.lstsq(np.vstack(X), np.vstack([x @ d.T for x, d in zip(X, D)]), rcond=None)
+    merged = merges.regmean(loras, [torch.tensor(x.T @ x) for x in X], 1.0)
+    assert merged.A.shape[0] == RANKS[0] + RANKS[2] and rel(merged.delta().numpy(), W.T) < 1e-9
+
+
+def test_regmean_refuses_a_singular_gram_in_one_line():
+    adapters, X = random_adapters(51), random_inputs(52)
+    for x in X:
+        x[:, 3] = 0  # an input feature no task ever sees
+    with pytest.raises(BadInput, match="summed Gram matrix is singular"):
+        merges.regmean([a.modules["a.q_proj"] for a in adapters], [torch.tensor(x.T @ x) for x in X], 1.0)
