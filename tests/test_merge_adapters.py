@@ -395,3 +395,27 @@ def test_incompatible_adapters_are_refused_in_one_line(tiny_dir, model, adapters
                      "--out", str(tmp_path / "o2"), str(other), str(other)], capsys)
     assert f"{other} does not fit --model" in err and "weight (32, 32)" in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_regmean_from_the_command_on_the_users_rows(tiny_dir, model, adapters, tmp_path, capsys):
+    """--method regmean --rows: each adapter's Gram matrices from its file's rows (a user's file does not say which
+    rows the adapter trained on), alpha chosen on the same rows; the adapter written is merges.regmean of Grams
+    collected here with merge_fit.gram_matrices on those rows."""
+    import merge_adapters
+
+    files = [write_rows(tmp_path / f"{t}.jsonl", task_rows(t, 4)) for t in ("sentiment", "nli")]
+    merge_adapters.main(["--method", "regmean", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
+                         "--out", str(tmp_path / "rm"), *map(str, adapters[:2])])  # ranks 4 and 2 (rsLoRA)
+    record = json.loads((tmp_path / "rm" / "merge.json").read_text())
+    candidates = record["selection"]["candidates"]
+    assert record["params"] == min(candidates, key=lambda c: c["val_loss"])["params"] and record["params"]["rows"] == 4
+    assert record["gram_rows"][str(files[0])]["lines"] == [1, 4]
+    assert "<- chosen" in capsys.readouterr().out
+    m, tokenizer = model
+    loaded = [lora.load_adapter(a) for a in adapters[:2]]
+    rows = [merge_fit.FileRows.read(f).examples(4, tokenizer, 512)[0] for f in files]
+    grams = [merge_fit.gram_matrices(m, a, r, 8, tokenizer.eos_token_id) for a, r in zip(loaded, rows)]
+    written = lora.load_adapter(tmp_path / "rm")
+    for name, got in written.modules.items():
+        want = merges.regmean([a.modules[name] for a in loaded], [g[name] for g in grams], record["params"]["alpha"])
+        assert got.A.shape[0] == 6 and torch.allclose(got.delta(), want.delta(), rtol=1e-4, atol=1e-6), name
