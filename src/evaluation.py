@@ -131,7 +131,7 @@ def _inputs_hash(prompts: list[list[int]], references: list) -> str:
 
 def _has_routers(model) -> bool:
     layers = lora.lora_layers(model).values()
-    return bool(layers) and all(layer.router is not None for layer in layers)
+    return bool(layers) and all(layer.router is not None or layer.arrow is not None for layer in layers)
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ What is here, top to bottom:
   since, and the registry every merge is run from, are in src/merges.py.
 * MoA: `make_routers` / `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
+* Arrow, routing without training (Ostapenko et al., 2024): `arrow_routing` gates the adapters per token by the
+  top-k of |x . v_i|, v_i the top right singular vector of adapter i's update (`arrow_prototypes`, exact).
 """
 import contextlib
 import functools
@@ -76,6 +78,7 @@ class LoraLinear(nn.Module):
         self.routes: torch.Tensor | None = None     # (batch,) adapter chosen per sample at the prompt
         self._route_weights = None                  # rank_weights of those routes
         self._stack = None                          # inference cache of the stacked factors (see `stacked`)
+        self.arrow: Arrow | None = None             # Arrow: per-token gates from the adapters' prototypes
 
     @property
     def factor_dtype(self) -> torch.dtype:
@@ -109,6 +112,11 @@ class LoraLinear(nn.Module):
 
     def rank_weights(self, x: torch.Tensor) -> torch.Tensor:
         """g[b, i] * s_i on each of adapter i's rank columns: (R,) for one gate for all, (batch, R) per sample."""
+        if self.arrow is not None:
+            gate = self.arrow.gate(x)
+            if self.routing and self.routes is None:  # for the report: the top choice at the prompt's last position
+                self.routes = (gate[:, -1] if gate.dim() == 3 else gate).argmax(-1)
+            return gate.to(self.rank_scale.dtype)[..., self.owner] * self.rank_scale
         if self.routing:
             if self.routes is None:  # the prompt (prefill): each sample is routed once, on its last position
                 last = x[:, -1] if x.dim() == 3 else x
@@ -445,8 +453,8 @@ def routing(model: nn.Module):
     """MoA inference: within the block, the first forward (the prompt) routes each sample in every layer and the
     following forwards (generated tokens) keep those choices. Read them with `route_decisions` inside the block."""
     layers = list(lora_layers(model).values())
-    if not layers or any(layer.router is None for layer in layers):
-        raise BadInput("the model has no MoA routers: attach_routers / load_routers first")
+    if not layers or any(layer.router is None and layer.arrow is None for layer in layers):
+        raise BadInput("the model has no MoA routers: attach_routers / load_routers (or use arrow_routing) first")
     for layer in layers:
         layer.routing, layer.routes = True, None
     try:
@@ -459,6 +467,63 @@ def routing(model: nn.Module):
 def route_decisions(model: nn.Module) -> torch.Tensor:
     """(batch, layers) adapter index chosen by every layer's router, in lora_layers order."""
     return torch.stack([layer.routes for layer in lora_layers(model).values()], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------ Arrow
+@dataclass(frozen=True)
+class Arrow:
+    """Arrow routing (Ostapenko et al., 2024, "Towards Modular LLMs by Building and Reusing a Library of LoRAs"),
+    training-free. In each layer adapter i's prototype v_i is the top right singular vector of its update B_i A_i
+    (unit norm; its sign does not matter): a token with input x scores every adapter by |x . v_i|, keeps the top_k,
+    and mixes those with softmax(score / temperature) (the others get 0):
+
+        y = W x + sum_i g_i(x) s_i B_i A_i x,   g(x) = softmax_topk(|V x| / temperature)
+
+    The same rule as PEFT's ArrowLoraLinearLayer (scores from the input as the layer receives it, not normalised),
+    but exact prototypes (`arrow_prototypes`) where PEFT runs 15 power iterations from a random start (the same
+    vector, up to sign, when the top singular value stands clear of the second), and any ranks."""
+    prototypes: torch.Tensor   # (N, d_in)
+    top_k: int
+    temperature: float
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., N) gates for inputs x (..., d_in)."""
+        scores = (x.to(self.prototypes.dtype) @ self.prototypes.T).abs()
+        top, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        return torch.softmax(torch.full_like(scores, float("-inf")).scatter(-1, index, top) / self.temperature, -1)
+
+
+def arrow_prototypes(A: list, B: list) -> torch.Tensor:
+    """(N, d_in) in float64: the top right singular vector of each B_i A_i, without forming it. With the thin QR
+    A_i^T = Q R, B_i A_i = (B_i R^T) Q^T; if B_i R^T = U S V^T (d_out x r_i, small), B_i A_i = U S (Q V)^T, so its
+    right singular vectors are the columns of Q V: v_1 = Q V[:, 0]."""
+    rows = []
+    for a, b in zip(A, B):
+        Q, R = torch.linalg.qr(a.detach().double().T)
+        _, _, Vh = torch.linalg.svd(b.detach().double() @ R.T, full_matrices=False)
+        rows.append(Q @ Vh[0])
+    return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def arrow_routing(model: nn.Module, top_k: int, temperature: float):
+    """Within the block every LoRA layer gates its adapters per token by Arrow (`Arrow`), prototypes computed from
+    the adapters it holds now. Inside `routing(model)` each layer also records its top choice at the prompt's last
+    position (`route_decisions`), for the routing report."""
+    layers = list(lora_layers(model).values())
+    if not layers or any(len(layer.A) == 0 for layer in layers):
+        raise BadInput("Arrow routes between adapters: inject(model, targets) and add_adapter them first")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise BadInput(f"Arrow top_k={top_k!r}: give a whole number >= 1")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise BadInput(f"Arrow temperature={temperature!r}: give a number > 0")
+    for layer in layers:
+        layer.arrow = Arrow(arrow_prototypes(layer.A, layer.B).to(layer.factor_dtype), top_k, float(temperature))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.arrow = None
 
 
 @torch.no_grad()

@@ -291,3 +291,82 @@ def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
     with torch.no_grad(), lora.routing(fresh):
         assert torch.equal(fresh(x).logits, logits)
         assert torch.equal(lora.route_decisions(fresh), decisions)
+
+
+# -------------------------------------------------------------------------------------------------------- Arrow
+def test_arrow_prototypes_and_gates_against_a_dense_reference():
+    """Unequal ranks (3, 5, 2): the prototypes are numpy's top right singular vectors of the dense s_i B_i A_i (up
+    to sign), and the layer's output is W x + sum_i g_i(x) s_i B_i A_i x with g written here from its definition
+    (top-k of |x . v_i|, softmax over those at the temperature), token by token, in float64."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(21)
+    d_in, d_out, ranks, scales = 12, 9, (3, 5, 2), (2.0, 0.5, 1.5)
+    loras = [random_lora(d_in, d_out, r, s, gen) for r, s in zip(ranks, scales)]
+    dense = [(f.scale * f.B @ f.A).numpy() for f in loras]
+    protos = lora.arrow_prototypes([f.A for f in loras], [f.B for f in loras]).numpy()
+    for v, d in zip(protos, dense):
+        top = np.linalg.svd(d)[2][0]
+        assert min(np.abs(v - top).max(), np.abs(v + top).max()) < 1e-10
+    layer = lora.LoraLinear(nn.Linear(d_in, d_out).double())
+    for f in loras:
+        layer.add(f.A, f.B, f.scale, trainable=False)
+    x = torch.randn(2, 5, d_in, generator=gen, dtype=torch.float64)
+    W, b = layer.base.weight.detach().numpy(), layer.base.bias.detach().numpy()
+    for top_k, temperature in ((1, 1.0), (2, 0.3), (3, 4.0)):
+        layer.arrow = lora.Arrow(torch.tensor(protos), top_k, temperature)
+        with torch.no_grad():
+            got = layer(x).numpy()
+        for token, out in zip(x.reshape(-1, d_in).numpy(), got.reshape(-1, d_out)):
+            scores = np.abs(protos @ token)
+            keep = np.argsort(-scores)[:top_k]
+            g = np.zeros(len(loras))
+            g[keep] = np.exp((scores[keep] - scores[keep].max()) / temperature)
+            g /= g.sum()
+            want = W @ token + b + sum(gi * d @ token for gi, d in zip(g, dense))
+            assert np.abs(out - want).max() < 1e-10 * max(1.0, np.abs(want).max())
+
+
+def test_arrow_gives_the_logits_of_peft_arrow_with_the_same_prototypes(tmp_path):
+    """PEFT's create_arrow_model over the same three adapters (equal ranks: PEFT requires them), its prototypes set
+    to ours (PEFT's come from 15 power iterations from a random start: on these adapters up to 0.23 from the exact
+unit vectors in an entry, so they route some tokens differently), top_k 2, temperature 0.7: the logits of our
+    LoraLinear with arrow_routing equal PEFT's. Both float32 models doing the same products in another order (ours
+    stacks the adapters' ranks), so equal to float32 rounding: 1e-5 of the largest logit."""
+    from peft import ArrowConfig, create_arrow_model
+
+    gen = torch.Generator().manual_seed(22)
+    ours = tiny_qwen2()
+    lora.inject(ours)
+    adapters = [random_adapter(ours, 4, 8, gen, std=0.3) for _ in range(3)]
+    for i, a in enumerate(adapters):
+        lora.add_adapter(ours, a)
+        lora.save_adapter(a, tmp_path / f"a{i}")
+    peft_model = create_arrow_model(tiny_qwen2(), [str(tmp_path / f"a{i}") for i in range(3)],
+                                    ArrowConfig(top_k=2, router_temperature=0.7)).eval()
+    x = ids()
+    with torch.no_grad():
+        peft_model(x)  # builds PEFT's own prototypes, then ours replace them
+        for name, layer in lora.lora_layers(ours).items():
+            arrow = peft_model.base_model.model.get_submodule(name).lora_arrow["arrow_router"]
+            arrow.prototypes = lora.arrow_prototypes(layer.A, layer.B).float()
+        want = peft_model(x).logits
+        with lora.arrow_routing(ours, top_k=2, temperature=0.7):
+            got = ours(x).logits
+        assert not torch.allclose(got, ours(x).logits)  # routing changed the output (outside: all adapters at 1)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_arrow_routing_refuses_what_it_cannot_use():
+    model = tiny_qwen2()
+    with pytest.raises(ValueError, match="Arrow routes between adapters"):
+        with lora.arrow_routing(model, 1, 1.0):
+            pass
+    lora.inject(model)
+    lora.add_adapter(model, random_adapter(model, 2, 4, torch.Generator().manual_seed(1)))
+    for top_k, temperature, message in ((0, 1.0, "top_k=0"), (True, 1.0, "top_k=True"), (1, 0.0, "temperature=0.0"),
+                                        (1, float("nan"), "temperature=nan")):
+        with pytest.raises(ValueError, match=message):
+            with lora.arrow_routing(model, top_k, temperature):
+                pass
+    assert all(layer.arrow is None for layer in lora.lora_layers(model).values())
