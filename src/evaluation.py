@@ -20,7 +20,7 @@ import collections
 import hashlib
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -237,7 +237,8 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     # needs no record; one that does fails here, before any work, for an adapter without one)
     records = {t: provenance.find_record(adapter_dir(root, cfg.model, t)) for t in adapters}
     for m in methods:
-        if m in MERGE_METHODS and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m)):
+        if (m in MERGE_METHODS and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
+                or m == "arrow" and cfg.select_rows > 0):
             for t in tasks:
                 provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
     main = accelerator is None or accelerator.is_main_process
@@ -267,52 +268,56 @@ def run_method(method: str, run: Run) -> dict:
     cfg, tasks, model, tokenizer, adapters = run.cfg, run.tasks, run.model, run.tokenizer, run.adapters
     rows, prompts, root, records, accelerator = run.rows, run.prompts, run.root, run.records, run.accelerator
     metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
-    merged, merge_info = None, None
-    if method in MERGE_METHODS:
+    merged, merge_info, arrow_info = None, None, None
+    if method in MERGE_METHODS or method == "arrow":
         data = merge_fit.FitData(model, tokenizer, tasks, records, cfg.data, cfg.seed, accelerator=accelerator)
+    if method in MERGE_METHODS:
         merged, merge_info = merge_fit.build(method, [adapters[t] for t in tasks], data, cfg.select_rows,
                                              (cfg.merge_params or {}).get(method), cfg.seed)
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, run.settings) \
         if run.reuse and method in ("base", "single") else {}
-    with lora.folded(model, merged) if merged is not None else nullcontext():
-        try:
-            if method in ("single", "moa"):
-                lora.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
-                for t in tasks:
-                    lora.add_adapter(model, adapters[t])
-                if method == "moa":
-                    lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
-                                   hint=moa_command(cfg.model, cfg.preset, tasks))
-            for k, t in enumerate(tasks):
-                task = get_task(t)
-                if t in reusable:
-                    metrics[t], preds, stats[t] = reusable[t]
-                    predictions += preds
-                    reused.append(t)
-                    continue
-                if method == "majority" and not task.classes:
-                    continue  # no classes, no majority baseline
-                t0 = time.perf_counter()
-                if method == "majority":
-                    label = majority_class(task, cfg.data)
-                    texts, task_routes = [task.answer(r, label) for r in rows[t]], None
-                else:
-                    gate = F.one_hot(torch.tensor(k), len(tasks)).float().to(model.device) if method == "single" else None
-                    with lora.gated(model, gate) if gate is not None else nullcontext():
-                        texts, task_routes = generate(model, tokenizer, prompts[t],
-                                                      min(task.max_new_tokens, cfg.max_new_tokens), cfg.batch_size,
-                                                      desc=f"{method} {t}", accelerator=accelerator)
-                refs = [task.references(r) for r in rows[t]]
-                metrics[t] = score(task, texts, refs)
-                stats[t] = example_stats(task, texts, refs)
-                seconds[t] = round(time.perf_counter() - t0, 2)
-                routes[t] = task_routes
-                predictions += [{"task": t, "index": i, "prediction": p, "references": ref,
-                                 **({"routes": task_routes[i]} if task_routes else {})}
-                                for i, (p, ref) in enumerate(zip(texts, refs))]
-            layer_names = list(lora.lora_layers(model))
-        finally:
-            lora.remove(model)
+    with ExitStack() as stack:
+        if merged is not None:
+            stack.enter_context(lora.folded(model, merged))
+        stack.callback(lora.remove, model)  # runs first on the way out: the LoRA layers go, then W is restored
+        if method in ("single", "moa", "arrow"):
+            lora.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
+            for t in tasks:
+                lora.add_adapter(model, adapters[t])
+            if method == "moa":
+                lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
+                                  hint=moa_command(cfg.model, cfg.preset, tasks))
+            if method == "arrow":
+                arrow_info = choose_arrow(model, data, cfg.select_rows)
+                stack.enter_context(lora.arrow_routing(model, **arrow_info["params"]))
+        for k, t in enumerate(tasks):
+            task = get_task(t)
+            if t in reusable:
+                metrics[t], preds, stats[t] = reusable[t]
+                predictions += preds
+                reused.append(t)
+                continue
+            if method == "majority" and not task.classes:
+                continue  # no classes, no majority baseline
+            t0 = time.perf_counter()
+            if method == "majority":
+                label = majority_class(task, cfg.data)
+                texts, task_routes = [task.answer(r, label) for r in rows[t]], None
+            else:
+                gate = F.one_hot(torch.tensor(k), len(tasks)).float().to(model.device) if method == "single" else None
+                with lora.gated(model, gate):
+                    texts, task_routes = generate(model, tokenizer, prompts[t],
+                                                  min(task.max_new_tokens, cfg.max_new_tokens), cfg.batch_size,
+                                                  desc=f"{method} {t}", accelerator=accelerator)
+            refs = [task.references(r) for r in rows[t]]
+            metrics[t] = score(task, texts, refs)
+            stats[t] = example_stats(task, texts, refs)
+            seconds[t] = round(time.perf_counter() - t0, 2)
+            routes[t] = task_routes
+            predictions += [{"task": t, "index": i, "prediction": p, "references": ref,
+                             **({"routes": task_routes[i]} if task_routes else {})}
+                            for i, (p, ref) in enumerate(zip(texts, refs))]
+        layer_names = list(lora.lora_layers(model))
     result = {"method": method, "model": cfg.model, "tasks": tasks, "metrics": metrics,
               "primary": {t: metrics[t][get_task(t).primary] for t in metrics},
               "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 2),
@@ -320,17 +325,39 @@ def run_method(method: str, run: Run) -> dict:
               "stats": stats, "predictions": predictions}
     if merge_info is not None:
         result["merge"] = merge_info
+    if merge_info is not None or arrow_info is not None:
         # the three sets of rows, for the check that they are disjoint: train-split rows the adapters trained on,
-        # train-split rows the merge chose or learned on, and the evaluation split's rows it is scored on
-        chosen = merge_info.get("rows") or merge_info.get("selection", {}).get("rows") or {}
+        # train-split rows the merge (or Arrow) chose or learned on, and the evaluation split's rows it is scored on
+        info = merge_info or arrow_info
+        chosen = info.get("rows") or info.get("selection", {}).get("rows") or {}
         result["rows_used"] = {"train": {t: records[t] and records[t]["rows"]["train"] for t in tasks}, "selection": chosen,
                                "test": {t: [0, len(rows[t])] for t in tasks}, "test_split": "eval"}
     if method == "majority":
         result["majority_class"] = {t: get_task(t).answer(rows[t][0], majority_class(get_task(t), cfg.data))
                                     for t in metrics if get_task(t).metric == "label"}
-    if method == "moa":
+    if method in ("moa", "arrow"):
         result["router"] = router_report(tasks, routes, layer_names)
+    if arrow_info is not None:
+        result["arrow"] = arrow_info
     return result
+
+
+# Arrow's two parameters, chosen on validation rows like a merge's grid (never on test rows)
+ARROW_PARAMS = {"top_k": merges.Param(3, "adapters mixed per token", grid=(1, 2, 3), low=1, kind=int),
+                "temperature": merges.Param(1.0, "softmax temperature of the |x . v_i| scores",
+                                            grid=(0.5, 1.0, 2.0, 4.0), low=0.0, open="low")}
+
+
+def choose_arrow(model, data: merge_fit.FitData, select_rows: int) -> dict:
+    """Arrow's top_k and temperature: the lowest mean target-token loss on the validation rows (the train-split
+    rows after each adapter's training rows), the model holding every adapter; PEFT's defaults (3, 1.0) when
+    select_rows is 0."""
+    started = time.perf_counter()
+    if select_rows <= 0:
+        return {"params": {k: p.default for k, p in ARROW_PARAMS.items()}, "seconds": 0.0}
+    params, selection = merge_fit.choose("arrow", ARROW_PARAMS, {},
+                                         lambda p: lora.arrow_routing(model, **p), data, select_rows)
+    return {"params": params, "selection": selection, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def write_method(out: Path, method: str, result: dict):

@@ -13,7 +13,7 @@ MODEL_METHODS = ["base", "majority", "single", "moa"]
 PAPER_METHODS = MODEL_METHODS + ["concat", "weight_sum", "svd"]  # --methods paper: the thesis's table
 MERGE_METHODS = list(merges.METHODS)
 METHODS = MODEL_METHODS + [n for n in MERGE_METHODS if merges.METHODS[n].default]  # the default --methods
-ALL_METHODS = MODEL_METHODS + MERGE_METHODS                                         # also the tables' row order
+ALL_METHODS = MODEL_METHODS + ["arrow"] + MERGE_METHODS                             # also the tables' row order
 
 
 def adapter_dir(root: Path, model: str, task: str) -> Path:

@@ -385,25 +385,27 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     if not grids or data is None or select_rows <= 0:
         params = merges.resolve_params(method, fixed)
         return make(params), {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
-    params, selection = choose(method, fixed, make, data, select_rows)
+    params, selection = choose(method.name, method.params, fixed,
+                               lambda p: lora.folded(data.model, make(p)), data, select_rows)
     return make(params), {"params": params, **info, "selection": selection,
                           "seconds": round(time.perf_counter() - started, 1)}
 
 
-def choose(method: merges.Method, fixed: dict, make, data: FitData, select_rows: int) -> tuple:
-    """(parameters, selection): every candidate of the method's grids not in `fixed` merged by `make` and folded
-    into the model, scored by the mean target-token loss over tasks on `select_rows` validation rows per task; the
-    grid extended past an end while the best sits there."""
-    grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
+def choose(name: str, specs: dict, fixed: dict, apply, data: FitData, select_rows: int) -> tuple:
+    """(parameters, selection): every candidate of the grids of `specs` ({parameter: merges.Param}) not in `fixed`,
+    applied to the model by the context `apply(parameters)` (a merge folded in, Arrow's routing), scored by the mean
+    target-token loss over tasks on `select_rows` validation rows per task; the grid extended past an end while
+    the best sits there."""
+    grids = {k: p.grid for k, p in specs.items() if p.grid and k not in fixed}
     examples, spans = data.examples(select_rows)
     candidates = []
-    bar = tqdm(desc=f"{method.name}: grid", unit="candidate", leave=False)
+    bar = tqdm(desc=f"{name}: grid", unit="candidate", leave=False)
 
     def evaluate(values: dict):
-        params = merges.resolve_params(method, {**fixed, **values})
+        params = {k: p.check(name, k, {**fixed, **values}.get(k, p.default)) for k, p in specs.items()}
         if any(c["params"] == params for c in candidates):
             return
-        with torch.no_grad(), lora.folded(data.model, make(params)):
+        with torch.no_grad(), apply(params):
             losses = data.loss(examples)
         candidates.append({"params": params, "val_loss": sum(losses.values()) / len(losses),
                            "per_task": {t: round(v, 6) for t, v in losses.items()}})
@@ -413,7 +415,7 @@ def choose(method: merges.Method, fixed: dict, make, data: FitData, select_rows:
         evaluate(dict(zip(grids, values)))
     for _ in range(MAX_EXTENSIONS):
         best = min(candidates, key=lambda c: c["val_loss"])
-        step = next(((k, v) for k in grids if (v := beyond_edge(method.params[k], best["params"][k],
+        step = next(((k, v) for k in grids if (v := beyond_edge(specs[k], best["params"][k],
                                                                 [c["params"][k] for c in candidates])) is not None),
                     None)
         if step is None:
@@ -421,7 +423,7 @@ def choose(method: merges.Method, fixed: dict, make, data: FitData, select_rows:
         evaluate({**{k: best["params"][k] for k in grids}, step[0]: step[1]})
     bar.close()
     best = min(candidates, key=lambda c: c["val_loss"])
-    at_edge = [k for k in grids if beyond_edge(method.params[k], best["params"][k],
+    at_edge = [k for k in grids if beyond_edge(specs[k], best["params"][k],
                                                [c["params"][k] for c in candidates]) is not None]
     return best["params"], {"rows_per_task": select_rows, "rows": spans,
                             "criterion": "mean over tasks of the target-token loss", "candidates": candidates,

@@ -209,7 +209,8 @@ def summary_files(out: Path) -> tuple[str, str] | None:
             + "".join(f"\n**Left out of this table** (computed on {why}; rerun them): "
                       f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
                       for why in dict.fromkeys(left_out.values())))
-    text = "\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
+    text = ("\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
+            + routing_table(found))
     return text, buf.getvalue()
 
 
@@ -221,12 +222,24 @@ def write_summary(out: Path):
         atomic_write(out / "summary.csv", lambda p: p.write_text(files[1]))
 
 
+def routing_table(found: dict) -> str:
+    """How often the routed methods pick the gold task's adapter: MoA's router and Arrow's top choice, at the
+    prompt's last position, over every (test prompt, adapted layer)."""
+    rows = [f"| {m} | {res['router']['accuracy']:.3f} | "
+            + ", ".join(f"{t} {a:.2f}" for t, a in res["router"]["per_task"].items()) + " |"
+            for m, res in found.items() if "router" in res]
+    if not rows:
+        return ""
+    return ("\n**Routing: the gold task's adapter chosen** (per (test prompt, layer), at the prompt's last position)"
+            "\n\n| method | accuracy | per task |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def merge_table(found: dict) -> str:
     """How each merge was made: its parameters, how they were chosen (grid on validation loss, learned on train
     rows, or defaults), and the time it took (selection or fitting included)."""
     rows = []
     for m, res in found.items():
-        info = res.get("merge")
+        info = res.get("merge") or res.get("arrow")
         if info is None:
             continue
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in info["params"].items())
@@ -250,7 +263,8 @@ def merge_table(found: dict) -> str:
         rows.append(f"| {m} | {params or '-'} | {how} | {info['seconds']:.1f} |")
     if not rows:
         return ""
-    return ("\n**Merges: parameters and how they were chosen** (never on test rows)\n\n"
+    what = "Merges and Arrow" if any("arrow" in res for res in found.values()) else "Merges"
+    return (f"\n**{what}: parameters and how they were chosen** (never on test rows)\n\n"
             "| method | parameters | chosen by | seconds |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 

@@ -108,6 +108,22 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
     assert "| ties | density=0.2, lam=" in summary and f"lowest validation loss of {len(tried)} candidates" in summary
 
+    # the two options beside the defaults, on the same adapters: Arrow (routing without training) and RegMean
+    script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", "--methods",
+           "arrow,regmean", root=tmp_path)
+    arrow = json.loads((out / "arrow.json").read_text())
+    candidates = arrow["arrow"]["selection"]["candidates"]
+    assert arrow["arrow"]["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
+    assert {(c["params"]["top_k"], c["params"]["temperature"]) for c in candidates} >= \
+           {(k, t) for k in (1, 2, 3) for t in (0.5, 1.0, 2.0, 4.0)}
+    assert sum(map(sum, arrow["router"]["confusion"]["counts"])) == 24 * 8  # (prompt, layer) top choices
+    assert_rows_disjoint(arrow["rows_used"], {"sentiment": [0, 64], "nli": [0, 64]}, "arrow")
+    regmean = json.loads((out / "regmean.json").read_text())
+    assert regmean["merge"]["gram_rows"] == {"sentiment": [0, 64], "nli": [0, 64]}  # rows=128: all 64 trained on
+    assert_rows_disjoint(regmean["rows_used"], {"sentiment": [0, 64], "nli": [0, 64]}, "regmean")
+    summary = (out / "summary.md").read_text()
+    assert "| arrow |" in summary and "| regmean |" in summary
+
 
 def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
     args = ["--task", "sentiment", "--model", str(tiny_dir), "--max-steps", "400", "--epochs", "100",
