@@ -100,6 +100,8 @@ def parse_merge_params(items) -> dict:
         if param not in merges.get_method(method).params:
             raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
                            f"{', '.join(merges.get_method(method).params) or 'none'})")
+        if param in out.get(method, {}):
+            raise BadInput(f"--set {item!r}: {method}.{param} is set twice: give it once")
         out.setdefault(method, {})[param] = merges.get_method(method).params[param].check(method, param, value)
     return out
 

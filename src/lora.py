@@ -596,6 +596,12 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
     if meta["layers"] != list(layers):
         raise BadInput(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
     routers = make_routers(model, len(tasks))
+    for name, router in zip(layers, routers):
+        saved = tensors.get(f"{name}.router.weight")
+        if saved is None or saved.shape != router.weight.shape:
+            raise BadInput(f"routers in {folder} do not fit layer {name} (router weight "
+                           f"{None if saved is None else tuple(saved.shape)}, the layer needs "
+                           f"{tuple(router.weight.shape)}): train them again for this model")
     with torch.no_grad():
         for name, router in zip(layers, routers):
             router.weight.copy_(tensors[f"{name}.router.weight"])

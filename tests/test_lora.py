@@ -243,6 +243,13 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     lora.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
     with torch.no_grad(), lora.routing(fresh):
         assert torch.allclose(fresh(x).logits, mixed, atol=1e-6)
+    narrow = tiny_qwen2(hidden=32)  # the same layer names, another width: one line, not a copy_ error
+    lora.inject(narrow)
+    for _ in adapters:
+        lora.add_adapter(narrow, random_adapter(narrow, 2, 4, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match=r"do not fit layer model.layers.0.self_attn.q_proj \(router weight \(3, 64\), "
+                                         r"the layer needs \(3, 32\)\)"):
+        lora.load_routers(narrow, tmp_path / "moa", ["a", "b", "c"])
 
 
 def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):

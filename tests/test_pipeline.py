@@ -563,6 +563,8 @@ def no_model(monkeypatch):
     ("full_evaluation", ["--tasks", "qa", "--set", "ties.density=abc"],
      "ties.density='abc' is not a number: give a value in (0, 1]"),
     ("full_evaluation", ["--tasks", "qa", "--rows", "0"], "--rows 0 is out of range: give a whole number >= 1"),
+    ("full_evaluation", ["--tasks", "qa", "--set", "ties.lam=1", "--set", "ties.lam=2"],
+     "ties.lam is set twice: give it once"),
     ("train_moa", ["--tasks", "qa"], "--tasks qa: a router chooses among tasks, give at least 2 (e.g. --tasks qa,"),
     ("train_moa", ["--tasks", "qa,nli", "--tasks", "sentiment,nli"],
      "several --tasks sets of 2 tasks would all be written to moa-2: give one set per size"),
