@@ -19,7 +19,7 @@ from src import cli
 REPO = Path(__file__).resolve().parent.parent
 SLOW_MACHINE_TIMEOUT = 1200  # a stage takes up to ~2 minutes here: room for a machine several times slower
 TASKS = "sentiment,nli"
-from src.layout import METHODS  # noqa: E402  (the defaults: base, majority, single, moa and every merge)
+from src.layout import ALL_METHODS, METHODS  # noqa: E402  (METHODS: the defaults, base ... every default merge)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
            "--batch-size", "8", "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
     script("train_moa.py", "--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "32", "--router-heldout", "16",
            "--router-lr", "0.01", "--router-epochs", "10", root=tmp_path)
-    proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", root=tmp_path)
+    # the defaults, and the two options beside them: Arrow (routing without training) and RegMean
+    proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", "--methods",
+                  ",".join(METHODS + ["arrow", "regmean"]), root=tmp_path)
 
     for task in TASKS.split(","):
         folder = tmp_path / "adapters" / "tiny" / task
@@ -93,7 +95,7 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
         table = list(csv.reader(f))
     assert table[0][:7] == ["method", "sentiment (accuracy)", "sentiment (accuracy) lo", "sentiment (accuracy) hi",
                             "nli (accuracy)", "nli (accuracy) lo", "nli (accuracy) hi"]
-    assert [row[0] for row in table[1:]] == METHODS
+    assert [row[0] for row in table[1:]] == [m for m in ALL_METHODS if m in METHODS + ["arrow", "regmean"]]
     single = table[1 + METHODS.index("single")]
     assert float(single[table[0].index("normalized")]) == 1.0
     assert float(single[table[0].index("sentiment (accuracy) lo")]) <= float(single[1]) <= float(single[3])
@@ -108,9 +110,6 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert "chance level (1 / classes): sentiment 0.50, nli 0.33" in summary
     assert "| ties | density=0.2, lam=" in summary and f"lowest validation loss of {len(tried)} candidates" in summary
 
-    # the two options beside the defaults, on the same adapters: Arrow (routing without training) and RegMean
-    script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", "--methods",
-           "arrow,regmean", root=tmp_path)
     arrow = json.loads((out / "arrow.json").read_text())
     candidates = arrow["arrow"]["selection"]["candidates"]
     assert arrow["arrow"]["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
