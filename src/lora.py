@@ -76,7 +76,7 @@ class LoraLinear(nn.Module):
         self.router: nn.Linear | None = None        # MoA: logits over the N adapters from this layer's input
         self.routing = False                        # route with self.router instead of using self.gate
         self.routes: torch.Tensor | None = None     # (batch,) adapter chosen per sample at the prompt
-        self._route_weights = None                  # rank_weights of those routes
+        self._routed = None                         # each sample's gathered factors for those routes (`routed`)
         self._stack = None                          # inference cache of the stacked factors (see `stacked`)
         self.arrow: Arrow | None = None             # Arrow: per-token gates from the adapters' prototypes
 
@@ -117,20 +117,45 @@ class LoraLinear(nn.Module):
             if self.routing and self.routes is None:  # for the report: the top choice at the prompt's last position
                 self.routes = (gate[:, -1] if gate.dim() == 3 else gate).argmax(-1)
             return gate.to(self.rank_scale.dtype)[..., self.owner] * self.rank_scale
-        if self.routing:
-            if self.routes is None:  # the prompt (prefill): each sample is routed once, on its last position
-                last = x[:, -1] if x.dim() == 3 else x
-                self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
-                self._route_weights = (self.owner == self.routes[:, None]) * self.rank_scale
-            return self._route_weights  # kept while generating
         if self.gate is None:
             return self.rank_scale
         return self.gate.to(self.rank_scale.dtype)[..., self.owner] * self.rank_scale
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (N, r_max, d_in) and s_i B_i (N, d_out, r_max): each adapter's factors zero-padded to the largest rank
+        (zero rows of A and columns of B add nothing), so that a sample's own adapter is one index away."""
+        r_max = max(a.shape[0] for a in self.A)
+        A = self.A[0].new_zeros(len(self.A), r_max, self.A[0].shape[1])
+        B = self.B[0].new_zeros(len(self.B), self.B[0].shape[0], r_max)
+        for i, (a, b, s) in enumerate(zip(self.A, self.B, self.scales)):
+            A[i, :a.shape[0]] = a
+            B[i, :, :a.shape[0]] = s * b
+        return A, B
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """MoA's update, each sample through its routed adapter only: dW x = s_k B_k A_k x with k = routes[b].
+
+        At the prompt (prefill) every sample is routed once, on its last position, and its factors are gathered into
+        (batch, r_max, d_in) and (batch, d_out, r_max), as multi-LoRA servers do (S-LoRA, Punica); each generated
+        token then costs one LoRA's two batched matmuls, whatever N is, instead of all N stacked adapters with N - 1
+        masked out. The gathered copies live until the routing block ends: batch x r_max x (d_in + d_out) per layer."""
+        if self.routes is None:
+            last = x[:, -1] if x.dim() == 3 else x
+            self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
+            A, B = self.padded()
+            self._routed = A[self.routes].transpose(1, 2), B[self.routes].transpose(1, 2)
+        A_t, B_t = self._routed
+        h = self.dropout(x.to(A_t.dtype))
+        h = h[:, None] if h.dim() == 2 else h
+        delta = torch.bmm(torch.bmm(h, A_t), B_t)
+        return delta[:, 0] if x.dim() == 2 else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if len(self.A) == 0:
             return y
+        if self.routing and self.arrow is None:
+            return y + self.routed(x).to(y.dtype)
         # All adapters at once: stacked A (R x d_in) and B (d_out x R), R = sum of ranks; the gate scales each
         # adapter's r_i columns of the rank-R intermediate, per sample. Two matmuls, whatever N is.
         A, B = self.stacked()
@@ -461,7 +486,7 @@ def routing(model: nn.Module):
         yield
     finally:
         for layer in layers:
-            layer.routing, layer.routes = False, None
+            layer.routing, layer.routes, layer._routed = False, None, None
 
 
 def route_decisions(model: nn.Module) -> torch.Tensor:

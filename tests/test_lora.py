@@ -300,6 +300,38 @@ def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
         assert torch.equal(lora.route_decisions(fresh), decisions)
 
 
+def test_moa_routed_sample_is_its_own_adapters_folded_into_w_in_float64():
+    """MoA with unequal ranks (3, 5, 2) gathers each sample's routed factors: its logits and greedy tokens are those
+    of the base model with, in every layer, W + s_k B_k A_k added densely for the adapter k that layer chose for that
+    sample (float64, one sample at a time)."""
+    gen = torch.Generator().manual_seed(5)
+    model = tiny_qwen2().double()
+    lora.inject(model)
+    adapters = [random_adapter(model, r, 8, gen, std=0.2) for r in (3, 5, 2)]
+    for a in adapters:
+        lora.add_adapter(model, a)
+    routers = lora.make_routers(model, 3, generator=gen).double()
+    lora.attach_routers(model, routers)
+    x = ids(n=6, t=9, seed=4)
+    with torch.no_grad(), lora.routing(model):
+        logits = model(x).logits
+        decisions = lora.route_decisions(model)
+    with torch.no_grad(), lora.routing(model):
+        tokens = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False)
+    assert len(decisions.unique()) == 3  # every adapter is somebody's route
+    names = list(lora.lora_layers(model))
+    for b in range(x.shape[0]):
+        dense = tiny_qwen2().double()
+        with torch.no_grad():
+            for name, k in zip(names, decisions[b].tolist()):
+                part = adapters[k].modules[name]
+                dense.get_submodule(name).weight += part.scale * part.B.double() @ part.A.double()
+            assert (dense(x[b:b + 1]).logits[0] - logits[b]).abs().max() <= 1e-10
+            alone = dense.generate(x[b:b + 1], attention_mask=torch.ones_like(x[b:b + 1]), max_new_tokens=5,
+                                   do_sample=False)
+        assert torch.equal(alone[0], tokens[b])
+
+
 # -------------------------------------------------------------------------------------------------------- Arrow
 def test_arrow_prototypes_and_gates_against_a_dense_reference():
     """Unequal ranks (3, 5, 2): the prototypes are numpy's top right singular vectors of the dense s_i B_i A_i (up
