@@ -357,8 +357,10 @@ def choose_arrow(model, data: merge_fit.FitData, select_rows: int) -> dict:
     started = time.perf_counter()
     if select_rows <= 0:
         return {"params": {k: p.default for k, p in ARROW_PARAMS.items()}, "seconds": 0.0}
+    prototypes = lora.model_prototypes(model)  # the same adapters for every candidate
     params, selection = merge_fit.choose("arrow", ARROW_PARAMS, {},
-                                         lambda p: lora.arrow_routing(model, **p), data, select_rows)
+                                         lambda p: lora.arrow_routing(model, **p, prototypes=prototypes), data,
+                                         select_rows)
     return {"params": params, "selection": selection, "seconds": round(time.perf_counter() - started, 1)}
 
 

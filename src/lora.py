@@ -530,11 +530,16 @@ def arrow_prototypes(A: list, B: list) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def model_prototypes(model: nn.Module) -> list:
+    """Every LoRA layer's Arrow prototypes (`arrow_prototypes`, in the layer's factor dtype), in lora_layers order."""
+    return [arrow_prototypes(layer.A, layer.B).to(layer.factor_dtype) for layer in lora_layers(model).values()]
+
+
 @contextlib.contextmanager
-def arrow_routing(model: nn.Module, top_k: int, temperature: float):
-    """Within the block every LoRA layer gates its adapters per token by Arrow (`Arrow`), prototypes computed from
-    the adapters it holds now. Inside `routing(model)` each layer also records its top choice at the prompt's last
-    position (`route_decisions`), for the routing report."""
+def arrow_routing(model: nn.Module, top_k: int, temperature: float, prototypes: list | None = None):
+    """Within the block every LoRA layer gates its adapters per token by Arrow (`Arrow`), with `prototypes` (from
+    `model_prototypes`; computed from the adapters the layers hold now when None). Inside `routing(model)` each
+    layer also records its top choice at the prompt's last position (`route_decisions`), for the routing report."""
     layers = list(lora_layers(model).values())
     if not layers or any(len(layer.A) == 0 for layer in layers):
         raise BadInput("Arrow routes between adapters: inject(model, targets) and add_adapter them first")
@@ -542,13 +547,30 @@ def arrow_routing(model: nn.Module, top_k: int, temperature: float):
         raise BadInput(f"Arrow top_k={top_k!r}: give a whole number >= 1")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise BadInput(f"Arrow temperature={temperature!r}: give a number > 0")
-    for layer in layers:
-        layer.arrow = Arrow(arrow_prototypes(layer.A, layer.B).to(layer.factor_dtype), top_k, float(temperature))
+    for layer, v in zip(layers, prototypes or model_prototypes(model)):
+        layer.arrow = Arrow(v, top_k, float(temperature))
     try:
         yield
     finally:
         for layer in layers:
             layer.arrow = None
+
+
+def hook_distinct_inputs(modules: list, new, same) -> list:
+    """Forward pre-hooks that see each distinct input tensor once: modules fed the very tensor the module called
+    just before received (q, k and v read one hidden state; gate and up another) are told so instead. new(i, x):
+    modules[i] receives a new input x; same(i, j): modules[i] receives the input modules[j] received first. Returns
+    the hooks' handles, to remove."""
+    first = [None, None]   # the last new input, and the index of the module that received it
+
+    def hook(i, module, args):
+        if args[0] is first[0]:
+            same(i, first[1])
+        else:
+            first[:] = [args[0], i]
+            new(i, args[0])
+
+    return [m.register_forward_pre_hook(functools.partial(hook, i)) for i, m in enumerate(modules)]
 
 
 @torch.no_grad()
@@ -564,15 +586,13 @@ def router_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     the routed one), so they can be computed once and the routers trained on them as classifiers: the same
     gradients as the original's loop."""
     layers = list(lora_layers(model).values())
-    captured, where, previous = [], [None] * len(layers), []
+    captured, where = [], [None] * len(layers)
 
-    def hook(index, module, args):  # where is indexed by layer (lora_layers order), not by call order
-        if not previous or args[0] is not previous[0]:
-            captured.append(args[0][:, -1].clone())
-            previous[:] = [args[0]]
-        where[index] = len(captured) - 1
+    def new(i, x):
+        captured.append(x[:, -1].clone())
+        where[i] = len(captured) - 1
 
-    hooks = [layer.register_forward_pre_hook(functools.partial(hook, i)) for i, layer in enumerate(layers)]
+    hooks = hook_distinct_inputs(layers, new, lambda i, j: where.__setitem__(i, where[j]))
     gate = F.one_hot(gold, len(layers[0].A)).float()
     try:
         with gated(model, gate):

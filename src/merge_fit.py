@@ -154,19 +154,18 @@ class FitData:
         """({name: examples}, {name: which rows}) for n rows per source, in `tasks` order: a task's n rows after its
         adapter's training rows ([start, end)), or a file's first n rows (its name, hash and lines)."""
         self.rows(n)  # every task's adapter must have its record: all missing ones named at once
-        window = model_window(self.model, self.tokenizer)
-        out, where = {}, {}
-        for t in self.tasks:
-            out[t], where[t] = self.sources[t].examples(n, self.tokenizer, window)
-        return out, where
+        return self._per_source("examples", n)
 
     def training_examples(self, n: int) -> tuple[dict, dict]:
         """({name: examples}, {name: which rows}) for the first n rows each adapter trained on (a task's), or a
         file's first n rows."""
+        return self._per_source("training_examples", n)
+
+    def _per_source(self, which: str, n: int) -> tuple[dict, dict]:
         window = model_window(self.model, self.tokenizer)
         out, where = {}, {}
         for t in self.tasks:
-            out[t], where[t] = self.sources[t].training_examples(n, self.tokenizer, window)
+            out[t], where[t] = getattr(self.sources[t], which)(n, self.tokenizer, window)
         return out, where
 
     def loss(self, examples: dict) -> dict:
@@ -279,21 +278,14 @@ def gram_matrices(model, adapter: lora.Adapter, examples: list, batch_size: int,
     that task's fine-tuned model, as RegMean takes them. Modules fed the same tensor (q, k and v take one hidden
     state) share one matrix, computed once."""
     linears = lora.fold_targets(model, adapter)
-    sums, alias, seen, mask = {}, {}, {}, {}
+    names = list(linears)
+    sums, alias, mask = {}, {}, {}
 
-    def hook(name):
-        def pre(module, inputs):
-            x = inputs[0]
-            owner = seen.get(id(x))
-            if owner is not None and owner[0] is x:  # the tensor is held in `seen`, so its id is not reused
-                alias[name] = owner[1]
-                return
-            seen[id(x)] = (x, name)
-            flat = x[mask["tokens"]].double()
-            sums[name] = sums.get(name, 0) + flat.T @ flat
-        return pre
+    def new(i, x):
+        flat = x[mask["tokens"]].double()
+        sums[names[i]] = sums.get(names[i], 0) + flat.T @ flat
 
-    handles = [linear.register_forward_pre_hook(hook(name)) for name, linear in linears.items()]
+    handles = lora.hook_distinct_inputs(list(linears.values()), new, lambda i, j: alias.update({names[i]: names[j]}))
     try:
         with torch.no_grad(), lora.folded(model, adapter):
             model.eval()
@@ -301,7 +293,6 @@ def gram_matrices(model, adapter: lora.Adapter, examples: list, batch_size: int,
                 batch = pad_batch([e["input_ids"] for e in examples[i:i + batch_size]], pad_id, left=False)
                 mask["tokens"] = batch["attention_mask"].bool().to(model.device)
                 model(**{k: v.to(model.device) for k, v in batch.items()})
-                seen.clear()
     finally:
         for h in handles:
             h.remove()

@@ -52,6 +52,26 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     return {m: ci.get(m, empty) for m in found}
 
 
+class Analyses:
+    """Each results folder read, filtered (`same_inputs`) and bootstrapped once, however many tables show it: a
+    refill of the README and REPORT.md shows a folder up to three times."""
+
+    def __init__(self):
+        self._done = {}
+
+    def __call__(self, out: Path) -> tuple[dict, dict, dict] | None:
+        """(found, left_out, ci) of a results folder; None if it has no method file."""
+        key = Path(out).resolve()
+        if key not in self._done:
+            found = load_method_results(out)
+            if found:
+                found, left_out = same_inputs(found)
+                self._done[key] = (found, left_out, intervals(found))
+            else:
+                self._done[key] = None
+        return self._done[key]
+
+
 def paired_gaps(found: dict, ci: dict) -> str:
     """Each method's normalized score minus MoA's and the SVD merge's, with the paired 95% interval (the same
     resampled rows for both): whether a merge is distinguishable from MoA is read here, not from two intervals."""
@@ -178,13 +198,12 @@ def same_inputs(found: dict) -> tuple[dict, dict]:
     return kept, left_out
 
 
-def summary_files(out: Path) -> tuple[str, str] | None:
+def summary_files(out: Path, analyses: Analyses | None = None) -> tuple[str, str] | None:
     """(summary.md, summary.csv) of a results folder, from its method files alone (None if it has none)."""
-    found = load_method_results(out)
-    if not found:
+    analysis = (analyses or Analyses())(out)   # one bootstrap, shared by the table and the single-task check
+    if analysis is None:
         return None
-    found, left_out = same_inputs(found)
-    ci = intervals(found)   # one bootstrap, shared by the table and the single-task check
+    found, left_out, ci = analysis
     header, rows = summary_table(found, ci)
     tasks = [h.split(" (")[0] for h in header[1:] if " (" in h]
     n_scored = len(tasks) + 1  # the per-task cells and the normalized score carry intervals
@@ -214,9 +233,9 @@ def summary_files(out: Path) -> tuple[str, str] | None:
     return text, buf.getvalue()
 
 
-def write_summary(out: Path):
+def write_summary(out: Path, analyses: Analyses | None = None):
     """Rebuild `summary.md` and `summary.csv` of a results folder (after every method a run finishes)."""
-    files = summary_files(out)
+    files = summary_files(out, analyses)
     if files is not None:
         atomic_write(out / "summary.md", lambda p: p.write_text(files[0]))
         atomic_write(out / "summary.csv", lambda p: p.write_text(files[1]))
@@ -291,15 +310,15 @@ GENERATED = re.compile(r"(<!-- generated: (?P<key>[^>]+?) -->\n)(?P<body>.*?)(<!
 REPORTS = ("README.md", "results/REPORT.md")   # the documents whose generated parts `python -m src.reporting` refills
 
 
-def headline_table(model_dir: Path) -> str:
+def headline_table(model_dir: Path, analyses: Analyses | None = None) -> str:
     """Per method, the normalized score with its 95% interval on 5 and on 7 tasks, the paper's, and the paired
     difference from MoA on 7 tasks: the front page's table, from the result files of one model."""
-    sets = {}
+    sets, analyses = {}, analyses or Analyses()
     for n in (5, 7):
-        found = load_method_results(model_dir / f"{n}-task")
-        if found:
-            found, _ = same_inputs(found)
-            sets[n] = (found, intervals(found), normalized_points(found), paper_normalized(found["single"]["tasks"]))
+        analysis = analyses(model_dir / f"{n}-task")
+        if analysis:
+            found, _, ci = analysis
+            sets[n] = (found, ci, normalized_points(found), paper_normalized(found["single"]["tasks"]))
     methods = [m for m in ALL_METHODS if any(s[2].get(m) is not None for s in sets.values())]
     header, rows = ["method"], []
     for n, (_, _, _, paper) in sets.items():
@@ -321,14 +340,14 @@ def headline_table(model_dir: Path) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
 
 
-def generated(key: str, root: Path) -> str:
+def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
     """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `methods` (the
     registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
     kind, _, arg = key.partition(" ")
     if kind == "headline":
-        return headline_table(root / arg)
+        return headline_table(root / arg, analyses)
     if kind == "summary":
-        return summary_files(root / arg)[0].rstrip("\n")
+        return summary_files(root / arg, analyses)[0].rstrip("\n")
     if kind == "methods":
         return method_table()
     if kind == "file":  # its own title line, if any, becomes bold text under the document's heading
@@ -340,18 +359,20 @@ def generated(key: str, root: Path) -> str:
     raise ValueError(f"unknown generated part {key!r}")
 
 
-def fill(text: str, root: Path) -> str:
+def fill(text: str, root: Path, analyses: Analyses | None = None) -> str:
     """`text` with every generated part rebuilt from the files under `root`; the prose around them is kept."""
-    return GENERATED.sub(lambda m: m.group(1) + generated(m.group("key"), root) + "\n" + m.group(4), text)
+    analyses = analyses or Analyses()
+    return GENERATED.sub(lambda m: m.group(1) + generated(m.group("key"), root, analyses) + "\n" + m.group(4), text)
 
 
 def main(root: Path = ROOT):
     """Rebuild every results folder's summary, then the generated parts of the README and REPORT.md."""
+    analyses = Analyses()
     for folder in sorted(Path(root).glob("results/*/*-task")):
-        write_summary(folder)
+        write_summary(folder, analyses)
     for name in REPORTS:
         path = Path(root) / name
-        atomic_write(path, lambda p, text=fill(path.read_text(), Path(root)): p.write_text(text))
+        atomic_write(path, lambda p, text=fill(path.read_text(), Path(root), analyses): p.write_text(text))
         print(f"refilled the generated parts of {name}")
 
 
