@@ -5,6 +5,7 @@
     python full_evaluation.py --tasks all --methods paper        # base, majority, single, moa, concat, weight_sum, svd
     python full_evaluation.py --methods ties,ties_dense --set ties.density=0.5   # fix a merge's parameter
     python full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub
+    python full_evaluation.py --tasks all --methods cat,lorahub,regmean --loras random   # the random-LoRA control
     accelerate launch full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub   # rows shared over GPUs
 
 Edit the task list below (the original's "line 30") or pass --tasks. The five-task set of the paper is
@@ -34,6 +35,9 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=None, metavar="METHOD.PARAM=VALUE",
                    help="fix a merge's hyperparameter (else its default, or the best of its grid on validation rows); "
                         "python merge_adapters.py --help lists them")
+    p.add_argument("--loras", default="trained", choices=["trained", "random"],
+                   help="random: merge random LoRAs with the trained ones' per-module norms instead, a control for "
+                        "the merges that fit on data (results in <N>-task/random-loras/)")
     p.add_argument("--no-reuse", action="store_true",
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)

@@ -329,7 +329,8 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
     moa-vs-single:      MoA (7 adapters, routers, per-sample routes) against one LoRA, both batched;
     moa-gathered-vs-masked: MoA as it runs (each sample's routed factors gathered) against the same routes as
                         per-layer one-hot gates over all 7 stacked adapters (how it ran before); the tokens must agree;
-    moa-batched-vs-bs1: MoA batched against MoA one prompt at a time (how the original had to evaluate)."""
+    moa-batched-vs-bs1: MoA batched against MoA one prompt at a time (how the original had to evaluate);
+    arrow-vs-single:    Arrow (7 adapters, per-token gates, top 3 at temperature 1) against one LoRA, both batched."""
     model, label = full_model(device, dtype)
     gen = torch.Generator().manual_seed(0)
     adapters = [lora.Adapter({n: lora.Lora(l.A.to(device, dtype), l.B.to(device, dtype), l.scale) for n, l in a.modules.items()})
@@ -354,6 +355,15 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
         for a in adapters:
             lora.add_adapter(model, a)
         result = compare(greedy, lambda: greedy(folded), reps, device)  # ratio < 1: unfolded is slower
+    elif kind == "arrow-vs-single":
+        single = copy.deepcopy(model)
+        lora.inject(single)
+        lora.add_adapter(single, adapters[0])
+        lora.inject(model)
+        for a in adapters:
+            lora.add_adapter(model, a)
+        with lora.arrow_routing(model, top_k=3, temperature=1.0):
+            result = compare(greedy, lambda: greedy(single), reps, device)
     elif kind in ("moa-vs-single", "moa-batched-vs-bs1", "moa-gathered-vs-masked"):
         single = copy.deepcopy(model)
         lora.inject(single)
@@ -434,6 +444,7 @@ CASES = {
     "moa-vs-single": ("inference: MoA batched vs single LoRA batched", lambda a: case_inference("moa-vs-single", a.device, a.dtype, a.reps)),
     "moa-gathered-vs-masked": ("inference: MoA, routed factors gathered vs all adapters masked", lambda a: case_inference("moa-gathered-vs-masked", a.device, a.dtype, a.reps)),
     "moa-batched-vs-bs1": ("inference: MoA batched vs MoA batch size 1", lambda a: case_inference("moa-batched-vs-bs1", a.device, a.dtype, a.reps)),
+    "arrow-vs-single": ("inference: Arrow batched vs single LoRA batched", lambda a: case_inference("arrow-vs-single", a.device, a.dtype, a.reps)),
     "eval-throughput": ("evaluation, one task: batched vs one row at a time", lambda a: case_eval(a.device, a.dtype, a.reps)),
 }
 

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from . import lora, merge_fit, merges, provenance
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
-from .layout import (ALL_METHODS, MERGE_METHODS, PAPER_METHODS, ROOT, adapter_dir, moa_command, moa_dir,
-                     results_dir, train_command)
+from .layout import (ALL_METHODS, MERGE_METHODS, PAPER_METHODS, ROOT, adapter_dir, control_dir, moa_command,
+                     moa_dir, results_dir, train_command)
 from .metrics import example_stats, score
 from .models import load_model
 from .reporting import write_summary
@@ -54,6 +54,7 @@ class EvalConfig:
     select_rows: int = 32        # validation rows per task that choose a merge's lambda / alpha (train split)
     seed: int = 0                # DARE's masks, CAT's batches, LoraHub's optimiser
     merge_params: dict = None    # {method: {parameter: value}} fixed from the command line (--set)
+    loras: str = "trained"       # "random": merge random LoRAs of the trained ones' norms instead (a control)
 
 
 EVAL_PRESETS = {
@@ -74,6 +75,7 @@ EVAL_SETTINGS = {
     "select_rows": Setting(int, low=0, note="0: each merge's defaults, no search on validation rows"),
     "seed": SEED,
     "merge_params": Setting(dict, none_ok=True),  # its values are checked when parsed (parse_merge_params)
+    "loras": Setting(str, choices=("trained", "random")),
 }
 
 
@@ -229,10 +231,17 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     """Run every method on every task and write the results (the main process); returns {method: result dict}.
     Under several processes (`accelerate launch`) the generation batches are shared out (see `generate`)."""
     root = Path(root)
+    if cfg.loras == "random" and set(methods) - set(MERGE_METHODS):
+        raise BadInput(f"--loras random is a control for the merges: drop "
+                       f"{', '.join(m for m in methods if m not in MERGE_METHODS)} from --methods")
     adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
     if set(methods) - {"base", "majority"}:
         adapters = {t: lora.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
                     for t in tasks}
+    if cfg.loras == "random":  # each task's noise from the seed and its name, whatever the order of the tasks
+        adapters = {t: lora.random_like(a, torch.Generator().manual_seed(
+                        int(hashlib.sha256(f"{cfg.seed}:{t}".encode()).hexdigest()[:15], 16)))
+                    for t, a in adapters.items()}
     if "moa" in methods:
         check_routers(root, cfg, tasks)
     # which rows each adapter trained on: the merges that read rows take them after those (a merge that reads none
@@ -257,9 +266,10 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     for method in methods:
         results[method] = run_method(method, run)
         if main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_method(out, method, results[method])
-            write_summary(out)
+            where = control_dir(root, cfg.model, tasks) if cfg.loras == "random" else out
+            where.mkdir(parents=True, exist_ok=True)
+            write_method(where, method, results[method])
+            write_summary(out)  # the control's table is part of the trained results' summary
     return results
 
 

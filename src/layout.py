@@ -28,6 +28,11 @@ def results_dir(root: Path, model: str, tasks: list[str]) -> Path:
     return Path(root) / "results" / model_slug(model) / f"{len(tasks)}-task"
 
 
+def control_dir(root: Path, model: str, tasks: list[str]) -> Path:
+    """The merges of random LoRAs (full_evaluation.py --loras random), beside the results of the trained ones."""
+    return results_dir(root, model, tasks) / "random-loras"
+
+
 def train_command(model: str, preset: str, task: str) -> str:
     return f"python train_individual_loras.py --task {task} --model {model} --preset {preset}"
 

@@ -229,7 +229,7 @@ def summary_files(out: Path, analyses: Analyses | None = None) -> tuple[str, str
                       f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
                       for why in dict.fromkeys(left_out.values())))
     text = ("\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
-            + routing_table(found))
+            + routing_table(found) + control_table(out, found))
     return text, buf.getvalue()
 
 
@@ -239,6 +239,29 @@ def write_summary(out: Path, analyses: Analyses | None = None):
     if files is not None:
         atomic_write(out / "summary.md", lambda p: p.write_text(files[0]))
         atomic_write(out / "summary.csv", lambda p: p.write_text(files[1]))
+
+
+def control_table(out: Path, found: dict) -> str:
+    """Each merge of random LoRAs (`<N>-task/random-loras/`, lora.random_like) beside the same merge of the trained
+    LoRAs: normalized to the trained single, and the paired difference, on the same resampled rows."""
+    control = {m: r for m, r in load_method_results(out / "random-loras").items()
+               if m in found and "stats" in r and r["settings"]["inputs"] == found["single"]["settings"]["inputs"]}
+    if not control or "single" not in found:
+        return ""
+    rows = []
+    for m, r in control.items():
+        both = {"single": found["single"], m: found[m], f"{m} random": r}
+        ci = paired_bootstrap([get_task(t) for t in found["single"]["tasks"]],
+                              {k: v["stats"] for k, v in both.items()}, reference="single", compare=(m,))
+        points = normalized_points(both)
+        lo, hi = ci[f"{m} random"]["normalized_diff"][m]
+        rows.append(f"| {m} | {_fmt((points[m], ci[m]['normalized']))} | "
+                    f"{_fmt((points[f'{m} random'], ci[f'{m} random']['normalized']))} | "
+                    f"{points[f'{m} random'] - points[m]:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    return ("\n**Control: the same merge of random LoRAs** (each module's A and update of the trained LoRA's "
+            "Frobenius norm, Gaussian directions; normalized to the trained single; 95% paired intervals). A method "
+            "whose score does not drop owes its gain to the procedure, not to the task LoRAs.\n\n"
+            "| method | trained LoRAs | random LoRAs | random - trained |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def routing_table(found: dict) -> str:

@@ -332,6 +332,23 @@ def test_moa_routed_sample_is_its_own_adapters_folded_into_w_in_float64():
         assert torch.equal(alone[0], tokens[b])
 
 
+def test_random_like_keeps_each_modules_norms_ranks_and_scales_and_nothing_else():
+    """The control's random LoRAs: every module's ||A|| and ||s B A|| (dense, float64) equal the trained adapter's,
+    ranks and scales too; the directions are unrelated (update cosine near 0) and fixed by the generator."""
+    gen = torch.Generator().manual_seed(8)
+    trained = lora.Adapter({f"m{i}.q_proj": random_lora(40 + i, 30, r, s, gen)
+                            for i, (r, s) in enumerate([(3, 2.0), (5, 0.5), (2, 4.0)])}, "tiny")
+    noise = lora.random_like(trained, torch.Generator().manual_seed(1))
+    assert lora.random_like(trained, torch.Generator().manual_seed(1)).modules["m0.q_proj"].A.equal(
+        noise.modules["m0.q_proj"].A)
+    for name, t in trained.modules.items():
+        n = noise.modules[name]
+        assert (n.A.shape, n.B.shape, n.scale) == (t.A.shape, t.B.shape, t.scale)
+        dense_t, dense_n = t.scale * t.B @ t.A, n.scale * n.B @ n.A
+        assert abs(n.A.norm() / t.A.norm() - 1) <= 1e-12 and abs(dense_n.norm() / dense_t.norm() - 1) <= 1e-12
+        assert abs((dense_n * dense_t).sum() / (dense_n.norm() * dense_t.norm())) < 0.3
+
+
 # -------------------------------------------------------------------------------------------------------- Arrow
 def test_arrow_prototypes_and_gates_against_a_dense_reference():
     """Unequal ranks (3, 5, 2): the prototypes are numpy's top right singular vectors of the dense s_i B_i A_i (up

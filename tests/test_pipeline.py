@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,6 +123,17 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert_rows_disjoint(regmean["rows_used"], {"sentiment": [0, 64], "nli": [0, 64]}, "regmean")
     summary = (out / "summary.md").read_text()
     assert "| arrow |" in summary and "| regmean |" in summary
+
+    # the control: the same merge of random LoRAs of the trained ones' norms, beside the trained one's row
+    script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", "--methods", "regmean",
+           "--loras", "random", root=tmp_path)
+    control = json.loads((out / "random-loras" / "regmean.json").read_text())
+    assert control["settings"]["loras"] == "random" and control["merge"]["gram_rows"] == regmean["merge"]["gram_rows"]
+    summary = (out / "summary.md").read_text()
+    main_row = next(line for line in summary.splitlines() if line.startswith("| regmean |"))
+    control_row = summary.split("**Control: the same merge of random LoRAs**")[1].split("\n| regmean | ")[1]
+    trained_cell = control_row.split(" | ")[0]  # the trained merge's normalized score [95%], as in the main table
+    assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", trained_cell) and f"| {trained_cell} |" in main_row
 
 
 def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
@@ -571,6 +583,8 @@ def no_model(monkeypatch):
     ("train_individual_loras", ["--task", "qa", "--targets", ","], "--targets () is not accepted"),
     ("train_moa", ["--tasks", "qa,nli", "--router-heldout", "0"], "--router-heldout 0 is out of range"),
     ("full_evaluation", ["--tasks", "qa", "--data", "local", "--seed", "-1"], "--seed -1 is out of range"),
+    ("full_evaluation", ["--tasks", "qa", "--methods", "single,ties", "--loras", "random"],
+     "--loras random is a control for the merges: drop single from --methods"),
 ])
 def test_bad_flags_fail_in_one_line_before_the_model_loads(script_name, flags, message, tmp_path, capsys, no_model):
     err = run_main(script_name, [*flags, "--root", str(tmp_path)], capsys)
