@@ -189,9 +189,11 @@ def _reusable(out_root: Path, method: str, settings: dict) -> dict:
     found = {}
     per_task = ("adapters", "inputs")
     same = {k: v for k, v in settings.items() if k not in per_task}
+    added_later = asdict(EvalConfig())  # a setting missing from an older file had the value its default gives now
     for path in sorted(out_root.glob(f"*-task/{method}.json")):
         old = json.loads(path.read_text())
-        if {k: v for k, v in old["settings"].items() if k not in per_task} != same:
+        old_settings = {**added_later, **old["settings"]}
+        if {k: v for k, v in old_settings.items() if k not in per_task} != same:
             continue
         tasks = [t for t in old["metrics"] if t not in found and t in settings["inputs"]
                  and old["settings"].get("inputs", {}).get(t) == settings["inputs"][t]

@@ -671,3 +671,21 @@ def test_committed_merges_name_disjoint_training_selection_and_test_rows(task_se
         if "merge" in result:
             assert "rows_used" in result, f"{m}: computed before the rows were recorded: rerun it"
             assert_rows_disjoint(result["rows_used"], {t: trained for t in result["tasks"]}, m)
+
+
+def test_results_written_before_a_setting_existed_are_reused_under_its_default(tmp_path):
+    """A result file from before a setting was added (EvalConfig.loras) was made with what its default does now:
+    single's rows are reused from it; a run with another value of the setting does not reuse them."""
+    from dataclasses import asdict
+
+    from src.evaluation import EvalConfig, _reusable
+
+    settings = {**asdict(EvalConfig()), "adapters": {"qa": "a1"}, "inputs": {"qa": "i1"}}
+    folder = tmp_path / "7-task"
+    folder.mkdir()
+    old = {k: v for k, v in settings.items() if k != "loras"}
+    (folder / "single.json").write_text(json.dumps({"settings": old, "metrics": {"qa": {"f1": 50.0}},
+                                                    "stats": {"qa": [[1.0]]}}))
+    (folder / "single.predictions.jsonl").write_text(json.dumps({"task": "qa", "prediction": "x"}) + "\n")
+    assert set(_reusable(tmp_path, "single", settings)) == {"qa"}
+    assert _reusable(tmp_path, "single", {**settings, "loras": "random"}) == {}
