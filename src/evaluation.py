@@ -6,9 +6,13 @@ Methods (DESIGN.md section 2):
                the baseline a classifier must beat, beside chance = 1 / classes);
 * single:      each task with its own LoRA (the oracle; the normalized score divides by it);
 * moa:         all task LoRAs and the trained routers; each sample is routed once at the prompt, per layer;
+* arrow:       all task LoRAs, routed per token and layer without training (lora.Arrow; top_k and temperature
+               chosen on validation rows of the train split);
 * every merge of src/merges.py (the paper's concat, weight_sum, svd; task arithmetic, TIES, DARE, magnitude
-  pruning, KnOTS, TSV-M, Iso-C/CTS; the learned CAT and LoraHub): built by src/merge_fit.py (a hyperparameter with
-  a grid is chosen on validation rows of the train split), then folded into W, so it runs at the base model's cost.
+  pruning, KnOTS, TSV-M, Iso-C/CTS; the data-fitted CAT, LoraHub and RegMean): built by src/merge_fit.py (a
+  hyperparameter with a grid is chosen on validation rows of the train split), then folded into W, so it runs at
+  the base model's cost. With `loras="random"` the merges take random LoRAs of the trained ones' norms instead (a
+  control, written to <N>-task/random-loras/).
   weighted_avg and ties_dense are evaluated on request only.
 
 Generation is greedy, left-padded, in batches of one task sorted by prompt length, stopping at EOS or at the

@@ -12,7 +12,7 @@ PAPER_RESULTS = ROOT / "results" / "paper" / "paper_results.json"
 MODEL_METHODS = ["base", "majority", "single", "moa"]
 PAPER_METHODS = MODEL_METHODS + ["concat", "weight_sum", "svd"]  # --methods paper: the thesis's table
 MERGE_METHODS = list(merges.METHODS)
-METHODS = MODEL_METHODS + [n for n in MERGE_METHODS if merges.METHODS[n].default]  # the default --methods
+METHODS = MODEL_METHODS + ["arrow"] + [n for n in MERGE_METHODS if merges.METHODS[n].default]  # default --methods
 ALL_METHODS = MODEL_METHODS + ["arrow"] + MERGE_METHODS                             # also the tables' row order
 
 

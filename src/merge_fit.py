@@ -445,5 +445,5 @@ merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an
                                       low=1, kind=int),
                  "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: least squares)",
                                        grid=(0.1, 0.5, 0.9, 1.0), low=0.0, high=1.0, open="low")},
-                "exact, rank R", default=False,
+                "exact, rank R",
                 exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"))

@@ -42,9 +42,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
            "--batch-size", "8", "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
     script("train_moa.py", "--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "32", "--router-heldout", "16",
            "--router-lr", "0.01", "--router-epochs", "10", root=tmp_path)
-    # the defaults, and the two options beside them: Arrow (routing without training) and RegMean
-    proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", "--methods",
-                  ",".join(METHODS + ["arrow", "regmean"]), root=tmp_path)
+    # the defaults: Arrow (routing without training) and RegMean among them
+    assert {"arrow", "regmean"} <= set(METHODS)
+    proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", root=tmp_path)
 
     for task in TASKS.split(","):
         folder = tmp_path / "adapters" / "tiny" / task
@@ -96,7 +96,7 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
         table = list(csv.reader(f))
     assert table[0][:7] == ["method", "sentiment (accuracy)", "sentiment (accuracy) lo", "sentiment (accuracy) hi",
                             "nli (accuracy)", "nli (accuracy) lo", "nli (accuracy) hi"]
-    assert [row[0] for row in table[1:]] == [m for m in ALL_METHODS if m in METHODS + ["arrow", "regmean"]]
+    assert [row[0] for row in table[1:]] == [m for m in ALL_METHODS if m in METHODS]
     single = table[1 + METHODS.index("single")]
     assert float(single[table[0].index("normalized")]) == 1.0
     assert float(single[table[0].index("sentiment (accuracy) lo")]) <= float(single[1]) <= float(single[3])
@@ -204,7 +204,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     assert decisions.shape == (3, 12) and decisions.max() <= 1
 
 # -------------------------------------------------------------------------------------------------- bad input
-MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa")}
+MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa", "arrow")}
 
 
 def assert_rows_disjoint(rows_used: dict, trained: dict, method: str):
@@ -665,10 +665,12 @@ def test_committed_merges_name_disjoint_training_selection_and_test_rows(task_se
     from src.reporting import load_method_results, same_inputs
     from src.train import make_config
 
-    kept, _ = same_inputs(load_method_results(REPO / "results" / "smollm2-135m" / task_set))
+    folder = REPO / "results" / "smollm2-135m" / task_set
+    kept, _ = same_inputs(load_method_results(folder))
+    control = {f"{m} (random LoRAs)": r for m, r in load_method_results(folder / "random-loras").items()}
     trained = [0, make_config("cpu").train_rows]  # the committed run is the cpu preset's
-    for m, result in kept.items():
-        if "merge" in result:
+    for m, result in {**kept, **control}.items():
+        if "merge" in result or "arrow" in result:
             assert "rows_used" in result, f"{m}: computed before the rows were recorded: rerun it"
             assert_rows_disjoint(result["rows_used"], {t: trained for t in result["tasks"]}, m)
 
