@@ -377,10 +377,10 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
             for i in range(ids.shape[0]):
                 greedy(x=ids[i:i + 1], x_mask=mask[i:i + 1], route=True)
         if kind == "moa-gathered-vs-masked":
-            with torch.no_grad(), lora.routing(model):
-                model(input_ids=ids, attention_mask=mask)
+            with torch.no_grad(), lora.routing(model):  # the routes of this very run, for the masked reference
+                gathered = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                                          do_sample=False, pad_token_id=0)
                 decisions = lora.route_decisions(model)
-            gathered = greedy(route=True)
 
             def masked():
                 layers = lora.lora_layers(model).values()

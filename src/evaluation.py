@@ -306,8 +306,9 @@ def run_method(method: str, run: Run) -> dict:
                 lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
                                   hint=moa_command(cfg.model, cfg.preset, tasks))
             if method == "arrow":
-                arrow_info = choose_arrow(model, data, cfg.select_rows)
-                stack.enter_context(lora.arrow_routing(model, **arrow_info["params"]))
+                prototypes = lora.model_prototypes(model)  # once, for the grid and the evaluation
+                arrow_info = choose_arrow(model, data, cfg.select_rows, prototypes)
+                stack.enter_context(lora.arrow_routing(model, **arrow_info["params"], prototypes=prototypes))
         for k, t in enumerate(tasks):
             task = get_task(t)
             if t in reusable:
@@ -366,14 +367,13 @@ ARROW_PARAMS = {"top_k": merges.Param(3, "adapters mixed per token", grid=(1, 2,
                                             grid=(0.5, 1.0, 2.0, 4.0), low=0.0, open="low")}
 
 
-def choose_arrow(model, data: merge_fit.FitData, select_rows: int) -> dict:
+def choose_arrow(model, data: merge_fit.FitData, select_rows: int, prototypes: list) -> dict:
     """Arrow's top_k and temperature: the lowest mean target-token loss on the validation rows (the train-split
     rows after each adapter's training rows), the model holding every adapter; PEFT's defaults (3, 1.0) when
     select_rows is 0."""
     started = time.perf_counter()
     if select_rows <= 0:
         return {"params": {k: p.default for k, p in ARROW_PARAMS.items()}, "seconds": 0.0}
-    prototypes = lora.model_prototypes(model)  # the same adapters for every candidate
     params, selection = merge_fit.choose("arrow", ARROW_PARAMS, {},
                                          lambda p: lora.arrow_routing(model, **p, prototypes=prototypes), data,
                                          select_rows)

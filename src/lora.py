@@ -139,7 +139,7 @@ class LoraLinear(nn.Module):
         (batch, r_max, d_in) and (batch, d_out, r_max), as multi-LoRA servers do (S-LoRA, Punica); each generated
         token then costs one LoRA's two batched matmuls, whatever N is, instead of all N stacked adapters with N - 1
         masked out. The gathered copies live until the routing block ends: batch x r_max x (d_in + d_out) per layer."""
-        if self.routes is None:
+        if self._routed is None:  # (routes may hold Arrow's top choices, if an Arrow block ended inside this one)
             last = x[:, -1] if x.dim() == 3 else x
             self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
             A, B = self.padded()
@@ -567,7 +567,10 @@ def arrow_routing(model: nn.Module, top_k: int, temperature: float, prototypes: 
         raise BadInput(f"Arrow top_k={top_k!r}: give a whole number >= 1")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise BadInput(f"Arrow temperature={temperature!r}: give a number > 0")
-    for layer, v in zip(layers, prototypes or model_prototypes(model)):
+    prototypes = prototypes or model_prototypes(model)
+    if [tuple(v.shape) for v in prototypes] != [(len(layer.A), layer.base.in_features) for layer in layers]:
+        raise BadInput("Arrow prototypes of another model or other adapters: compute them with model_prototypes(model)")
+    for layer, v in zip(layers, prototypes):
         layer.arrow = Arrow(v, top_k, float(temperature))
     try:
         yield

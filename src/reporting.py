@@ -244,20 +244,26 @@ def write_summary(out: Path, analyses: Analyses | None = None):
 def control_table(out: Path, found: dict) -> str:
     """Each merge of random LoRAs (`<N>-task/random-loras/`, lora.random_like) beside the same merge of the trained
     LoRAs: normalized to the trained single, and the paired difference, on the same resampled rows."""
-    control = {m: r for m, r in load_method_results(out / "random-loras").items()
-               if m in found and "stats" in r and r["settings"]["inputs"] == found["single"]["settings"]["inputs"]}
-    if not control or "single" not in found:
+    single = found.get("single")
+    if single is None or "stats" not in single:
         return ""
+    control = {m: r for m, r in load_method_results(out / "random-loras").items()
+               if m in found and "stats" in r and "stats" in found[m]
+               and r["settings"]["inputs"] == single["settings"]["inputs"]}
     rows = []
     for m, r in control.items():
-        both = {"single": found["single"], m: found[m], f"{m} random": r}
-        ci = paired_bootstrap([get_task(t) for t in found["single"]["tasks"]],
+        both = {"single": single, m: found[m], f"{m} random": r}
+        ci = paired_bootstrap([get_task(t) for t in single["tasks"]],
                               {k: v["stats"] for k, v in both.items()}, reference="single", compare=(m,))
         points = normalized_points(both)
+        if points[m] is None or points[f"{m} random"] is None or m not in ci[f"{m} random"]["normalized_diff"]:
+            continue  # a merge without every task has no normalized score
         lo, hi = ci[f"{m} random"]["normalized_diff"][m]
         rows.append(f"| {m} | {_fmt((points[m], ci[m]['normalized']))} | "
                     f"{_fmt((points[f'{m} random'], ci[f'{m} random']['normalized']))} | "
                     f"{points[f'{m} random'] - points[m]:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    if not rows:
+        return ""
     return ("\n**Control: the same merge of random LoRAs** (each module's A and update of the trained LoRA's "
             "Frobenius norm, Gaussian directions; normalized to the trained single; 95% paired intervals). A method "
             "whose score does not drop owes its gain to the procedure, not to the task LoRAs.\n\n"
