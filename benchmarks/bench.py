@@ -321,6 +321,17 @@ def case_train_padded(device, dtype, reps: int) -> dict:
             "reference_tokens_per_s": real / result["reference_s"]}
 
 
+def single_and_all(model: nn.Module, adapters: list) -> nn.Module:
+    """A copy of `model` holding the first adapter alone (the single-LoRA reference); `model` itself gets them all."""
+    single = copy.deepcopy(model)
+    lora.inject(single)
+    lora.add_adapter(single, adapters[0])
+    lora.inject(model)
+    for a in adapters:
+        lora.add_adapter(model, a)
+    return single
+
+
 def case_inference(kind: str, device, dtype, reps: int) -> dict:
     """Greedy generation of 32 tokens for 8 prompts of 64 tokens.
 
@@ -356,21 +367,11 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
             lora.add_adapter(model, a)
         result = compare(greedy, lambda: greedy(folded), reps, device)  # ratio < 1: unfolded is slower
     elif kind == "arrow-vs-single":
-        single = copy.deepcopy(model)
-        lora.inject(single)
-        lora.add_adapter(single, adapters[0])
-        lora.inject(model)
-        for a in adapters:
-            lora.add_adapter(model, a)
+        single = single_and_all(model, adapters)
         with lora.arrow_routing(model, top_k=3, temperature=1.0):
             result = compare(greedy, lambda: greedy(single), reps, device)
     elif kind in ("moa-vs-single", "moa-batched-vs-bs1", "moa-gathered-vs-masked"):
-        single = copy.deepcopy(model)
-        lora.inject(single)
-        lora.add_adapter(single, adapters[0])
-        lora.inject(model)
-        for a in adapters:
-            lora.add_adapter(model, a)
+        single = single_and_all(model, adapters)
         lora.attach_routers(model, lora.make_routers(model, N_ADAPTERS, generator=torch.Generator().manual_seed(1)))
 
         def moa_bs1():
