@@ -1,6 +1,7 @@
 # make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data), evaluating
 #                  the thesis's methods and baselines (METHODS=... any --methods list instead)
 # make reproduce-all  the same with every default method (the paper's and the twelve merges of 2023-2025)
+# make seeds       train and evaluate on training seeds $(SEEDS) (default 1 2) beside the committed seed 0, then report
 # make report      rebuild the generated parts of README.md and results/REPORT.md from results/
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
@@ -13,9 +14,10 @@ MODEL ?= smollm2-135m
 PRESET ?= cpu
 DATA ?= local
 METHODS ?=
+SEEDS ?= 1 2
 export MODEL PRESET DATA METHODS
 
-.PHONY: setup test reproduce reproduce-all report bench notebook gpu-check clean
+.PHONY: setup test reproduce reproduce-all seeds report bench notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +40,10 @@ reproduce: $(VENV)/.installed
 
 reproduce-all: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" METHODS= bash scripts/reproduce.sh
+
+seeds: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/seeds.sh $(SEEDS)
+	$(BIN)/python -m src.reporting
 
 report: $(VENV)/.installed
 	$(BIN)/python -m src.reporting

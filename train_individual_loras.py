@@ -7,11 +7,10 @@
 
 Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
 """
-from pathlib import Path
 
 from src import cli
-from src.layout import adapter_dir
-from src.models import load_model, model_slug
+from src.layout import adapter_dir, model_results_dir
+from src.models import load_model
 from src.tasks import parse_tasks
 from src.train import make_accelerator, make_config, publish_log, train_lora
 
@@ -35,7 +34,7 @@ def main(argv=None):
         summary = train_lora(cfg, model, tokenizer, out, resume=args.resume, accelerator=accelerator)
         if not accelerator.is_main_process:
             continue
-        publish_log(out, Path(args.root) / "results" / model_slug(args.model) / "train_logs" / f"{cfg.task}.jsonl")
+        publish_log(out, model_results_dir(args.root, args.model) / "train_logs" / f"{cfg.task}.jsonl")
         skipped = f", {summary['skipped_rows']} rows longer than --max-len skipped" if summary["skipped_rows"] else ""
         print(f"{cfg.task}: {summary['steps']} steps on {summary['processes']} process(es), best validation loss "
               f"{summary['best_val_loss']:.4f}{skipped} -> {out}")

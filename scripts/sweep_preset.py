@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from src import lora  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
+from src.layout import model_results_dir  # noqa: E402
 from src.metrics import example_stats, normalized_score, paired_bootstrap, score  # noqa: E402
 from src.models import EMBEDDED, load_model, model_slug  # noqa: E402
 from src.tasks import SEVEN_TASKS, get_task  # noqa: E402
@@ -143,7 +144,7 @@ def main():
                         "their adapters under adapters/sweep/ (no training)")
     args = p.parse_args()
     tasks = args.tasks.split(",")
-    out = Path(args.root) / "results" / model_slug(args.model) / "preset_sweep"
+    out = model_results_dir(args.root, args.model) / "preset_sweep"
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.with_suffix(".json").read_text())["results"] if out.with_suffix(".json").exists() else {}
     model, tokenizer = load_model(args.model)

@@ -24,13 +24,22 @@ def moa_dir(root: Path, model: str, tasks: list[str]) -> Path:
     return Path(root) / "adapters" / model_slug(model) / f"moa-{len(tasks)}"
 
 
+def model_results_dir(root: Path, model: str) -> Path:
+    return Path(root) / "results" / model_slug(model)
+
+
 def results_dir(root: Path, model: str, tasks: list[str]) -> Path:
-    return Path(root) / "results" / model_slug(model) / f"{len(tasks)}-task"
+    return model_results_dir(root, model) / f"{len(tasks)}-task"
 
 
 def control_dir(root: Path, model: str, tasks: list[str]) -> Path:
     """The merges of random LoRAs (full_evaluation.py --loras random), beside the results of the trained ones."""
     return results_dir(root, model, tasks) / "random-loras"
+
+
+def seed_dir(root: Path, model: str, seed: int) -> Path:
+    """The result files of another training seed (scripts/seeds.sh), beside the committed run's, which is seed 0."""
+    return model_results_dir(root, model) / "seeds" / f"seed{seed}"
 
 
 def train_command(model: str, preset: str, task: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from . import lora  # noqa: E402
 from . import merges  # noqa: E402
 from .layout import ALL_METHODS  # noqa: E402
-from .reporting import intervals, load_method_results, paper_normalized, same_inputs  # noqa: E402
+from .reporting import intervals, load_method_results, paper_normalized, same_inputs, seed_spread  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
 
@@ -68,6 +68,34 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
         ax.set_title(f"{n}-task set")
         ax.legend()
     fig.suptitle("Normalized score per method")
+    return fig
+
+
+def fig_seeds(model_dir: Path):
+    """Each method's normalized score on every training seed (each seed normalized to its own single): seed 0 with
+    its 95% row-bootstrap interval, the other seeds as points, their mean as a bar; None before `make seeds`."""
+    spread = {m: sp for m, sp in seed_spread(model_dir).items() if m != "single"}
+    seeds = sorted({s for sp in spread.values() for s in sp["points"]})
+    if len(seeds) < 2:
+        return None
+    methods = sorted(spread, key=lambda m: -spread[m]["mean"])
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(methods)), 4.2), layout="constrained")
+    ax.bar(x, [spread[m]["mean"] for m in methods], 0.6, color="lightgrey", label=f"mean over {len(seeds)} seeds")
+    for k, seed in enumerate(seeds):
+        y = np.array([spread[m]["points"][seed] for m in methods])
+        shift = (k - (len(seeds) - 1) / 2) * 0.15
+        if seed == 0:
+            ci = np.array([spread[m]["ci"][0] or (spread[m]["points"][0],) * 2 for m in methods])
+            ax.errorbar(x + shift, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]), fmt="o", color="black", capsize=3,
+                        label="seed 0 (committed run), 95% row-bootstrap interval")
+        else:
+            ax.plot(x + shift, y, "o", mfc="none", label=f"seed {seed}")
+    ax.set_xticks(x, methods, rotation=40, ha="right")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("normalized score (method / its seed's single)")
+    ax.set_title(f"Training seeds: {len(seeds)} runs of the seven LoRAs and the router, 7 tasks")
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -46,8 +46,8 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     """95% paired bootstrap intervals of every method's per-task metric, ratio to single, and normalized score
     (a result file written before intervals existed has no per-row statistics: no interval for it)."""
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
-    ci = paired_bootstrap(tasks, {m: r["stats"] for m, r in found.items() if "stats" in r}, reference="single",
-                          n_boot=n_boot, compare=PAIRED_WITH)
+    stats = {m: r["stats"] for m, r in found.items() if "stats" in r}
+    ci = paired_bootstrap(tasks, stats, reference="single", n_boot=n_boot, compare=PAIRED_WITH) if stats else {}
     empty = {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None, "normalized_diff": {}}
     return {m: ci.get(m, empty) for m in found}
 
@@ -270,6 +270,97 @@ def control_table(out: Path, found: dict) -> str:
             "| method | trained LoRAs | random LoRAs | random - trained |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
+def seed_runs(model_dir: Path, n_tasks: int = 7) -> dict:
+    """{training seed: results folder} of one model: the committed run is seed 0 (`<model>/<n>-task`), each other
+    seed's run is `<model>/seeds/seed<k>/<n>-task` (scripts/seeds.sh, layout.seed_dir)."""
+    runs = {0: Path(model_dir) / f"{n_tasks}-task"}
+    for folder in Path(model_dir).glob(f"seeds/seed*/{n_tasks}-task"):
+        runs[int(folder.parent.name.removeprefix("seed"))] = folder
+    return {seed: runs[seed] for seed in sorted(runs) if (runs[seed] / "single.json").exists()}
+
+
+def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> dict:
+    """Per method evaluated on the adapters of every training seed, each seed normalized to its own single:
+    {"points": {seed: normalized score}, "ci": {seed: its 95% row-bootstrap interval}, "gap": {seed: (method - MoA,
+    its paired 95% interval)}, "mean", "sd" (sample standard deviation over the seeds), "min", "max",
+    "rank": {seed: place among the methods in this dict, single left out}}."""
+    analyses = analyses or Analyses()
+    per_seed = {}
+    for seed, folder in seed_runs(model_dir, n_tasks).items():
+        found, _, ci = analyses(folder)
+        per_seed[seed] = (normalized_points(found), ci)
+    methods = [m for m in ALL_METHODS if per_seed and all(p.get(m) is not None for p, _ in per_seed.values())]
+    out = {}
+    for m in methods:
+        points = {seed: p[m] for seed, (p, _) in per_seed.items()}
+        values = list(points.values())
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        gap = {seed: (p[m] - p["moa"], ci[m]["normalized_diff"].get("moa")) for seed, (p, ci) in per_seed.items()
+               if m != "moa" and p.get("moa") is not None}
+        out[m] = {"points": points, "ci": {seed: ci[m]["normalized"] for seed, (_, ci) in per_seed.items()},
+                  "gap": gap, "mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+    for seed in per_seed:
+        order = sorted((m for m in out if m != "single"), key=lambda m: -out[m]["points"][seed])
+        for place, m in enumerate(order, 1):
+            out[m].setdefault("rank", {})[seed] = place
+    return out
+
+
+def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> str:
+    """The normalized score of each method on every training seed, with the mean, spread and rank, the paired gap
+    to MoA per seed, whether the order of the routing-free merges holds, and single's own scores per seed."""
+    analyses = analyses or Analyses()
+    runs = seed_runs(model_dir, n_tasks)
+    spread = seed_spread(model_dir, analyses, n_tasks)
+    if len(runs) < 2:
+        return f"Only seed 0 has results on {n_tasks} tasks: `make seeds` trains and evaluates seeds 1 and 2."
+    if not spread:
+        return (f"Seeds {', '.join(map(str, runs))} have results on {n_tasks} tasks, but no method has a normalized "
+                "score on every seed (a single that scores 0 on every task leaves no ratio).")
+    seeds = list(runs)
+    cols = [f"seed {s} [95% rows]" for s in seeds]
+    lines = ["| method | " + " | ".join(cols) + " | mean | SD | min - max | rank per seed |", "|" + "---|" * (len(seeds) + 5)]
+    for m, sp in spread.items():
+        lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) for s in seeds)
+                     + f" | {sp['mean']:.3f} | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
+                     + ("/".join(str(sp["rank"][s]) for s in seeds) if "rank" in sp else "-") + " |")
+    gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | interval includes 0 |",
+            "|" + "---|" * (len(seeds) + 3)]
+    for m, sp in spread.items():
+        if not sp["gap"] or m == "single":
+            continue
+        cells = [f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else "") for g, lo_hi in sp["gap"].values()]
+        holds = sum(1 for _, lo_hi in sp["gap"].values() if lo_hi and lo_hi[0] <= 0 <= lo_hi[1])
+        mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
+        gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f} | on {holds} of {len(sp['gap'])} seeds |")
+    merged = [m for m in spread if m in merges.METHODS]
+    orders = {s: sorted(merged, key=lambda m: -spread[m]["points"][s]) for s in seeds}
+    leaders = {s: o[0] for s, o in orders.items() if o}
+    same = len({tuple(o) for o in orders.values()}) == 1
+    order_text = "; ".join(f"seed {s}: " + " > ".join(o) for s, o in orders.items())
+    verdict = (f"The order of the routing-free merges is the same on every seed ({order_text})." if same else
+               f"The order of the routing-free merges changes across seeds ({order_text}).")
+    lead = set(leaders.values())
+    verdict += (f" The leading routing-free merge is {lead.pop()} on every seed." if len(lead) == 1 else
+                " The leading routing-free merge changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
+    tasks = [get_task(t) for t in next(iter(analyses(runs[seeds[0]])[0].values()))["tasks"]]
+    singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for t in tasks:
+        cells = []
+        for s in seeds:
+            found, _, ci = analyses(runs[s])
+            cells.append(_fmt((found["single"]["primary"][t.name], ci["single"]["per_task"].get(t.name)),
+                              big=found["single"]["primary"][t.name] >= 10))
+        singles.append(f"| {t.name} ({t.primary}) | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + f"\n\nNormalized score (method / single, each seed's own single) on {n_tasks} tasks, "
+            f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
+            "interval of that seed; SD: sample standard deviation over the seeds; rank: place among these methods "
+            "on that seed.\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%)\n\n"
+            + "\n".join(gaps) + "\n\n" + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
+            "primary metric on the test rows)\n\n" + "\n".join(singles))
+
+
 def routing_table(found: dict) -> str:
     """How often the routed methods pick the gold task's adapter: MoA's router and Arrow's top choice, at the
     prompt's last position, over every (test prompt, adapted layer)."""
@@ -370,8 +461,8 @@ def headline_table(model_dir: Path, analyses: Analyses | None = None) -> str:
 
 
 def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
-    """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `methods` (the
-    registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
+    """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `seeds <model
+    folder>` (the training seeds), `methods` (the registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
     kind, _, arg = key.partition(" ")
     if kind == "headline":
         return headline_table(root / arg, analyses)
@@ -379,6 +470,8 @@ def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
         return summary_files(root / arg, analyses)[0].rstrip("\n")
     if kind == "methods":
         return method_table()
+    if kind == "seeds":
+        return seeds_table(root / arg, analyses)
     if kind == "file":  # its own title line, if any, becomes bold text under the document's heading
         text = (root / arg).read_text()
         if text.startswith("# "):
@@ -397,7 +490,7 @@ def fill(text: str, root: Path, analyses: Analyses | None = None) -> str:
 def main(root: Path = ROOT):
     """Rebuild every results folder's summary, then the generated parts of the README and REPORT.md."""
     analyses = Analyses()
-    for folder in sorted(Path(root).glob("results/*/*-task")):
+    for folder in sorted(Path(root).glob("results/*/*-task")) + sorted(Path(root).glob("results/*/seeds/*/*-task")):
         write_summary(folder, analyses)
     for name in REPORTS:
         path = Path(root) / name

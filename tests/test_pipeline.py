@@ -20,6 +20,7 @@ from src import cli
 REPO = Path(__file__).resolve().parent.parent
 SLOW_MACHINE_TIMEOUT = 1200  # a stage takes up to ~2 minutes here: room for a machine several times slower
 TASKS = "sentiment,nli"
+from src.tasks import SEVEN_TASKS  # noqa: E402
 from src.layout import ALL_METHODS, METHODS  # noqa: E402  (METHODS: the defaults, base ... every default merge)
 
 
@@ -334,7 +335,8 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
 
 
 def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
-    """The three wrappers on the tiny model: 7 LoRAs, routers for the 5- and 7-task sets, every method on both."""
+    """The three wrappers on the tiny model: 7 LoRAs, routers for the 5- and 7-task sets, every method on both; then
+    scripts/seeds.sh for a second training seed."""
     env = {**os.environ, "MODEL": str(tiny_dir), "PRESET": "cpu", "PYTHON": sys.executable, "TQDM_DISABLE": "1"}
     small = {"train_all_tasks.sh": ["--max-steps", "1", "--train-rows", "8", "--val-rows", "2", "--max-len", "96",
                                     "--max-target", "16"],
@@ -367,6 +369,27 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
                           capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
+    # another training seed (scripts/seeds.sh) beside the run above, which is seed 0: trained under runs/seed1,
+    # evaluated, its files copied to results/<model>/seeds/seed1, and both seeds in the seed table
+    from src import reporting
+
+    seeds_env = {**env, "RUNS": str(tmp_path / "runs"), "RESULTS_ROOT": str(tmp_path), "SEED_METHODS": "single,moa,svd",
+                 **{f"{stage}_FLAGS": " ".join(small[wrapper]) for stage, wrapper in
+                    [("TRAIN", "train_all_tasks.sh"), ("MOA", "train_moa.sh"), ("EVAL", "run_all_evaluation.sh")]}}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "seeds.sh"), "1"], env=seeds_env, capture_output=True,
+                          text=True, timeout=SLOW_MACHINE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = tmp_path / "runs" / "seed1" / "adapters" / "tiny"
+    assert [json.loads((trained / t / "training.json").read_text())["seed"] for t in SEVEN_TASKS] == [1] * 7
+    committed = results / "seeds" / "seed1"
+    assert {p.name for p in (committed / "7-task").iterdir()} == {
+        f"{m}{ext}" for m in ("single", "moa", "svd") for ext in (".json", ".predictions.jsonl")} | {
+        "summary.md", "summary.csv"}
+    assert len(list((committed / "train_logs").glob("*.jsonl"))) == 7
+    assert list(reporting.seed_runs(results)) == [0, 1]  # (the random tiny model's single scores 0: no ratios)
+    assert reporting.seeds_table(results).startswith("Seeds 0, 1 have results on 7 tasks, but no method")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "seeds.sh")], env=seeds_env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: bash scripts/seeds.sh SEED")
 
 
 def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_dir, tmp_path):

@@ -25,7 +25,8 @@ def test_the_front_page_and_the_report_hold_the_headline_and_the_registry():
         assert f"<!-- generated: summary results/smollm2-135m/{n}-task -->" in report
 
 
-@pytest.mark.parametrize("folder", sorted((ROOT / "results").glob("*/*-task")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("folder", sorted((ROOT / "results").glob("*/*-task")) + sorted((ROOT / "results").glob(
+    "*/seeds/*/*-task")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_summaries_equal_a_fresh_generation(folder):
     md, csv = reporting.summary_files(folder)
     assert (folder / "summary.md").read_text() == md
@@ -37,3 +38,54 @@ def test_a_stale_part_is_rebuilt_and_the_prose_kept():
     filled = reporting.fill(text, ROOT)
     assert filled.startswith("intro\n<!-- generated: methods -->\n| method |") and filled.endswith(
         "\n<!-- end generated -->\nprose\n") and "old table" not in filled
+
+
+def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_and_order(tmp_path):
+    """Three seeds from the committed 7-task files: seed 1 scales SVD's scores by 0.9 on every task, seed 2 lifts
+    them above RegMean's. Each seed is normalized to its own single; the mean, sample SD, min-max and places are
+    recomputed here from the result files with `statistics`, and the table says that the leader changed."""
+    import json
+    import shutil
+    import statistics
+
+    from src.tasks import get_task
+
+    committed = ROOT / "results" / "smollm2-135m" / "7-task"
+    methods = ("single", "moa", "svd", "regmean")
+    folders = {0: tmp_path / "7-task", 1: tmp_path / "seeds" / "seed1" / "7-task",
+               2: tmp_path / "seeds" / "seed2" / "7-task"}
+    scale = {0: 1.0, 1: 0.9, 2: 1.6}
+    for seed, folder in folders.items():
+        folder.mkdir(parents=True)
+        for m in methods:
+            res = json.loads((committed / f"{m}.json").read_text())
+            if seed:
+                del res["stats"]  # no per-row statistics: no interval for seeds 1 and 2, seed 0 keeps its own
+            if m == "svd":
+                for t, d in res["metrics"].items():
+                    d[get_task(t).primary] *= scale[seed]
+            (folder / f"{m}.json").write_text(json.dumps(res))
+    shutil.copy(committed / "base.json", folders[0] / "base.json")
+
+    def norm(seed, m):
+        load = lambda name: json.loads((folders[seed] / f"{name}.json").read_text())["metrics"]  # noqa: E731
+        mine, single = load(m), load("single")
+        return statistics.mean(mine[t][get_task(t).primary] / single[t][get_task(t).primary] for t in single)
+
+    spread = reporting.seed_spread(tmp_path)
+    assert list(spread) == ["single", "moa", "svd", "regmean"]  # base is on seed 0 only: not in the seed table
+    for m in ("moa", "svd", "regmean"):
+        points = [norm(s, m) for s in (0, 1, 2)]
+        assert [spread[m]["points"][s] for s in (0, 1, 2)] == pytest.approx(points, abs=1e-12)
+        assert spread[m]["mean"] == pytest.approx(statistics.mean(points), abs=1e-12)
+        assert spread[m]["sd"] == pytest.approx(statistics.stdev(points), abs=1e-12)
+        assert (spread[m]["min"], spread[m]["max"]) == pytest.approx((min(points), max(points)), abs=1e-12)
+    assert spread["svd"]["points"][1] == pytest.approx(0.9 * spread["svd"]["points"][0], abs=1e-12)
+    for s in (0, 1, 2):
+        order = sorted(("moa", "svd", "regmean"), key=lambda m: -norm(s, m))
+        assert [spread[m]["rank"][s] for m in order] == [1, 2, 3]
+    assert spread["regmean"]["ci"][0] is not None and spread["regmean"]["ci"][1] is None
+    table = reporting.seeds_table(tmp_path)
+    assert "The leading routing-free merge changes: seed 0 regmean, seed 1 regmean, seed 2 svd." in table
+    assert table.startswith("| method | seed 0 [95% rows] | seed 1 [95% rows] | seed 2 [95% rows] | mean | SD |")
+    assert "Only seed 0" in reporting.seeds_table(tmp_path / "seeds" / "seed1")
