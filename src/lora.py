@@ -78,6 +78,7 @@ class LoraLinear(nn.Module):
         self.routes: torch.Tensor | None = None     # (batch,) adapter chosen per sample at the prompt
         self._routed = None                         # each sample's gathered factors for those routes (`routed`)
         self._stack = None                          # inference cache of the stacked factors (see `stacked`)
+        self._pad = None                            # inference cache of the padded factors (see `padded`)
         self.arrow: Arrow | None = None             # Arrow: per-token gates from the adapters' prototypes
 
     @property
@@ -96,7 +97,7 @@ class LoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("rank_scale", torch.tensor(self.scales).repeat_interleave(ranks).to(**where),
                              persistent=False)
-        self._stack = None
+        self._stack = self._pad = None
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A (R x d_in) and B (d_out x R): all adapters stacked along the rank. Without autograd the stack is kept
@@ -105,10 +106,14 @@ class LoraLinear(nn.Module):
             return self.A[0], self.B[0]
         if torch.is_grad_enabled():
             return torch.cat(list(self.A), dim=0), torch.cat(list(self.B), dim=1)
-        key = tuple((p.data_ptr(), p._version) for p in (*self.A, *self.B))
+        key = self._factors_key()
         if self._stack is None or self._stack[0] != key:
             self._stack = (key, torch.cat(list(self.A), dim=0), torch.cat(list(self.B), dim=1))
         return self._stack[1], self._stack[2]
+
+    def _factors_key(self) -> tuple:
+        # where each factor lives and how often it was changed in place: a cache built from them is stale once it moves
+        return tuple((p.data_ptr(), p._version) for p in (*self.A, *self.B))
 
     def rank_weights(self, x: torch.Tensor) -> torch.Tensor:
         """g[b, i] * s_i on each of adapter i's rank columns: (R,) for one gate for all, (batch, R) per sample."""
@@ -122,15 +127,21 @@ class LoraLinear(nn.Module):
         return self.gate.to(self.rank_scale.dtype)[..., self.owner] * self.rank_scale
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (N, r_max, d_in) and s_i B_i (N, d_out, r_max): each adapter's factors zero-padded to the largest rank
-        (zero rows of A and columns of B add nothing), so that a sample's own adapter is one index away."""
-        r_max = max(a.shape[0] for a in self.A)
-        A = self.A[0].new_zeros(len(self.A), r_max, self.A[0].shape[1])
-        B = self.B[0].new_zeros(len(self.B), self.B[0].shape[0], r_max)
-        for i, (a, b, s) in enumerate(zip(self.A, self.B, self.scales)):
-            A[i, :a.shape[0]] = a
-            B[i, :, :a.shape[0]] = s * b
-        return A, B
+        """A_i^T (N, d_in, r_max) and (s_i B_i)^T (N, r_max, d_out): each adapter's factors zero-padded to the
+        largest rank (zero columns of A^T and rows of B^T add nothing), laid out so that a sample's own adapter is one
+        index away and `x @ A_i^T @ (s_i B_i)^T` reads contiguous memory. Kept, like `stacked`, until a factor
+        changes."""
+        def build():
+            r_max = max(a.shape[0] for a in self.A)
+            return (torch.stack([F.pad(a.T, (0, r_max - a.shape[0])) for a in self.A]),
+                    torch.stack([F.pad(s * b.T, (0, 0, 0, r_max - b.shape[1])) for b, s in zip(self.B, self.scales)]))
+
+        if torch.is_grad_enabled():
+            return build()
+        key = self._factors_key()
+        if self._pad is None or self._pad[0] != key:
+            self._pad = (key, *build())
+        return self._pad[1], self._pad[2]
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """MoA's update, each sample through its routed adapter only: dW x = s_k B_k A_k x with k = routes[b].
@@ -142,8 +153,8 @@ class LoraLinear(nn.Module):
         if self._routed is None:  # (routes may hold Arrow's top choices, if an Arrow block ended inside this one)
             last = x[:, -1] if x.dim() == 3 else x
             self.routes = self.router(last.to(self.router.weight.dtype)).argmax(-1)
-            A, B = self.padded()
-            self._routed = A[self.routes].transpose(1, 2), B[self.routes].transpose(1, 2)
+            A_t, B_t = self.padded()
+            self._routed = A_t[self.routes], B_t[self.routes]   # (batch, d_in, r_max), (batch, r_max, d_out)
         A_t, B_t = self._routed
         h = self.dropout(x.to(A_t.dtype))
         h = h[:, None] if h.dim() == 2 else h

@@ -332,6 +332,39 @@ def test_moa_routed_sample_is_its_own_adapters_folded_into_w_in_float64():
         assert torch.equal(alone[0], tokens[b])
 
 
+def test_the_cached_stacks_are_the_factors_and_follow_one_changed_in_place():
+    """`stacked` and `padded` are kept between inference calls: they equal the raw factors (padded: A_i^T and
+    (s_i B_i)^T, zeros past rank r_i), the same objects come back while nothing changes, and an in-place update of
+    one factor rebuilds both."""
+    gen = torch.Generator().manual_seed(3)
+    layer = lora.LoraLinear(nn.Linear(7, 5).double())
+    parts = [random_lora(7, 5, r, s, gen) for r, s in [(2, 0.5), (3, 4.0)]]
+    for part in parts:
+        layer.add(part.A, part.B, part.scale, trainable=False)
+
+    def check():
+        A, B = layer.stacked()
+        A_t, B_t = layer.padded()
+        assert torch.equal(A, torch.cat([layer.A[0], layer.A[1]])) and torch.equal(B, torch.cat([layer.B[0], layer.B[1]], 1))
+        for i, (a, b, s) in enumerate(zip(layer.A, layer.B, layer.scales)):
+            r = a.shape[0]
+            assert torch.equal(A_t[i, :, :r], a.T) and not A_t[i, :, r:].any()
+            assert torch.allclose(B_t[i, :r], s * b.T, rtol=0, atol=0) and not B_t[i, r:].any()
+        return A, A_t
+
+    with torch.no_grad():
+        first = check()
+        again = check()
+        assert first[0] is again[0] and first[1] is again[1]  # kept
+        layer.A[1].mul_(-2.0)
+        changed = check()
+        assert changed[0] is not first[0] and changed[1] is not first[1]
+    with torch.enable_grad():  # under autograd nothing is kept: the gradient reaches the factors
+        layer.A[0].requires_grad_(True)
+        layer.padded()[0].sum().backward()
+        assert torch.equal(layer.A[0].grad, torch.ones_like(layer.A[0]))
+
+
 def test_random_like_keeps_each_modules_norms_ranks_and_scales_and_nothing_else():
     """The control's random LoRAs: every module's ||A|| and ||s B A|| (dense, float64) equal the trained adapter's,
     ranks and scales too; the directions are unrelated (update cosine near 0) and fixed by the generator."""
