@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -374,7 +374,11 @@ def choose_arrow(model, data: merge_fit.FitData, select_rows: int, prototypes: l
     started = time.perf_counter()
     if select_rows <= 0:
         return {"params": {k: p.default for k, p in ARROW_PARAMS.items()}, "seconds": 0.0}
-    params, selection = merge_fit.choose("arrow", ARROW_PARAMS, {},
+    # top_k past the number of adapters mixes the same adapters: the range ends there, and so does the grid
+    n = len(next(iter(lora.lora_layers(model).values())).A)
+    top_k = ARROW_PARAMS["top_k"]
+    specs = {**ARROW_PARAMS, "top_k": replace(top_k, high=n, grid=tuple(k for k in top_k.grid if k <= n))}
+    params, selection = merge_fit.choose("arrow", specs, {},
                                          lambda p: lora.arrow_routing(model, **p, prototypes=prototypes), data,
                                          select_rows)
     return {"params": params, "selection": selection, "seconds": round(time.perf_counter() - started, 1)}

@@ -116,7 +116,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     candidates = arrow["arrow"]["selection"]["candidates"]
     assert arrow["arrow"]["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
     assert {(c["params"]["top_k"], c["params"]["temperature"]) for c in candidates} >= \
-           {(k, t) for k in (1, 2, 3) for t in (0.5, 1.0, 2.0, 4.0)}
+           {(k, t) for k in (1, 2) for t in (0.5, 1.0, 2.0, 4.0)}
+    assert max(c["params"]["top_k"] for c in candidates) == 2  # two adapters: top_k 3 would mix the same two
+    assert "top_k" not in arrow["arrow"]["selection"]["at_edge"]
     assert sum(map(sum, arrow["router"]["confusion"]["counts"])) == 24 * 8  # (prompt, layer) top choices
     assert_rows_disjoint(arrow["rows_used"], {"sentiment": [0, 64], "nli": [0, 64]}, "arrow")
     regmean = json.loads((out / "regmean.json").read_text())
