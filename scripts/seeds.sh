@@ -11,7 +11,11 @@ RUNS=${RUNS:-runs}
 RESULTS_ROOT=${RESULTS_ROOT:-.}
 # single, MoA, the SVD merge, and the five leading routing-free merges of the committed 7-task table
 SEED_METHODS=${SEED_METHODS:-single,moa,svd,regmean,iso_cts,iso_c,cat,tsv_m}
-[ $# -gt 0 ] || { echo "usage: bash scripts/seeds.sh SEED [SEED ...]  (the committed run is seed 0)" >&2; exit 2; }
+usage="usage: bash scripts/seeds.sh SEED [SEED ...]  (whole numbers from 1: the committed run is seed 0)"
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+for seed in "$@"; do
+    [[ $seed =~ ^[1-9][0-9]*$ ]] || { echo "seed '$seed' is not a whole number from 1; $usage" >&2; exit 2; }
+done
 for seed in "$@"; do
     root="$RUNS/seed$seed"
     bash train_all_tasks.sh --seed "$seed" --root "$root" ${TRAIN_FLAGS:-}
@@ -19,8 +23,10 @@ for seed in "$@"; do
     $PYTHON full_evaluation.py --tasks "$(task_set SEVEN_TASKS)" --methods "$SEED_METHODS" --model "$MODEL" \
         --preset "$PRESET" --data "$DATA" --root "$root" ${EVAL_FLAGS:-}
     # this run's results/<model> folder and where its files are committed (src/layout.py)
-    read -r out dest <<< "$($PYTHON -c "import sys; from src.layout import model_results_dir as d, seed_dir
-m, run, seed, to = sys.argv[1:]; print(d(run, m), seed_dir(to, m, int(seed)))" "$MODEL" "$root" "$seed" "$RESULTS_ROOT")"
+    out=$($PYTHON -c "import sys; from src.layout import model_results_dir; print(model_results_dir(*sys.argv[1:]))" \
+        "$root" "$MODEL")
+    dest=$($PYTHON -c "import sys; from src.layout import seed_dir; print(seed_dir(*sys.argv[1:3], int(sys.argv[3])))" \
+        "$RESULTS_ROOT" "$MODEL" "$seed")
     mkdir -p "$dest/7-task"
     cp "$out/7-task/"*.json "$out/7-task/"*.predictions.jsonl "$out/7-task/"summary.* "$dest/7-task/"
     cp -r "$out/train_logs" "$dest/"

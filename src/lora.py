@@ -101,7 +101,8 @@ class LoraLinear(nn.Module):
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A (R x d_in) and B (d_out x R): all adapters stacked along the rank. Without autograd the stack is kept
-        until a factor changes (an in-place update bumps its version; a move changes its storage)."""
+        until a factor changes (an in-place update through the parameter bumps its version, one through `.data`
+        does not; a move changes its storage)."""
         if len(self.A) == 1:
             return self.A[0], self.B[0]
         if torch.is_grad_enabled():
@@ -138,7 +139,7 @@ class LoraLinear(nn.Module):
 
         if torch.is_grad_enabled():
             return build()
-        key = self._factors_key()
+        key = (self._factors_key(), tuple(self.scales))   # the scales are folded into B here
         if self._pad is None or self._pad[0] != key:
             self._pad = (key, *build())
         return self._pad[1], self._pad[2]

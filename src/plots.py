@@ -73,7 +73,8 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
 
 def fig_seeds(model_dir: Path):
     """Each method's normalized score on every training seed (each seed normalized to its own single): seed 0 with
-    its 95% row-bootstrap interval, the other seeds as points, their mean as a bar; None before `make seeds`."""
+    its 95% row-bootstrap interval, the other seeds as points, their mean as a bar; None with fewer than two seeds
+    or no method scored on every seed (`reporting.seeds_table` says which)."""
     spread = {m: sp for m, sp in seed_spread(model_dir).items() if m != "single"}
     seeds = sorted({s for sp in spread.values() for s in sp["points"]})
     if len(seeds) < 2:

@@ -270,20 +270,27 @@ def control_table(out: Path, found: dict) -> str:
             "| method | trained LoRAs | random LoRAs | random - trained |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
+SEED_FOLDER = re.compile(r"seed([1-9][0-9]*)")   # scripts/seeds.sh writes seeds/seed<N>, N >= 1 (0 is the committed run)
+
+
 def seed_runs(model_dir: Path, n_tasks: int = 7) -> dict:
-    """{training seed: results folder} of one model: the committed run is seed 0 (`<model>/<n>-task`), each other
-    seed's run is `<model>/seeds/seed<k>/<n>-task` (scripts/seeds.sh, layout.seed_dir)."""
+    """{training seed: results folder} of one model, for the seeds with a single result: the committed run is seed 0
+    (`<model>/<n>-task`), each other seed's run is `<model>/seeds/seed<N>/<n>-task` (scripts/seeds.sh,
+    layout.seed_dir); other folders under seeds/ are not seeds' runs and are skipped."""
     runs = {0: Path(model_dir) / f"{n_tasks}-task"}
-    for folder in Path(model_dir).glob(f"seeds/seed*/{n_tasks}-task"):
-        runs[int(folder.parent.name.removeprefix("seed"))] = folder
+    for folder in Path(model_dir).glob(f"seeds/*/{n_tasks}-task"):
+        match = SEED_FOLDER.fullmatch(folder.parent.name)
+        if match:
+            runs[int(match.group(1))] = folder
     return {seed: runs[seed] for seed in sorted(runs) if (runs[seed] / "single.json").exists()}
 
 
 def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> dict:
     """Per method evaluated on the adapters of every training seed, each seed normalized to its own single:
-    {"points": {seed: normalized score}, "ci": {seed: its 95% row-bootstrap interval}, "gap": {seed: (method - MoA,
-    its paired 95% interval)}, "mean", "sd" (sample standard deviation over the seeds), "min", "max",
-    "rank": {seed: place among the methods in this dict, single left out}}."""
+    {"points": {seed: normalized score}, "ci": {seed: its 95% row-bootstrap interval or None}, "gap": {seed:
+    (method - MoA, its paired 95% interval or None)}, "mean", "sd" (sample standard deviation over the seeds),
+    "min", "max", "rank": {seed: place by normalized score among the methods here, single left out, ties in
+    table order}}."""
     analyses = analyses or Analyses()
     per_seed = {}
     for seed, folder in seed_runs(model_dir, n_tasks).items():
@@ -308,7 +315,7 @@ def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
 
 
 def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> str:
-    """The normalized score of each method on every training seed, with the mean, spread and rank, the paired gap
+    """The normalized score of each method on every training seed, with the mean, spread and places, the paired gap
     to MoA per seed, whether the order of the routing-free merges holds, and single's own scores per seed."""
     analyses = analyses or Analyses()
     runs = seed_runs(model_dir, n_tasks)
@@ -319,45 +326,51 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         return (f"Seeds {', '.join(map(str, runs))} have results on {n_tasks} tasks, but no method has a normalized "
                 "score on every seed (a single that scores 0 on every task leaves no ratio).")
     seeds = list(runs)
-    cols = [f"seed {s} [95% rows]" for s in seeds]
-    lines = ["| method | " + " | ".join(cols) + " | mean | SD | min - max | rank per seed |", "|" + "---|" * (len(seeds) + 5)]
-    for m, sp in spread.items():
+    rows = {m: sp for m, sp in spread.items() if m != "single"}   # single is 1 on every seed, by definition
+    lines = ["| method | " + " | ".join(f"seed {s} [95% rows]" for s in seeds)
+             + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |",
+             "|" + "---|" * (len(seeds) + 5)]
+    for m, sp in rows.items():
         lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) for s in seeds)
                      + f" | {sp['mean']:.3f} | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
-                     + ("/".join(str(sp["rank"][s]) for s in seeds) if "rank" in sp else "-") + " |")
-    gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | interval includes 0 |",
+                     + "/".join(str(sp["rank"][s]) for s in seeds) + " |")
+    gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
             "|" + "---|" * (len(seeds) + 3)]
-    for m, sp in spread.items():
-        if not sp["gap"] or m == "single":
+    for m, sp in rows.items():
+        if not sp["gap"]:
             continue
-        cells = [f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else "") for g, lo_hi in sp["gap"].values()]
-        holds = sum(1 for _, lo_hi in sp["gap"].values() if lo_hi and lo_hi[0] <= 0 <= lo_hi[1])
-        mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
-        gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f} | on {holds} of {len(sp['gap'])} seeds |")
-    merged = [m for m in spread if m in merges.METHODS]
-    orders = {s: sorted(merged, key=lambda m: -spread[m]["points"][s]) for s in seeds}
-    leaders = {s: o[0] for s, o in orders.items() if o}
-    same = len({tuple(o) for o in orders.values()}) == 1
-    order_text = "; ".join(f"seed {s}: " + " > ".join(o) for s, o in orders.items())
-    verdict = (f"The order of the routing-free merges is the same on every seed ({order_text})." if same else
-               f"The order of the routing-free merges changes across seeds ({order_text}).")
-    lead = set(leaders.values())
-    verdict += (f" The leading routing-free merge is {lead.pop()} on every seed." if len(lead) == 1 else
-                " The leading routing-free merge changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
-    tasks = [get_task(t) for t in next(iter(analyses(runs[seeds[0]])[0].values()))["tasks"]]
-    singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
-    for t in tasks:
         cells = []
         for s in seeds:
-            found, _, ci = analyses(runs[s])
-            cells.append(_fmt((found["single"]["primary"][t.name], ci["single"]["per_task"].get(t.name)),
-                              big=found["single"]["primary"][t.name] >= 10))
-        singles.append(f"| {t.name} ({t.primary}) | " + " | ".join(cells) + " |")
+            g, lo_hi = sp["gap"].get(s, (None, None))
+            cells.append("n/a" if g is None else f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
+        with_ci = [lo_hi for _, lo_hi in sp["gap"].values() if lo_hi]
+        holds = sum(1 for lo, hi in with_ci if lo <= 0 <= hi)
+        mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
+        gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f} | {holds} of {len(with_ci)} |")
+    merged = [m for m in rows if m in merges.METHODS]
+    verdict = ""
+    if len(merged) >= 2:
+        orders = {s: sorted(merged, key=lambda m: -spread[m]["points"][s]) for s in seeds}
+        order_text = "; ".join(f"seed {s}: " + " > ".join(o) for s, o in orders.items())
+        verdict = ("\n\nBy point estimates (a difference narrower than the intervals above is not resolved by these test "
+                   "rows), the order of the routing-free merges is "
+                   + ("the same on every seed" if len({tuple(o) for o in orders.values()}) == 1 else "not the same on every seed")
+                   + f" ({order_text}).")
+        leaders = {s: o[0] for s, o in orders.items()}
+        verdict += (f" The leading routing-free merge is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
+                    else " The leading routing-free merge changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
+    singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    found_ci = {s: analyses(runs[s]) for s in seeds}
+    for t in found_ci[seeds[0]][0]["single"]["tasks"]:
+        values = {s: (f["single"]["primary"][t], ci["single"]["per_task"].get(t)) for s, (f, _, ci) in found_ci.items()}
+        big = any(_big(v) for v in values.values())
+        singles.append(f"| {t} ({get_task(t).primary}) | " + " | ".join(_fmt(v, big) for v in values.values()) + " |")
     return ("\n".join(lines) + f"\n\nNormalized score (method / single, each seed's own single) on {n_tasks} tasks, "
             f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
-            "interval of that seed; SD: sample standard deviation over the seeds; rank: place among these methods "
-            "on that seed.\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%)\n\n"
-            + "\n".join(gaps) + "\n\n" + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
+            "interval of that seed; SD: sample standard deviation over the seeds; place: rank by normalized score "
+            "among these methods on that seed (1 = highest).\n\n**Paired gap to MoA per seed** (method - MoA on the "
+            "same resampled rows, 95%; an interval that includes 0: not distinguishable from MoA on that seed's test "
+            "rows)\n\n" + "\n".join(gaps) + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
             "primary metric on the test rows)\n\n" + "\n".join(singles))
 
 

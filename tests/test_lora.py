@@ -359,6 +359,10 @@ def test_the_cached_stacks_are_the_factors_and_follow_one_changed_in_place():
         layer.A[1].mul_(-2.0)
         changed = check()
         assert changed[0] is not first[0] and changed[1] is not first[1]
+        layer.B[0].add_(1.0)
+        check()
+        layer.scales[1] = 0.25
+        check()
     with torch.enable_grad():  # under autograd nothing is kept: the gradient reaches the factors
         layer.A[0].requires_grad_(True)
         layer.padded()[0].sum().backward()

@@ -88,4 +88,16 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
     table = reporting.seeds_table(tmp_path)
     assert "The leading routing-free merge changes: seed 0 regmean, seed 1 regmean, seed 2 svd." in table
     assert table.startswith("| method | seed 0 [95% rows] | seed 1 [95% rows] | seed 2 [95% rows] | mean | SD |")
+    # the gap to MoA, one column per seed; only seed 0 has per-row statistics, so only it has an interval to count
+    gap_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.split("**Paired gap to MoA")[1].split("\n\n")[1].splitlines()
+                if line.startswith("| ") and not line.startswith("| method")}
+    assert set(gap_rows) == {"svd", "regmean"}
+    for m in gap_rows:
+        assert [gap_rows[m][s].split(" [")[0] for s in (1, 2, 3)] == [f"{norm(s, m) - norm(s, 'moa'):+.3f}" for s in (0, 1, 2)]
+        assert "[" in gap_rows[m][1] and "[" not in gap_rows[m][2] + gap_rows[m][3]
+    assert gap_rows["svd"][-1] == "0 of 1 |" and gap_rows["regmean"][-1] == "1 of 1 |"  # -0.30 [-0.37, -0.21]; -0.02 [-0.11, +0.07]
+    # a folder under seeds/ that is not seed<N>, N >= 1, is no seed's run
+    for stray in ("seed0", "seed1.bak", "seed01"):
+        shutil.copytree(folders[2], tmp_path / "seeds" / stray / "7-task")
+    assert reporting.seed_runs(tmp_path) == folders
     assert "Only seed 0" in reporting.seeds_table(tmp_path / "seeds" / "seed1")
