@@ -23,10 +23,9 @@ for seed in "$@"; do
     $PYTHON full_evaluation.py --tasks "$(task_set SEVEN_TASKS)" --methods "$SEED_METHODS" --model "$MODEL" \
         --preset "$PRESET" --data "$DATA" --root "$root" ${EVAL_FLAGS:-}
     # this run's results/<model> folder and where its files are committed (src/layout.py)
-    out=$($PYTHON -c "import sys; from src.layout import model_results_dir; print(model_results_dir(*sys.argv[1:]))" \
-        "$root" "$MODEL")
-    dest=$($PYTHON -c "import sys; from src.layout import seed_dir; print(seed_dir(*sys.argv[1:3], int(sys.argv[3])))" \
-        "$RESULTS_ROOT" "$MODEL" "$seed")
+    paths=$($PYTHON -c "import sys; from src.layout import model_results_dir, seed_dir; run, to, m, seed = sys.argv[1:]
+print(model_results_dir(run, m)); print(seed_dir(to, m, int(seed)))" "$root" "$RESULTS_ROOT" "$MODEL" "$seed")
+    out=${paths%%$'\n'*} dest=${paths#*$'\n'}
     mkdir -p "$dest/7-task"
     cp "$out/7-task/"*.json "$out/7-task/"*.predictions.jsonl "$out/7-task/"summary.* "$dest/7-task/"
     cp -r "$out/train_logs" "$dest/"
