@@ -368,9 +368,10 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     return ("\n".join(lines) + f"\n\nNormalized score (method / single, each seed's own single) on {n_tasks} tasks, "
             f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
             "interval of that seed; SD: sample standard deviation over the seeds; place: rank by normalized score "
-            "among these methods on that seed (1 = highest).\n\n**Paired gap to MoA per seed** (method - MoA on the "
-            "same resampled rows, 95%; an interval that includes 0: not distinguishable from MoA on that seed's test "
-            "rows)\n\n" + "\n".join(gaps) + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
+            "among these methods on that seed (1 = highest)."
+            + ("\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%; an interval that "
+               "includes 0: not distinguishable from MoA on that seed's test rows)\n\n" + "\n".join(gaps)
+               if len(gaps) > 2 else "") + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
             "primary metric on the test rows)\n\n" + "\n".join(singles))
 
 
