@@ -686,11 +686,12 @@ def test_each_presets_own_values_pass_the_checks(preset):
         check_config(make_config(preset), {k: v for k, v in TRAIN_SETTINGS.items() if k != "lr"})
 
 
-@pytest.mark.parametrize("task_set", ["5-task", "7-task"])
+@pytest.mark.parametrize("task_set", ["5-task", "7-task"] + sorted(
+    str(p.relative_to(REPO / "results" / "smollm2-135m")) for p in (REPO / "results" / "smollm2-135m").glob("seeds/*/7-task")))
 def test_committed_merges_name_disjoint_training_selection_and_test_rows(task_set):
     """Every merge in a committed table names the rows its adapters trained on, the rows it chose or learned on,
-    and the rows it was scored on, and they are disjoint (results left out of the table, computed on other
-    adapters, are not in it to check)."""
+    and the rows it was scored on, and they are disjoint, on every training seed (results left out of the table,
+    computed on other adapters, are not in it to check)."""
     from src.reporting import load_method_results, same_inputs
     from src.train import make_config
 
