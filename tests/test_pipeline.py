@@ -394,6 +394,16 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("usage: bash scripts/seeds.sh SEED")
 
 
+@pytest.mark.parametrize("seeds", [[], ["0"], ["1", "01"], ["2", "x"]])
+def test_seeds_script_refuses_what_is_not_a_new_seed_before_any_work(seeds, tmp_path):
+    """Seed 0 is the committed run, and a seed is a whole number from 1: anything else ends in one line, exit 2,
+    before any stage starts (nothing under RUNS)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "seeds.sh"), *seeds], capture_output=True, text=True,
+                          env={**os.environ, "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "usage: bash scripts/seeds.sh" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_dir, tmp_path):
     """The original trained each task in its own unseeded process (independent draws of A); here each task's seed
     comes from the run's seed and the task's name, so tasks differ and reruns do not."""
