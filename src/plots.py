@@ -73,8 +73,8 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
 
 def fig_seeds(model_dir: Path):
     """Each method's normalized score on every training seed (each seed normalized to its own single): seed 0 with
-    its 95% row-bootstrap interval, the other seeds as points, their mean as a bar; None with fewer than two seeds
-    or no method scored on every seed (`reporting.seeds_table` says which)."""
+    its 95% row-bootstrap interval, the other seeds as points, the mean over the seeds it ran on as a bar; None with
+    fewer than two seeds or no method scored on two (`reporting.seeds_table` says which)."""
     spread = {m: sp for m, sp in seed_spread(model_dir).items() if m != "single"}
     seeds = sorted({s for sp in spread.values() for s in sp["points"]})
     if len(seeds) < 2:
@@ -82,17 +82,21 @@ def fig_seeds(model_dir: Path):
     methods = sorted(spread, key=lambda m: -spread[m]["mean"])
     x = np.arange(len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(methods)), 4.2), layout="constrained")
-    ax.bar(x, [spread[m]["mean"] for m in methods], 0.6, color="lightgrey", label=f"mean over {len(seeds)} seeds")
+    ax.bar(x, [spread[m]["mean"] for m in methods], 0.6, color="lightgrey", label="mean over the seeds")
     for k, seed in enumerate(seeds):
-        y = np.array([spread[m]["points"][seed] for m in methods])
+        ran = [i for i, m in enumerate(methods) if seed in spread[m]["points"]]
+        y = np.array([spread[methods[i]]["points"][seed] for i in ran])
         shift = (k - (len(seeds) - 1) / 2) * 0.15
         if seed == 0:
-            ci = np.array([spread[m]["ci"][0] or (spread[m]["points"][0],) * 2 for m in methods])
-            ax.errorbar(x + shift, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]), fmt="o", color="black", capsize=3,
-                        label="seed 0 (committed run), 95% row-bootstrap interval")
+            ci = np.array([spread[methods[i]]["ci"][0] or (y[j],) * 2 for j, i in enumerate(ran)])
+            ax.errorbar(x[ran] + shift, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]), fmt="o", color="black",
+                        capsize=3, label="seed 0 (committed run), 95% row-bootstrap interval")
         else:
-            ax.plot(x + shift, y, "o", mfc="none", label=f"seed {seed}")
-    ax.set_xticks(x, methods, rotation=40, ha="right")
+            ax.plot(x[ran] + shift, y, "o", mfc="none", label=f"seed {seed}")
+    partial = [m for m in methods if len(spread[m]["points"]) < len(seeds)]
+    ax.set_xticks(x, [m + (" *" if m in partial else "") for m in methods], rotation=40, ha="right")
+    if partial:
+        ax.set_xlabel("* not yet run on every seed: mean over the seeds it ran on")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("normalized score (method / its seed's single)")
     ax.set_title(f"Training seeds: {len(seeds)} runs of the seven LoRAs and the router, 7 tasks")

@@ -286,31 +286,34 @@ def seed_runs(model_dir: Path, n_tasks: int = 7) -> dict:
 
 
 def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> dict:
-    """Per method evaluated on the adapters of every training seed, each seed normalized to its own single:
-    {"points": {seed: normalized score}, "ci": {seed: its 95% row-bootstrap interval or None}, "gap": {seed:
-    (method - MoA, its paired 95% interval or None)}, "mean", "sd" (sample standard deviation over the seeds),
-    "min", "max", "rank": {seed: place by normalized score among the methods here, single left out, ties in
-    table order}}."""
+    """Per method evaluated on the adapters of at least two training seeds, each seed normalized to its own single:
+    {"points": {seed: normalized score, for the seeds it ran on}, "ci": {seed: its 95% row-bootstrap interval or
+    None}, "gap": {seed: (method - MoA, its paired 95% interval or None)}, "mean", "sd" (sample standard deviation
+    over its seeds), "min", "max", "rank": {seed: place by normalized score among the methods run on every seed,
+    single left out, ties in table order; empty for a method missing on some seed, whose places would compare
+    different fields}}."""
     analyses = analyses or Analyses()
     per_seed = {}
     for seed, folder in seed_runs(model_dir, n_tasks).items():
         found, _, ci = analyses(folder)
         per_seed[seed] = (normalized_points(found), ci)
-    methods = [m for m in ALL_METHODS if per_seed and all(p.get(m) is not None for p, _ in per_seed.values())]
     out = {}
-    for m in methods:
-        points = {seed: p[m] for seed, (p, _) in per_seed.items()}
+    for m in ALL_METHODS:
+        ran = {seed: (p, ci) for seed, (p, ci) in per_seed.items() if p.get(m) is not None}
+        if len(ran) < 2:
+            continue
+        points = {seed: p[m] for seed, (p, _) in ran.items()}
         values = list(points.values())
         mean = sum(values) / len(values)
-        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-        gap = {seed: (p[m] - p["moa"], ci[m]["normalized_diff"].get("moa")) for seed, (p, ci) in per_seed.items()
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        gap = {seed: (p[m] - p["moa"], ci[m]["normalized_diff"].get("moa")) for seed, (p, ci) in ran.items()
                if m != "moa" and p.get("moa") is not None}
-        out[m] = {"points": points, "ci": {seed: ci[m]["normalized"] for seed, (_, ci) in per_seed.items()},
-                  "gap": gap, "mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+        out[m] = {"points": points, "ci": {seed: ci[m]["normalized"] for seed, (_, ci) in ran.items()},
+                  "gap": gap, "mean": mean, "sd": sd, "min": min(values), "max": max(values), "rank": {}}
+    everywhere = [m for m in out if m != "single" and len(out[m]["points"]) == len(per_seed)]
     for seed in per_seed:
-        order = sorted((m for m in out if m != "single"), key=lambda m: -out[m]["points"][seed])
-        for place, m in enumerate(order, 1):
-            out[m].setdefault("rank", {})[seed] = place
+        for place, m in enumerate(sorted(everywhere, key=lambda m: -out[m]["points"][seed]), 1):
+            out[m]["rank"][seed] = place
     return out
 
 
@@ -324,16 +327,20 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         return f"Only seed 0 has results on {n_tasks} tasks: `make seeds` trains and evaluates seeds 1 and 2."
     if not spread:
         return (f"Seeds {', '.join(map(str, runs))} have results on {n_tasks} tasks, but no method has a normalized "
-                "score on every seed (a single that scores 0 on every task leaves no ratio).")
+                "score on two of them (a single that scores 0 on every task leaves no ratio).")
     seeds = list(runs)
     rows = {m: sp for m, sp in spread.items() if m != "single"}   # single is 1 on every seed, by definition
     lines = ["| method | " + " | ".join(f"seed {s} [95% rows]" for s in seeds)
              + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |",
              "|" + "---|" * (len(seeds) + 5)]
     for m, sp in rows.items():
-        lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) for s in seeds)
-                     + f" | {sp['mean']:.3f} | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
-                     + "/".join(str(sp["rank"][s]) for s in seeds) + " |")
+        partial = len(sp["points"]) < len(seeds)
+        lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) if s in sp["points"] else "not run"
+                                              for s in seeds)
+                     + f" | {sp['mean']:.3f}" + (f" ({len(sp['points'])} seeds)" if partial else "")
+                     + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
+                     + ("-" if partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
+    partial = [m for m, sp in rows.items() if len(sp["points"]) < len(seeds)]
     gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
             "|" + "---|" * (len(seeds) + 3)]
     for m, sp in rows.items():
@@ -342,23 +349,24 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         cells = []
         for s in seeds:
             g, lo_hi = sp["gap"].get(s, (None, None))
-            cells.append("n/a" if g is None else f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
+            cells.append("not run" if s not in sp["points"] else "n/a" if g is None
+                         else f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
         with_ci = [lo_hi for _, lo_hi in sp["gap"].values() if lo_hi]
         holds = sum(1 for lo, hi in with_ci if lo <= 0 <= hi)
         mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
         gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f} | {holds} of {len(with_ci)} |")
-    merged = [m for m in rows if m in merges.METHODS]
+    merged = [m for m in rows if m in merges.METHODS and m not in partial]
     verdict = ""
     if len(merged) >= 2:
         orders = {s: sorted(merged, key=lambda m: -spread[m]["points"][s]) for s in seeds}
         order_text = "; ".join(f"seed {s}: " + " > ".join(o) for s, o in orders.items())
         verdict = ("\n\nBy point estimates (a difference narrower than the intervals above is not resolved by these test "
-                   "rows), the order of the routing-free merges is "
+                   "rows), the order of the routing-free merges" + (" run on every seed" if partial else "") + " is "
                    + ("the same on every seed" if len({tuple(o) for o in orders.values()}) == 1 else "not the same on every seed")
                    + f" ({order_text}).")
         leaders = {s: o[0] for s, o in orders.items()}
-        verdict += (f" The leading routing-free merge is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
-                    else " The leading routing-free merge changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
+        verdict += (f" The leader among them is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
+                    else " The leader among them changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
     singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
     found_ci = {s: analyses(runs[s]) for s in seeds}
     for t in found_ci[seeds[0]][0]["single"]["tasks"]:
@@ -368,7 +376,9 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     return ("\n".join(lines) + f"\n\nNormalized score (method / single, each seed's own single) on {n_tasks} tasks, "
             f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
             "interval of that seed; SD: sample standard deviation over the seeds; place: rank by normalized score "
-            "among these methods on that seed (1 = highest)."
+            "among the methods run on every seed, on that seed (1 = highest)."
+            + (f" Not yet run on every seed: {', '.join(partial)}; their mean, SD and range are over the seeds they "
+               "ran on, and they have no place." if partial else "")
             + ("\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%; an interval that "
                "includes 0: not distinguishable from MoA on that seed's test rows)\n\n" + "\n".join(gaps)
                if len(gaps) > 2 else "") + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "

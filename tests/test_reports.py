@@ -42,8 +42,10 @@ def test_a_stale_part_is_rebuilt_and_the_prose_kept():
 
 def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_and_order(tmp_path):
     """Three seeds from the committed 7-task files: seed 1 scales SVD's scores by 0.9 on every task, seed 2 lifts
-    them above RegMean's. Each seed is normalized to its own single; the mean, sample SD, min-max and places are
-    recomputed here from the result files with `statistics`, and the table says that the leader changed."""
+    them above RegMean's; Iso-CTS is not run on seed 2. Each seed is normalized to its own single; the mean, sample
+    SD, min-max and places are recomputed here from the result files with `statistics`, and the table says that the
+    leader changed. Iso-CTS's mean is over its two seeds, and it has no place (it would compete with a different
+    field on seed 2)."""
     import json
     import shutil
     import statistics
@@ -51,13 +53,13 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
     from src.tasks import get_task
 
     committed = ROOT / "results" / "smollm2-135m" / "7-task"
-    methods = ("single", "moa", "svd", "regmean")
+    methods = ("single", "moa", "svd", "regmean", "iso_cts")
     folders = {0: tmp_path / "7-task", 1: tmp_path / "seeds" / "seed1" / "7-task",
                2: tmp_path / "seeds" / "seed2" / "7-task"}
     scale = {0: 1.0, 1: 0.9, 2: 1.6}
     for seed, folder in folders.items():
         folder.mkdir(parents=True)
-        for m in methods:
+        for m in methods[:4] if seed == 2 else methods:
             res = json.loads((committed / f"{m}.json").read_text())
             if seed:
                 del res["stats"]  # no per-row statistics: no interval for seeds 1 and 2, seed 0 keeps its own
@@ -73,10 +75,12 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
         return statistics.mean(mine[t][get_task(t).primary] / single[t][get_task(t).primary] for t in single)
 
     spread = reporting.seed_spread(tmp_path)
-    assert list(spread) == ["single", "moa", "svd", "regmean"]  # base is on seed 0 only: not in the seed table
-    for m in ("moa", "svd", "regmean"):
-        points = [norm(s, m) for s in (0, 1, 2)]
-        assert [spread[m]["points"][s] for s in (0, 1, 2)] == pytest.approx(points, abs=1e-12)
+    assert set(spread) == {"single", "moa", "svd", "regmean", "iso_cts"}  # base is on seed 0 only: not in the table
+    for m in ("moa", "svd", "regmean", "iso_cts"):
+        seeds = (0, 1) if m == "iso_cts" else (0, 1, 2)
+        points = [norm(s, m) for s in seeds]
+        assert list(spread[m]["points"]) == list(seeds)
+        assert [spread[m]["points"][s] for s in seeds] == pytest.approx(points, abs=1e-12)
         assert spread[m]["mean"] == pytest.approx(statistics.mean(points), abs=1e-12)
         assert spread[m]["sd"] == pytest.approx(statistics.stdev(points), abs=1e-12)
         assert (spread[m]["min"], spread[m]["max"]) == pytest.approx((min(points), max(points)), abs=1e-12)
@@ -84,16 +88,25 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
     for s in (0, 1, 2):
         order = sorted(("moa", "svd", "regmean"), key=lambda m: -norm(s, m))
         assert [spread[m]["rank"][s] for m in order] == [1, 2, 3]
+    assert spread["iso_cts"]["rank"] == {}
     assert spread["regmean"]["ci"][0] is not None and spread["regmean"]["ci"][1] is None
     table = reporting.seeds_table(tmp_path)
-    assert "The leading routing-free merge changes: seed 0 regmean, seed 1 regmean, seed 2 svd." in table
+    assert ("the order of the routing-free merges run on every seed is not the same on every seed (seed 0: regmean > "
+            "svd; seed 1: regmean > svd; seed 2: svd > regmean). The leader among them changes: seed 0 regmean, seed "
+            "1 regmean, seed 2 svd.") in table
+    iso = next(line for line in table.splitlines() if line.startswith("| iso_cts | "))
+    mean = statistics.mean([norm(0, "iso_cts"), norm(1, "iso_cts")])
+    assert iso.split(" | ")[3] == "not run" and iso.split(" | ")[4] == f"{mean:.3f} (2 seeds)" and iso.endswith(" | - |")
+    assert "Not yet run on every seed: iso_cts;" in table
     assert table.startswith("| method | seed 0 [95% rows] | seed 1 [95% rows] | seed 2 [95% rows] | mean | SD |")
     # the gap to MoA, one column per seed; only seed 0 has per-row statistics, so only it has an interval to count
     gap_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.split("**Paired gap to MoA")[1].split("\n\n")[1].splitlines()
                 if line.startswith("| ") and not line.startswith("| method")}
-    assert set(gap_rows) == {"svd", "regmean"}
+    assert set(gap_rows) == {"svd", "regmean", "iso_cts"}
+    assert gap_rows["iso_cts"][3] == "not run"
     for m in gap_rows:
-        assert [gap_rows[m][s].split(" [")[0] for s in (1, 2, 3)] == [f"{norm(s, m) - norm(s, 'moa'):+.3f}" for s in (0, 1, 2)]
+        seeds = (0, 1) if m == "iso_cts" else (0, 1, 2)
+        assert [gap_rows[m][s + 1].split(" [")[0] for s in seeds] == [f"{norm(s, m) - norm(s, 'moa'):+.3f}" for s in seeds]
         assert "[" in gap_rows[m][1] and "[" not in gap_rows[m][2] + gap_rows[m][3]
     assert gap_rows["svd"][-1] == "0 of 1 |" and gap_rows["regmean"][-1] == "1 of 1 |"  # -0.30 [-0.37, -0.21]; -0.02 [-0.11, +0.07]
     # a folder under seeds/ that is not seed<N>, N >= 1, is no seed's run
