@@ -96,7 +96,7 @@ def fig_seeds(model_dir: Path):
     partial = [m for m in methods if len(spread[m]["points"]) < len(seeds)]
     ax.set_xticks(x, [m + (" *" if m in partial else "") for m in methods], rotation=40, ha="right")
     if partial:
-        ax.set_xlabel("* not yet run on every seed: mean over the seeds it ran on")
+        ax.set_xlabel("* without a score on every seed: mean over the seeds it scored on")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("normalized score (method / its seed's single)")
     ax.set_title(f"Training seeds: {len(seeds)} runs of the seven LoRAs and the router, 7 tasks")

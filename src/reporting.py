@@ -335,12 +335,14 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
              "|" + "---|" * (len(seeds) + 5)]
     for m, sp in rows.items():
         partial = len(sp["points"]) < len(seeds)
-        lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) if s in sp["points"] else "not run"
+        lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) if s in sp["points"] else "no score"
                                               for s in seeds)
                      + f" | {sp['mean']:.3f}" + (f" ({len(sp['points'])} seeds)" if partial else "")
                      + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
                      + ("-" if partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
     partial = [m for m, sp in rows.items() if len(sp["points"]) < len(seeds)]
+    one_seed = [m for m in ALL_METHODS if m not in spread
+                and any(normalized_points(analyses(runs[s])[0]).get(m) is not None for s in seeds)]
     gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
             "|" + "---|" * (len(seeds) + 3)]
     for m, sp in rows.items():
@@ -349,19 +351,22 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         cells = []
         for s in seeds:
             g, lo_hi = sp["gap"].get(s, (None, None))
-            cells.append("not run" if s not in sp["points"] else "n/a" if g is None
+            cells.append("no score" if s not in sp["points"] else "MoA n/a" if g is None
                          else f"{g:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
         with_ci = [lo_hi for _, lo_hi in sp["gap"].values() if lo_hi]
         holds = sum(1 for lo, hi in with_ci if lo <= 0 <= hi)
         mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
-        gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f} | {holds} of {len(with_ci)} |")
+        gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f}"
+                    + (f" ({len(sp['gap'])} seed{'s' * (len(sp['gap']) > 1)})" if len(sp["gap"]) < len(seeds) else "") + f" | {holds} of {len(with_ci)} |")
     merged = [m for m in rows if m in merges.METHODS and m not in partial]
-    verdict = ""
+    partial_merges = [m for m in partial if m in merges.METHODS]
+    verdict = ("\n\nFewer than two routing-free merges have a score on every seed: no order of the merges to compare."
+               if len(merged) < 2 and partial_merges else "")
     if len(merged) >= 2:
         orders = {s: sorted(merged, key=lambda m: -spread[m]["points"][s]) for s in seeds}
         order_text = "; ".join(f"seed {s}: " + " > ".join(o) for s, o in orders.items())
         verdict = ("\n\nBy point estimates (a difference narrower than the intervals above is not resolved by these test "
-                   "rows), the order of the routing-free merges" + (" run on every seed" if partial else "") + " is "
+                   "rows), the order of the routing-free merges" + (" scored on every seed" if partial_merges else "") + " is "
                    + ("the same on every seed" if len({tuple(o) for o in orders.values()}) == 1 else "not the same on every seed")
                    + f" ({order_text}).")
         leaders = {s: o[0] for s, o in orders.items()}
@@ -377,8 +382,10 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
             "interval of that seed; SD: sample standard deviation over the seeds; place: rank by normalized score "
             "among the methods run on every seed, on that seed (1 = highest)."
-            + (f" Not yet run on every seed: {', '.join(partial)}; their mean, SD and range are over the seeds they "
-               "ran on, and they have no place." if partial else "")
+            + (f" Without a score on every seed: {', '.join(partial)} (no score: not evaluated on that seed, or its "
+               "result left out for other adapters or a missing task); their mean, SD and range are over the seeds "
+               "they scored on, and they have no place." if partial else "")
+            + (f" Scored on one seed only, so not here: {', '.join(one_seed)}." if one_seed else "")
             + ("\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%; an interval that "
                "includes 0: not distinguishable from MoA on that seed's test rows)\n\n" + "\n".join(gaps)
                if len(gaps) > 2 else "") + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "

@@ -91,19 +91,23 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
     assert spread["iso_cts"]["rank"] == {}
     assert spread["regmean"]["ci"][0] is not None and spread["regmean"]["ci"][1] is None
     table = reporting.seeds_table(tmp_path)
-    assert ("the order of the routing-free merges run on every seed is not the same on every seed (seed 0: regmean > "
+    assert ("the order of the routing-free merges scored on every seed is not the same on every seed (seed 0: regmean > "
             "svd; seed 1: regmean > svd; seed 2: svd > regmean). The leader among them changes: seed 0 regmean, seed "
             "1 regmean, seed 2 svd.") in table
     iso = next(line for line in table.splitlines() if line.startswith("| iso_cts | "))
     mean = statistics.mean([norm(0, "iso_cts"), norm(1, "iso_cts")])
-    assert iso.split(" | ")[3] == "not run" and iso.split(" | ")[4] == f"{mean:.3f} (2 seeds)" and iso.endswith(" | - |")
-    assert "Not yet run on every seed: iso_cts;" in table
+    sd = statistics.stdev([norm(0, "iso_cts"), norm(1, "iso_cts")])
+    lo, hi = sorted([norm(0, "iso_cts"), norm(1, "iso_cts")])
+    assert iso.split(" | ")[3:] == ["no score", f"{mean:.3f} (2 seeds)", f"{sd:.3f}", f"{lo:.3f} - {hi:.3f}", "- |"]
+    assert "Without a score on every seed: iso_cts (no score:" in table
+    assert "Scored on one seed only, so not here: base." in table
     assert table.startswith("| method | seed 0 [95% rows] | seed 1 [95% rows] | seed 2 [95% rows] | mean | SD |")
     # the gap to MoA, one column per seed; only seed 0 has per-row statistics, so only it has an interval to count
     gap_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.split("**Paired gap to MoA")[1].split("\n\n")[1].splitlines()
                 if line.startswith("| ") and not line.startswith("| method")}
     assert set(gap_rows) == {"svd", "regmean", "iso_cts"}
-    assert gap_rows["iso_cts"][3] == "not run"
+    gap = statistics.mean([norm(s, "iso_cts") - norm(s, "moa") for s in (0, 1)])
+    assert gap_rows["iso_cts"][3:] == ["no score", f"{gap:+.3f} (2 seeds)", "1 of 1 |"]  # seed 0: -0.05 [-0.13, +0.04]
     for m in gap_rows:
         seeds = (0, 1) if m == "iso_cts" else (0, 1, 2)
         assert [gap_rows[m][s + 1].split(" [")[0] for s in seeds] == [f"{norm(s, m) - norm(s, 'moa'):+.3f}" for s in seeds]
@@ -114,3 +118,14 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
         shutil.copytree(folders[2], tmp_path / "seeds" / stray / "7-task")
     assert reporting.seed_runs(tmp_path) == folders
     assert "Only seed 0" in reporting.seeds_table(tmp_path / "seeds" / "seed1")
+    # MoA without a score on seed 1: the gap cells of that seed say so, and each gap mean counts its seeds
+    (folders[1] / "moa.json").unlink()
+    table = reporting.seeds_table(tmp_path)
+    gap_rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.split("**Paired gap to MoA")[1].split("\n\n")[1].splitlines()
+                if line.startswith("| ") and not line.startswith("| method")}
+    assert gap_rows["regmean"][2] == "MoA n/a" and gap_rows["regmean"][4].endswith(" (2 seeds)")
+    assert gap_rows["iso_cts"][2] == "MoA n/a" and gap_rows["iso_cts"][4].endswith(" (1 seed)")
+    from src import plots
+    fig = plots.fig_seeds(tmp_path)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == sorted(
+        ["moa *", "svd", "regmean", "iso_cts *"], key=lambda label: -reporting.seed_spread(tmp_path)[label.split()[0]]["mean"])
