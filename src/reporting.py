@@ -333,16 +333,15 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     lines = ["| method | " + " | ".join(f"seed {s} [95% rows]" for s in seeds)
              + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |",
              "|" + "---|" * (len(seeds) + 5)]
+    partial = [m for m, sp in rows.items() if len(sp["points"]) < len(seeds)]
     for m, sp in rows.items():
-        partial = len(sp["points"]) < len(seeds)
         lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) if s in sp["points"] else "no score"
                                               for s in seeds)
-                     + f" | {sp['mean']:.3f}" + (f" ({len(sp['points'])} seeds)" if partial else "")
+                     + f" | {sp['mean']:.3f}" + (f" ({len(sp['points'])} seeds)" if m in partial else "")
                      + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
-                     + ("-" if partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
-    partial = [m for m, sp in rows.items() if len(sp["points"]) < len(seeds)]
-    one_seed = [m for m in ALL_METHODS if m not in spread
-                and any(normalized_points(analyses(runs[s])[0]).get(m) is not None for s in seeds)]
+                     + ("-" if m in partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
+    scored = [normalized_points(analyses(runs[s])[0]) for s in seeds]
+    one_seed = [m for m in ALL_METHODS if m not in spread and any(p.get(m) is not None for p in scored)]
     gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
             "|" + "---|" * (len(seeds) + 3)]
     for m, sp in rows.items():
