@@ -28,9 +28,43 @@ def test_the_front_page_and_the_report_hold_the_headline_and_the_registry():
 @pytest.mark.parametrize("folder", sorted((ROOT / "results").glob("*/*-task")) + sorted((ROOT / "results").glob(
     "*/seeds/*/*-task")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_summaries_equal_a_fresh_generation(folder):
+    """summary.md byte for byte; summary.csv cell for cell, its full-precision numbers to float rounding (the CPU
+    sets the bootstrap's summation order: `reporting.csv_rounding_equal`)."""
     md, csv = reporting.summary_files(folder)
     assert (folder / "summary.md").read_text() == md
-    assert (folder / "summary.csv").read_bytes() == csv.encode()  # csv writes \r\n, which read_text would hide
+    committed = (folder / "summary.csv").read_bytes().decode()  # csv writes \r\n, which read_text would hide
+    assert reporting.csv_rounding_equal(committed, csv), f"{folder}/summary.csv is stale: run `make report`"
+
+
+def test_csv_rounding_equal_forgives_the_last_bits_only():
+    row = "method,qa (f1),qa (f1) lo,paper\r\n{},{},{},{}\r\n"
+    base = row.format("moa", 56.144751552795015, 0.015497061269112910, "")
+    assert reporting.csv_rounding_equal(base, row.format("moa", 56.14475155279502, 0.015497061269112907, ""))
+    for changed in (row.format("moa", 56.1447516, 0.015497061269112910, ""),      # a change in the 7th decimal
+                    row.format("moa", 56.144751552795015, 0.0154971, ""),
+                    row.format("svd", 56.144751552795015, 0.015497061269112910, ""),  # another method
+                    row.format("moa", 56.144751552795015, 0.015497061269112910, "0.0"),  # a number for a blank
+                    base.replace("\r\n", "\n"), base + "svd,1,1,\r\n"):
+        assert not reporting.csv_rounding_equal(base, changed), changed
+
+
+def test_make_report_on_another_cpu_leaves_a_rounding_equal_csv_alone(tmp_path):
+    """write_summary keeps a summary.csv whose numbers differ from a fresh one in the last bit only, and replaces one
+    that differs beyond rounding."""
+    import math
+    import shutil
+
+    folder = tmp_path / "7-task"
+    shutil.copytree(ROOT / "results" / "smollm2-135m" / "7-task", folder)
+    fresh = reporting.summary_files(folder)[1]
+    svd = next(line for line in fresh.split("\r\n") if line.startswith("svd,"))
+    cell = svd.split(",")[-2]   # its normalized score's upper bound, a full-precision float
+    for changed, kept in ((str(math.nextafter(float(cell), 2.0)), True), (str(float(cell) + 1e-6), False)):
+        text = fresh.replace(svd, svd.replace(f",{cell},", f",{changed},"))
+        assert text != fresh
+        (folder / "summary.csv").write_bytes(text.encode())
+        reporting.write_summary(folder)
+        assert (folder / "summary.csv").read_bytes().decode() == (text if kept else fresh)
 
 
 def test_a_stale_part_is_rebuilt_and_the_prose_kept():
