@@ -237,9 +237,10 @@ def summary_files(out: Path, analyses: Analyses | None = None) -> tuple[str, str
 def csv_rounding_equal(a: str, b: str, rel: float = 1e-10, abs_: float = 1e-12) -> bool:
     """Two summary.csv texts with the same cells, numbers equal to float rounding. The bootstrap's sums run in an
     order set by the CPU's vector width, so an AMD and an Intel machine differ in the last bits (0.015497061269112910
-    against ...907). Two orders of a sum of n non-negative terms agree within n * eps relative, 100 * 1.1e-16 = 1.1e-14
-    for 100 rows (a mean, a ratio of two, a percentile of 1,000 or corpus BLEU's log and exp add a few eps), so `rel`
-    leaves a margin of 10^4 and still sees a change in the 8th significant digit; `abs_` covers cells at 0."""
+    against ...907). Two orders of a sum of n non-negative terms agree within about 2 (n - 1) u relative (u = 1.1e-16),
+    2.2e-14 for 100 rows (a mean, a ratio of two, a percentile of 1,000 or corpus BLEU's log and exp add a few u),
+    so `rel` leaves a margin of 10^3 and still sees a change in the 9th significant digit of any cell above 0.01;
+    `abs_` covers cells at or near 0."""
     rows_a, rows_b = list(csv.reader(io.StringIO(a, newline=""))), list(csv.reader(io.StringIO(b, newline="")))
     if len(rows_a) != len(rows_b) or a.count("\r\n") != b.count("\r\n"):
         return False
