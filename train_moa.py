@@ -7,15 +7,15 @@
 
 Needs each task's adapter (train_individual_loras.py). With several --tasks, the router features (which depend
 only on a prompt and its gold adapter) are computed once for all sets. Prints the routing accuracy on held-out
-prompts.
+prompts, and copies it with the settings and the loss curve to results/<model>/train_logs/moa-<N>.json.
 """
 import full_evaluation
 from src import cli
 from src import lora
-from src.layout import adapter_dir, moa_dir, train_command
+from src.layout import adapter_dir, model_results_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
-from src.train import check_task_sets, make_accelerator, make_config, train_routers
+from src.train import check_task_sets, make_accelerator, make_config, publish_log, train_routers
 
 
 def main(argv=None):
@@ -40,6 +40,8 @@ def main(argv=None):
         if accuracy is not None:
             print(f"routers for {', '.join(tasks)} -> {out}; held-out routing accuracy {accuracy['accuracy']:.3f} "
                   f"({accuracy['n_prompts']} prompts, {len(accuracy['per_layer'])} layers)")
+            publish_log(out, model_results_dir(args.root, args.model) / "train_logs" / f"{out.name}.json",
+                        name="routers.json")
 
 
 if __name__ == "__main__":

@@ -390,10 +390,11 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
             "skipped_rows": skipped + skipped_val, "processes": acc.num_processes}
 
 
-def publish_log(adapter_folder: Path, dest: Path):
-    """Copy a finished run's train_log.jsonl next to the results (adapters/ stays out of git; the curves do not)."""
+def publish_log(adapter_folder: Path, dest: Path, name: str = "train_log.jsonl"):
+    """Copy a finished run's log next to the results (adapters/ stays out of git; the logs do not): a LoRA's
+    train_log.jsonl, or the routers' routers.json (held-out routing accuracy per layer, settings, loss curve)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    text = (Path(adapter_folder) / "train_log.jsonl").read_text()
+    text = (Path(adapter_folder) / name).read_text()
     lora.atomic_write(dest, lambda p: p.write_text(text))
 
 

@@ -388,6 +388,12 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
         f"{m}{ext}" for m in ("single", "moa", "svd") for ext in (".json", ".predictions.jsonl")} | {
         "summary.md", "summary.csv"}
     assert len(list((committed / "train_logs").glob("*.jsonl"))) == 7
+    for n in (5, 7):  # the routers' held-out accuracy, settings and curve, as train_moa.py saved them beside the routers
+        router_log = json.loads((committed / "train_logs" / f"moa-{n}.json").read_text())
+        assert router_log == json.loads((tmp_path / "runs" / "seed1" / "adapters" / "tiny" / f"moa-{n}" /
+                                         "routers.json").read_text())
+        assert len(router_log["tasks"]) == n and router_log["config"]["seed"] == 1
+        assert 0 <= router_log["heldout_accuracy"]["accuracy"] <= 1
     assert list(reporting.seed_runs(results)) == [0, 1]  # (the random tiny model's single scores 0: no ratios)
     assert reporting.seeds_table(results).startswith("Seeds 0, 1 have results on 7 tasks, but no method")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "seeds.sh")], env=seeds_env, capture_output=True, text=True)
