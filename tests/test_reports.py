@@ -40,7 +40,7 @@ def test_csv_rounding_equal_forgives_the_last_bits_only():
     row = "method,qa (f1),qa (f1) lo,paper\r\n{},{},{},{}\r\n"
     base = row.format("moa", 56.144751552795015, 0.015497061269112910, "")
     assert reporting.csv_rounding_equal(base, row.format("moa", 56.14475155279502, 0.015497061269112907, ""))
-    for changed in (row.format("moa", 56.1447516, 0.015497061269112910, ""),      # a change in the 7th decimal
+    for changed in (row.format("moa", 56.1447516, 0.015497061269112910, ""),      # the 9th significant digit
                     row.format("moa", 56.144751552795015, 0.0154971, ""),
                     row.format("svd", 56.144751552795015, 0.015497061269112910, ""),  # another method
                     row.format("moa", 56.144751552795015, 0.015497061269112910, "0.0"),  # a number for a blank
