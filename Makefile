@@ -1,6 +1,8 @@
-# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data), evaluating
-#                  the thesis's methods and baselines (METHODS=... any --methods list instead)
-# make reproduce-all  the same with every default method (the paper's and the twelve merges of 2023-2025)
+# make reproduce   set up .venv and run the three stages on the embedded model (cpu preset, shipped data) into
+#                  runs/reproduce/, evaluating the thesis's methods and baselines (METHODS=... any --methods list
+#                  instead), then check the run against the committed results (a report and a verdict)
+# make reproduce-all  the same with every default method (the paper's, Arrow and the thirteen merges since)
+# make update-results  (maintainers) commit the last make reproduce run as results/ and rebuild the reports
 # make seeds       train and evaluate on training seeds $(SEEDS) (default 1 2) beside the committed seed 0, then report
 # make report      rebuild the generated parts of README.md and results/REPORT.md from results/
 # make test        set up .venv with the test requirements and run the test suite
@@ -17,7 +19,7 @@ METHODS ?=
 SEEDS ?= 1 2
 export MODEL PRESET DATA METHODS
 
-.PHONY: setup test reproduce reproduce-all seeds report bench notebook gpu-check clean
+.PHONY: setup test reproduce reproduce-all update-results seeds report bench notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,9 @@ reproduce: $(VENV)/.installed
 
 reproduce-all: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" METHODS= bash scripts/reproduce.sh
+
+update-results: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/update_results.sh
 
 seeds: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/seeds.sh $(SEEDS)

@@ -368,6 +368,28 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     assert rerun == {f"{n}-task/{m}" for n in (5, 7) for m in PAPER_METHODS}
     assert json.loads((results / "7-task" / "single.json").read_text())["reused"] == []
     assert len(json.loads((results / "5-task" / "single.json").read_text())["reused"]) == 5
+    # make reproduce's script: the same stages into a folder of their own, then the check against the run above (the
+    # committed one here); nothing under the committed results/ is written. Then the maintainers' copy of the run.
+    stage_flags = {f"{stage}_FLAGS": " ".join(small[wrapper]) for stage, wrapper in
+                   [("TRAIN", "train_all_tasks.sh"), ("MOA", "train_moa.sh"), ("EVAL", "run_all_evaluation.sh")]}
+    committed_files = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "reproduce.sh")], capture_output=True, text=True,
+                          env={**env, **stage_flags, "METHODS": "paper", "REPRODUCE_ROOT": str(tmp_path / "repro"),
+                               "COMMITTED_ROOT": str(tmp_path)}, timeout=SLOW_MACHINE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "**Verdict: reproduced exactly" in proc.stdout   # same machine, seeds and settings: the same predictions
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()} == committed_files
+    repro = tmp_path / "repro" / "results" / "tiny"
+    report = (repro / "reproduction.md").read_text()
+    assert [report.count(f"| {n}-task | ") for n in (7, 5)] == [len(PAPER_METHODS)] * 2
+    assert (repro / "reproduce_times-paper.md").read_text().count("| train_all_tasks.sh |") == 1
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "update_results.sh")], capture_output=True, text=True,
+                          env={**env, "REPRODUCE_ROOT": str(tmp_path / "repro"), "RESULTS_ROOT": str(tmp_path / "kept")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for n in (5, 7):
+        kept = tmp_path / "kept" / "results" / "tiny" / f"{n}-task"
+        assert {p.name for p in kept.glob("*.json")} == {f"{m}.json" for m in PAPER_METHODS}
+        assert (kept / "summary.md").read_text() == (repro / f"{n}-task" / "summary.md").read_text()
     proc = subprocess.run(["bash", str(REPO / "train_moa.sh"), "--root", str(tmp_path / "empty")], env=env,
                           capture_output=True, text=True, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 2 and "missing adapter file" in proc.stderr  # set -e: the first failure stops it
@@ -376,8 +398,7 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     from src import reporting
 
     seeds_env = {**env, "RUNS": str(tmp_path / "runs"), "RESULTS_ROOT": str(tmp_path), "SEED_METHODS": "single,moa,svd",
-                 **{f"{stage}_FLAGS": " ".join(small[wrapper]) for stage, wrapper in
-                    [("TRAIN", "train_all_tasks.sh"), ("MOA", "train_moa.sh"), ("EVAL", "run_all_evaluation.sh")]}}
+                 **stage_flags}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "seeds.sh"), "1"], env=seeds_env, capture_output=True,
                           text=True, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]

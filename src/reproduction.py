@@ -1,0 +1,184 @@
+"""Did a run reproduce the committed results? `make reproduce` runs the three stages into a folder of its own
+(runs/reproduce/ by default, out of git) and then calls this module, which compares that run's results with the
+committed ones, method by method and task set by task set, from the files alone (summary.csv and the predictions):
+
+    python -m src.reproduction --committed results/smollm2-135m --run runs/reproduce/results/smollm2-135m
+
+For each method: the committed normalized score and its 95% row interval, this run's score, the difference, whether
+this run's score lies inside the committed interval, and how many test predictions differ. Where the committed
+interval has no width (single is 1 by definition; majority has no normalized score) the check is per task instead:
+every task's primary metric inside the committed interval of that task. The verdict is "reproduced" when every
+method compared lies inside, "reproduced exactly" when every prediction is also the same, "not reproduced"
+otherwise (a method outside, or one asked for but missing from the run); the exit code is 0, 0 and 1.
+
+Why an interval and not equality: the same commit trains adapters with other bytes on another CPU (floating-point
+rounding follows the vector width), which moves a few predictions; a score inside the committed row interval is a
+difference the 100 test rows cannot tell from the committed one."""
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+TASK_SETS = ("7-task", "5-task")
+REL_TOL = 1e-9   # a score equal to an interval's end up to float rounding counts as inside
+
+
+@dataclass
+class Check:
+    """One method on one task set."""
+    task_set: str
+    method: str
+    status: str                            # identical, inside, OUTSIDE, not in this run, no committed result
+    committed: tuple | None = None         # (normalized, lo, hi) or None
+    ours: float | None = None              # this run's normalized score
+    tasks_inside: tuple | None = None      # (inside, of) where the check is per task
+    differing: tuple | None = None         # (predictions that differ, committed predictions)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("OUTSIDE", "not in this run")
+
+
+def _number(cell: str) -> float | None:
+    return float(cell) if cell not in ("", None) else None
+
+
+def read_summary(folder: Path) -> dict:
+    """{method: {column: float or None}} from a results folder's summary.csv ({} if it has none)."""
+    path = folder / "summary.csv"
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {row["method"]: {k: _number(v) for k, v in row.items() if k != "method"} for row in csv.DictReader(f)}
+
+
+def _scored_columns(row: dict) -> list[str]:
+    """The columns with an interval: each task's primary metric and the normalized score."""
+    return [c for c in row if f"{c} lo" in row and f"{c} hi" in row]
+
+
+def _inside(x: float, lo: float, hi: float) -> bool:
+    slack = REL_TOL * max(1.0, abs(lo), abs(hi))
+    return lo - slack <= x <= hi + slack
+
+
+def _predictions(path: Path) -> dict:
+    with path.open() as f:
+        return {(r["task"], r["index"]): r["prediction"] for r in map(json.loads, f)}
+
+
+def differing_predictions(committed: Path, ours: Path) -> tuple | None:
+    """(rows whose prediction differs or is missing in `ours`, committed rows), or None without both files."""
+    if not (committed.exists() and ours.exists()):
+        return None
+    a, b = _predictions(committed), _predictions(ours)
+    return sum(b.get(key) != pred for key, pred in a.items()), len(a)
+
+
+def check_method(task_set: str, method: str, committed: dict | None, ours: dict | None,
+                 differing: tuple | None) -> Check:
+    if ours is None:
+        return Check(task_set, method, "not in this run")
+    if committed is None:
+        return Check(task_set, method, "no committed result", ours=ours.get("normalized"))
+    point, lo, hi = committed.get("normalized"), committed.get("normalized lo"), committed.get("normalized hi")
+    check = Check(task_set, method, "", committed=(point, lo, hi) if point is not None else None,
+                  ours=ours.get("normalized"), differing=differing)
+    if point is not None and lo is not None and hi is not None and hi > lo and check.ours is not None:
+        inside = _inside(check.ours, lo, hi)
+    else:   # no width to test against: each task's score inside its own committed interval
+        tasks = [c for c in _scored_columns(committed) if c != "normalized" and committed[c] is not None]
+        hits = [ours.get(c) is not None and _inside(ours[c], committed[f"{c} lo"], committed[f"{c} hi"])
+                for c in tasks]
+        check.tasks_inside = (sum(hits), len(hits))
+        inside = all(hits)
+    check.status = ("identical" if inside and differing is not None and differing[0] == 0
+                    else "inside" if inside else "OUTSIDE")
+    return check
+
+
+def compare(committed_dir: Path, run_dir: Path, methods: list[str] | None = None) -> list[Check]:
+    """Every method of `methods` (default: those the run has) on each task set, against the committed results of the
+    same model (`results/<model>` folders). With `methods` given, a task set committed but absent from the run counts
+    its methods as missing; without, only the run's task sets are compared."""
+    checks = []
+    for task_set in TASK_SETS:
+        ours_folder, committed_folder = Path(run_dir) / task_set, Path(committed_dir) / task_set
+        ours, committed = read_summary(ours_folder), read_summary(committed_folder)
+        if not ours and not (methods and committed):   # a task set neither side has, or one the run was not asked for
+            continue
+        for method in methods or list(ours):
+            differing = differing_predictions(committed_folder / f"{method}.predictions.jsonl",
+                                              ours_folder / f"{method}.predictions.jsonl")
+            checks.append(check_method(task_set, method, committed.get(method), ours.get(method), differing))
+    return checks
+
+
+def verdict(checks: list[Check]) -> tuple[bool, str]:
+    """(reproduced?, the one-line verdict)."""
+    compared = [c for c in checks if c.status in ("identical", "inside", "OUTSIDE")]
+    outside = [f"{c.method} ({c.task_set})" for c in checks if c.status == "OUTSIDE"]
+    missing = [f"{c.method} ({c.task_set})" for c in checks if c.status == "not in this run"]
+    new = [f"{c.method} ({c.task_set})" for c in checks if c.status == "no committed result"]
+    extra = f"; no committed result to compare for {', '.join(new)}" if new else ""
+    if not compared and not missing:
+        return False, "not reproduced: nothing to compare (the run has no summary.csv)" + extra
+    if outside or missing:
+        parts = ([f"outside the committed 95% interval: {', '.join(outside)}"] if outside else []) + \
+                ([f"missing in this run: {', '.join(missing)}"] if missing else [])
+        return False, "not reproduced: " + "; ".join(parts) + extra
+    counted = [c.differing for c in compared if c.differing is not None]
+    differ, total = sum(d[0] for d in counted), sum(d[1] for d in counted)
+    if all(c.status == "identical" for c in compared):
+        return True, (f"reproduced exactly: all {len(compared)} method results inside the committed intervals, "
+                      f"every one of {total:,} predictions identical" + extra)
+    return True, (f"reproduced: all {len(compared)} method results inside the committed 95% intervals "
+                  f"({sum(c.status == 'identical' for c in compared)} identical in every prediction; "
+                  f"{differ:,} of {total:,} predictions differ)" + extra)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def report(checks: list[Check], committed_dir: Path, run_dir: Path) -> str:
+    ok, line = verdict(checks)
+    rows = ["| task set | method | committed [95%] | this run | difference | inside | predictions differing |",
+            "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        committed = f"{_f(c.committed[0])} [{_f(c.committed[1])}, {_f(c.committed[2])}]" if c.committed else "n/a"
+        diff = (f"{c.ours - c.committed[0]:+.3f}" if c.committed and c.ours is not None and c.committed[0] is not None
+                else "n/a")
+        inside = {"identical": "yes", "inside": "yes", "OUTSIDE": "**no**"}.get(c.status, c.status)
+        if c.tasks_inside and inside in ("yes", "**no**"):
+            inside += f" ({c.tasks_inside[0]}/{c.tasks_inside[1]} tasks)"
+        differing = f"{c.differing[0]} of {c.differing[1]}" if c.differing else "n/a"
+        rows.append(f"| {c.task_set} | {c.method} | {committed} | {_f(c.ours)} | {diff} | {inside} | {differing} |")
+    return (f"# Reproduction: {run_dir} against {committed_dir}\n\n" + "\n".join(rows) + "\n\n"
+            "Normalized score (mean over tasks of method / single) and the committed 95% paired bootstrap row "
+            "interval; where that interval has no width (single, majority) each task's score is checked against "
+            "its own committed interval instead. Predictions: test rows whose generated text differs.\n\n"
+            f"**Verdict: {line}**\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--committed", required=True, type=Path, help="the committed results/<model> folder")
+    p.add_argument("--run", required=True, type=Path, help="this run's results/<model> folder")
+    p.add_argument("--methods", default="", help="comma-separated methods the run was asked for (default: its own)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the report (default: <run>/reproduction.md)")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m] or None
+    checks = compare(args.committed, args.run, methods)
+    text = report(checks, args.committed, args.run)
+    out = args.out or args.run / "reproduction.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text + f"\n(written to {out})")
+    return 0 if verdict(checks)[0] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

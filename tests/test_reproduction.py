@@ -1,0 +1,96 @@
+"""`make reproduce`'s check (src/reproduction.py) on small fake result folders: identical, inside the committed
+interval, outside it, a method missing on either side, and single's per-task check."""
+import csv
+import json
+
+import pytest
+
+from src import reproduction
+
+HEADER = ["method", "qa (f1)", "qa (f1) lo", "qa (f1) hi", "nli (accuracy)", "nli (accuracy) lo",
+          "nli (accuracy) hi", "normalized", "normalized lo", "normalized hi", "paper Qwen2-1.5B"]
+
+
+def write_folder(folder, scores: dict, predictions: dict):
+    """scores: {method: (qa, nli, normalized)}, every interval +-0.05 around its point (single's normalized: [1, 1]);
+    predictions: {method: [text per row]} over two tasks of len/2 rows each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        for method, (qa, nli, norm) in scores.items():
+            norm_ci = [1.0, 1.0] if method == "single" else [norm - 0.05, norm + 0.05]
+            w.writerow([method, qa, qa - 5, qa + 5, nli, nli - 0.05, nli + 0.05, norm, *norm_ci, ""])
+    for method, texts in predictions.items():
+        half = len(texts) // 2
+        rows = [{"task": "qa" if i < half else "nli", "index": i % half, "prediction": t, "references": ["x"]}
+                for i, t in enumerate(texts)]
+        (folder / f"{method}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+COMMITTED = {"single": (50.0, 0.40, 1.0), "moa": (48.0, 0.38, 0.95), "svd": (30.0, 0.10, 0.70)}
+TEXTS = {m: [f"{m} {i}" for i in range(10)] for m in COMMITTED}
+
+
+@pytest.fixture
+def committed(tmp_path):
+    write_folder(tmp_path / "committed" / "7-task", COMMITTED, TEXTS)
+    return tmp_path / "committed"
+
+
+def test_an_identical_run_is_reproduced_exactly(committed, tmp_path):
+    write_folder(tmp_path / "run" / "7-task", COMMITTED, TEXTS)
+    checks = reproduction.compare(committed, tmp_path / "run")
+    assert [(c.method, c.status, c.differing) for c in checks] == [(m, "identical", (0, 10)) for m in COMMITTED]
+    ok, line = reproduction.verdict(checks)
+    assert ok and line.startswith("reproduced exactly") and "30 predictions identical" in line.replace(",", "")
+
+
+def test_a_run_inside_the_intervals_is_reproduced_and_counts_the_differing_predictions(committed, tmp_path):
+    scores = {**COMMITTED, "moa": (47.0, 0.39, 0.99)}          # 0.99 inside [0.90, 1.00]
+    texts = {**TEXTS, "moa": ["changed"] * 3 + TEXTS["moa"][3:]}
+    write_folder(tmp_path / "run" / "7-task", scores, texts)
+    checks = {c.method: c for c in reproduction.compare(committed, tmp_path / "run")}
+    assert checks["moa"].status == "inside" and checks["moa"].differing == (3, 10)
+    assert checks["moa"].ours - checks["moa"].committed[0] == pytest.approx(0.04)
+    ok, line = reproduction.verdict(list(checks.values()))
+    assert ok and line.startswith("reproduced:") and "3 of 30 predictions differ" in line
+    text = reproduction.report(list(checks.values()), committed, tmp_path / "run")
+    assert "| 7-task | moa | 0.950 [0.900, 1.000] | 0.990 | +0.040 | yes | 3 of 10 |" in text
+
+
+def test_a_score_outside_its_interval_is_not_reproduced_and_named(committed, tmp_path):
+    write_folder(tmp_path / "run" / "7-task", {**COMMITTED, "svd": (30.0, 0.10, 0.76)}, TEXTS)  # 0.76 > 0.75
+    checks = reproduction.compare(committed, tmp_path / "run")
+    ok, line = reproduction.verdict(checks)
+    assert not ok and line == "not reproduced: outside the committed 95% interval: svd (7-task)"
+    assert "| **no** |" in reproduction.report(checks, committed, tmp_path / "run")
+
+
+def test_single_is_checked_per_task_since_its_normalized_interval_has_no_width(committed, tmp_path):
+    write_folder(tmp_path / "run" / "7-task", {**COMMITTED, "single": (56.0, 0.40, 1.0)}, TEXTS)  # qa 56 > 55
+    single = next(c for c in reproduction.compare(committed, tmp_path / "run") if c.method == "single")
+    assert single.status == "OUTSIDE" and single.tasks_inside == (1, 2)
+
+
+def test_a_method_missing_on_either_side(committed, tmp_path):
+    run = {**COMMITTED, "ties": (40.0, 0.2, 0.8)}
+    del run["svd"]
+    write_folder(tmp_path / "run" / "7-task", run, TEXTS)
+    # asked for svd and ties: svd is missing from the run (a failure), ties has nothing committed (named, not a failure)
+    checks = {c.method: c for c in reproduction.compare(committed, tmp_path / "run", ["single", "moa", "svd", "ties"])}
+    assert checks["svd"].status == "not in this run" and checks["ties"].status == "no committed result"
+    ok, line = reproduction.verdict(list(checks.values()))
+    assert not ok and "missing in this run: svd (7-task)" in line and "no committed result to compare for ties" in line
+    # without the list, the run's own methods: ties is named but the rest reproduces
+    ok, line = reproduction.verdict(reproduction.compare(committed, tmp_path / "run"))
+    assert ok and line.endswith("no committed result to compare for ties (7-task)")
+
+
+def test_main_writes_the_report_and_exits_1_when_not_reproduced(committed, tmp_path, capsys):
+    write_folder(tmp_path / "run" / "7-task", {**COMMITTED, "moa": (48.0, 0.38, 0.5)}, TEXTS)
+    assert reproduction.main(["--committed", str(committed), "--run", str(tmp_path / "run")]) == 1
+    written = (tmp_path / "run" / "reproduction.md").read_text()
+    assert "**Verdict: not reproduced" in written and written in capsys.readouterr().out
+    write_folder(tmp_path / "run2" / "7-task", COMMITTED, TEXTS)
+    assert reproduction.main(["--committed", str(committed), "--run", str(tmp_path / "run2")]) == 0
