@@ -425,6 +425,174 @@ def case_eval(device, dtype, reps: int) -> dict:
             "reference_rows_per_s": len(rows) / result["reference_s"]}
 
 
+# ------------------------------------------------------------------------------------------ RegMean's memory
+QWEN2_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-1.5b": QWEN2_1_5B}
+TARGET_SETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+REGMEAN_ROWS, REGMEAN_TOKENS = 4, 64   # rows per adapter, tokens per row
+
+
+class RandomRows:
+    """An adapter's rows for the memory benchmark: random token ids (the Grams' size does not depend on the text)."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def training_examples(self, n: int, tokenizer, window: int) -> tuple:
+        ids = torch.randint(0, 151936, (n, REGMEAN_TOKENS), generator=self.gen)
+        return [{"input_ids": row.tolist()} for row in ids], {"rows": n}
+
+
+def regmean_setup(shape: str, layers: int, targets: str, n: int, device):
+    """A random-initialised Qwen2-shaped model cut to `layers` layers (float32; nothing downloaded), n random
+    rank-8 adapters on `targets`, and each adapter's rows."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from types import SimpleNamespace
+
+    from src import merge_fit
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES[shape], "num_hidden_layers": layers})).eval()
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rpartition(".")[2] in TARGET_SETS[targets]}
+    adapters = [lora.Adapter({name: lora.Lora(torch.randn(RANK, m.in_features, generator=gen) * 0.02,
+                                              torch.randn(m.out_features, RANK, generator=gen) * 0.02, ALPHA / RANK)
+                              for name, m in linears.items()}) for _ in range(n)]
+    names = [f"adapter{i}" for i in range(n)]
+    data = merge_fit.FitData(model, SimpleNamespace(eos_token_id=0, model_max_length=4096), names, batch_size=4,
+                             sources={t: RandomRows(i) for i, t in enumerate(names)})
+    return model, adapters, data
+
+
+def regmean_per_task(adapters: list, data, rows: int, alpha: float) -> lora.Adapter:
+    """RegMean as it was before the summed statistics: every task's Gram matrices held at once
+    (merge_fit.gram_matrices, n d_in x d_in float64 per input), then merges.regmean per module."""
+    from src import merge_fit
+
+    adapters = merges.over_union(adapters)
+    examples, _ = data.training_examples(rows)
+    grams = [merge_fit.gram_matrices(data.model, a, examples[t], data.batch_size, 0) for t, a in zip(data.tasks, adapters)]
+    return lora.Adapter({name: merges.regmean([a.modules[name] for a in adapters], [g[name] for g in grams], alpha)
+                         for name in sorted(adapters[0].modules)})
+
+
+def regmean_memory_case(impl: str, shape: str, layers: int, targets: str, n: int, device, memory=None) -> dict:
+    """One RegMean merge at alpha 0.9 in this process: the peak memory beyond what the model, the adapters and
+    the rows hold before it (RSS on the CPU: ru_maxrss, which only grows, hence one case per process; on a GPU
+    max_memory_allocated), and its seconds."""
+    import resource
+
+    import psutil
+
+    from src import merge_fit
+
+    model, adapters, data = regmean_setup(shape, layers, targets, n, device)
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = psutil.Process().memory_info().rss
+    peak_before = 0 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # the set-up's own peak
+    start = time.perf_counter()
+    info = {}
+    if impl == "per-task":
+        merged = regmean_per_task(adapters, data, REGMEAN_ROWS, 0.9)
+    else:
+        make, info = merge_fit.regmean(adapters, data, REGMEAN_ROWS, memory=memory, alpha=0.9)
+        merged = make({"alpha": 0.9})
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"impl": impl, "shape": shape, "layers": layers, "targets": targets, "n": n, "seconds": seconds,
+            "peak_beyond_model_bytes": peak - before, "model_bytes": before, "merge_set_the_peak": peak > peak_before, "modules": len(merged.modules),
+            "passes": info.get("gram_memory", {}).get("passes", 1), "rows": REGMEAN_ROWS, "tokens": REGMEAN_TOKENS}
+
+
+REGMEAN_GRID = [  # (targets, layers): as many layers of Qwen2-0.5B as the per-task form fits here at n = 14
+    ("attention", 24), ("all-linear", 4)]
+REGMEAN_NS = (2, 4, 7, 14)
+
+
+def run_regmean(args) -> dict:
+    """Every (targets, n, impl) of the grid, each in its own process, and the Qwen2-1.5B all-linear case within
+    a 16 GB budget (the model's own memory included)."""
+    cases = [("summed", "qwen2-0.5b", layers, targets, n, None) for targets, layers in REGMEAN_GRID for n in REGMEAN_NS]
+    cases += [("per-task", "qwen2-0.5b", layers, targets, n, None) for targets, layers in REGMEAN_GRID for n in REGMEAN_NS]
+    cases.append(("summed", "qwen2-1.5b", 28, "all-linear", 7, args.regmean_big_budget))
+    out = []
+    for impl, shape, layers, targets, n, memory in cases:
+        cmd = [sys.executable, __file__, "--regmean-case", f"{impl},{shape},{layers},{targets},{n},{memory or ''}",
+               "--device", args.device]
+        print(f"== regmean {impl} {shape} {layers} layers {targets} n={n}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"regmean case failed:\n{proc.stderr[-3000:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(out[-1]), flush=True)
+    return {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit(),
+            "cases": out}
+
+
+def write_regmean_report(results: dict, out: Path):
+    """The table (per-task against summed, side by side per n) and the figure of memory against n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
+    by = {(c["impl"], c["shape"], c["targets"], c["n"]): c for c in results["cases"]}
+    gb = 1e9
+    lines = [f"# RegMean's memory against the number of adapters ({results['device']}, torch {results['torch']}, "
+             f"{results['threads']} threads)", "",
+             f"Peak memory of one RegMean merge (alpha 0.9, {REGMEAN_ROWS} rows of {REGMEAN_TOKENS} tokens per "
+             "adapter, random rank-8 adapters) beyond the model, adapters and rows already held, each case in a "
+             "fresh process (peak RSS only grows); per-task: every adapter's Gram matrices held at once (the "
+             "implementation before the summed statistics); summed: S = sum_i G_i, the diagonals and G_i A_i^T, "
+             "collected while each adapter's rows run.", "",
+             "| model (layers) | targets | n | per-task peak | summed peak | per-task / summed | per-task s | summed s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for targets, layers in REGMEAN_GRID:
+        for n in REGMEAN_NS:
+            old, new = by.get(("per-task", "qwen2-0.5b", targets, n)), by[("summed", "qwen2-0.5b", targets, n)]
+            peak = new["peak_beyond_model_bytes"]
+            old_peak = f"{old['peak_beyond_model_bytes'] / gb:.2f} GB" if old else "n/a"
+            ratio = f"{old['peak_beyond_model_bytes'] / peak:.1f}x" if old else "n/a"
+            old_s = f"{old['seconds']:.1f}" if old else "n/a"
+            lines.append(f"| Qwen2-0.5B ({layers}) | {targets} | {n} | {old_peak} | {peak / gb:.2f} GB | {ratio} | "
+                         f"{old_s} | {new['seconds']:.1f} |")
+    big = by.get(("summed", "qwen2-1.5b", "all-linear", 7))
+    if big:
+        lines += ["", f"Qwen2-1.5B shape, all 28 layers, all-linear targets, 7 adapters, summed statistics in "
+                      f"{big['passes']} passes: model {big['model_bytes'] / gb:.2f} GB (RSS before the merge), peak "
+                      f"{(big['model_bytes'] + big['peak_beyond_model_bytes']) / gb:.2f} GB in all, "
+                      f"{big['seconds']:.0f} s."]
+    for targets, layers in REGMEAN_GRID:
+        new = [by[("summed", "qwen2-0.5b", targets, n)]["peak_beyond_model_bytes"] for n in REGMEAN_NS]
+        lines += ["", f"{targets}: summed peak at n = 14 is {new[-1] / new[0]:.3f} of n = 2's."]
+    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
+    fig, axes = plt.subplots(1, len(REGMEAN_GRID), figsize=(10, 3.8))
+    for ax, (targets, layers) in zip(axes, REGMEAN_GRID):
+        for impl, style in (("per-task", "o-"), ("summed", "s-")):
+            ns = [n for n in REGMEAN_NS if (impl, "qwen2-0.5b", targets, n) in by]
+            ax.plot(ns, [by[(impl, "qwen2-0.5b", targets, n)]["peak_beyond_model_bytes"] / gb for n in ns], style,
+                    label=impl)
+        ax.set(title=f"Qwen2-0.5B shape, {layers} layers, {targets}", xlabel="adapters merged (n)",
+               ylabel="peak memory beyond the model (GB)", xticks=list(REGMEAN_NS))
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.tight_layout()
+    figure = REPO / "results" / "figures" / "regmean_memory.png"
+    fig.savefig(figure, dpi=120)
+
+
 CASES = {
     "svd-smollm2-135m": ("SVD merge, SmolLM2-135M shapes: ours vs PEFT svd", lambda a: case_merge("svd", "smollm2", a.reps)),
     "svd-qwen2-1.5b": ("SVD merge, Qwen2-1.5B shapes: ours vs PEFT svd", lambda a: case_merge("svd", "qwen2-1.5b", min(a.reps, 3))),
@@ -531,12 +699,28 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(REPO / "results" / "bench"), help="report path without suffix")
+    p.add_argument("--regmean", action="store_true",
+                   help="RegMean's memory against the number of adapters (results/bench-regmean.{json,md})")
+    p.add_argument("--regmean-case", default=None, metavar="IMPL,SHAPE,LAYERS,TARGETS,N,MEMORY",
+                   help="one RegMean memory case in this process, printed as JSON")
+    p.add_argument("--regmean-big-budget", type=float, default=8.0,
+                   help="GB for the Qwen2-1.5B case's statistics (its model takes about 6.2 GB of the 16)")
     p.add_argument("--keep", action="store_true",
                    help="keep the existing report's rows of the cases not in --cases (each row names its commit)")
     args = p.parse_args()
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.case:
         print(json.dumps(CASES[args.case][1](args)))
+        return
+    if args.regmean_case:
+        impl, shape, layers, targets, n, memory = args.regmean_case.split(",")
+        print(json.dumps(regmean_memory_case(impl, shape, int(layers), targets, int(n), args.device,
+                                             float(memory) if memory else None)))
+        return
+    if args.regmean:
+        out = Path(args.out).with_name("bench-regmean")
+        write_regmean_report(run_regmean(args), out)
+        print(out.with_suffix(".md").read_text())
         return
     args.cases = [c.strip() for c in args.cases.split(",")]
     write_report(run_all(args), Path(args.out))

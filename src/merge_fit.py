@@ -276,7 +276,8 @@ def gram_matrices(model, adapter: lora.Adapter, examples: list, batch_size: int,
     """{module: X^T X} in float64 over the inputs X (tokens x d_in) that every module of `adapter` receives on
     every non-pad token (prompt, target and EOS) of `examples`, with the adapter folded into the model: the inputs of
     that task's fine-tuned model, as RegMean takes them. Modules fed the same tensor (q, k and v take one hidden
-    state) share one matrix, computed once."""
+    state) share one matrix, computed once. One task's Grams: the per-task form of RegMean (n of these held at
+    once), the reference `regmean_pass`'s summed statistics are tested and benchmarked against."""
     linears = lora.fold_targets(model, adapter)
     names = list(linears)
     sums, alias, mask = {}, {}, {}
@@ -299,24 +300,222 @@ def gram_matrices(model, adapter: lora.Adapter, examples: list, batch_size: int,
     return {name: sums[alias.get(name, name)] for name in linears}
 
 
-def regmean(adapters: list, data: FitData, rows: int) -> tuple:
-    """RegMean's statistics: the Gram matrices of each task's inputs at every adapted module, from the first `rows`
-    rows its adapter trained on, run through its own fine-tuned model. Returns (merge at parameters -> Adapter,
-    info); build chooses alpha on validation rows (the rows after the training rows) like any grid."""
+@dataclass
+class ModelInput:
+    """One distinct input of the adapted modules, in the order the forward pass reaches it: the modules that read it
+    (q, k and v one hidden state; gate and up another) and its width."""
+    modules: list
+    d_in: int
+
+
+def model_inputs(model, adapter: lora.Adapter) -> list[ModelInput]:
+    """The distinct inputs of the adapter's modules in forward order, from one forward pass over two tokens (which
+    module reads which tensor is the architecture's, not the data's)."""
+    linears = lora.fold_targets(model, adapter)
+    names, found = list(linears), []
+    handles = lora.hook_distinct_inputs(
+        list(linears.values()), lambda i, x: found.append(ModelInput([names[i]], x.shape[-1])),
+        lambda i, j: found[-1].modules.append(names[i]))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long, device=model.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+@dataclass
+class GramPlan:
+    """How RegMean's statistics are collected within a memory budget: the inputs of each pass over the rows, in
+    forward order. Per input (float64): S, d_in^2; the n task diagonals, n d_in; each module's G_i A_i^T, R d_in
+    (R = sum_i r_i). Solving one input at an alpha adds G' and its Cholesky factor, 2 d_in^2. With several passes
+    the merged A factors of every alpha that may be tried are kept instead of the statistics: R d_in each."""
+    inputs: list                # ModelInput, forward order
+    passes: list                # [[input index, ...], ...]
+    bytes_per_input: list
+    workspace: int              # the largest solve's G' and factor
+    budget: int
+    budget_source: str
+
+    def describe(self, n: int) -> str:
+        held = max(sum(self.bytes_per_input[i] for i in p) for p in self.passes) + self.workspace
+        total = sum(self.bytes_per_input)
+        return (f"regmean: {n} adapters, {len(self.inputs)} distinct inputs (d_in {min(i.d_in for i in self.inputs)}"
+                f"-{max(i.d_in for i in self.inputs)}): {_gb(total)} of summed Gram statistics (float64; the same "
+                f"for any number of adapters but for n d_in + R d_in per input), at most {_gb(held)} held with the "
+                f"solve; budget {_gb(self.budget)} ({self.budget_source}): "
+                + ("one pass over each adapter's rows" if len(self.passes) == 1 else
+                   f"{len(self.passes)} passes over each adapter's rows (layer groups of "
+                   f"{min(map(len, self.passes))}-{max(map(len, self.passes))} inputs)"))
+
+
+def plan_passes(inputs: list, adapters: list, memory_gb: float | None, device) -> GramPlan:
+    """Group the inputs (consecutive in forward order) into as few passes as fit the budget: `memory_gb`, or 80% of
+    the memory free now on the model's device (after the model loaded). Refuses in one line when the statistics
+    of a single input cannot fit."""
+    n = len(adapters)
+    ranks = {name: sum(a.modules[name].A.shape[0] for a in adapters) for name in adapters[0].modules}
+    per_input = [8 * (i.d_in ** 2 + n * i.d_in + sum(ranks[m] for m in i.modules) * i.d_in) for i in inputs]
+    workspace = 2 * 8 * max(i.d_in for i in inputs) ** 2
+    if memory_gb is not None:
+        budget, source = int(memory_gb * 1e9), "regmean.memory"
+    elif torch.device(device).type == "cuda":
+        budget, source = int(0.8 * torch.cuda.mem_get_info(device)[0]), "80% of the GPU memory free"
+    else:
+        import psutil
+
+        budget, source = int(0.8 * psutil.virtual_memory().available), "80% of the memory available"
+    worst = max(range(len(inputs)), key=lambda i: per_input[i])
+    if per_input[worst] + workspace > budget:
+        raise BadInput(f"regmean needs {_gb(per_input[worst] + workspace)} for the Gram statistics of one input "
+                       f"({', '.join(inputs[worst].modules[:3])}: d_in {inputs[worst].d_in}) and its solve, more than "
+                       f"the budget of {_gb(budget)} ({source}): raise --memory GB (full_evaluation.py: --set "
+                       "regmean.memory=GB) where the machine has it, or merge adapters of fewer modules")
+    passes, size = [[]], 0
+    for i, b in enumerate(per_input):
+        if passes[-1] and size + b + workspace > budget:
+            passes.append([])
+            size = 0
+        passes[-1].append(i)
+        size += b
+    return GramPlan(inputs, passes, per_input, workspace, budget, source)
+
+
+class _StopForward(Exception):
+    """Raised after the last module a pass collects: the layers after it would compute nothing used."""
+
+
+def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size: int, pad_id: int) -> tuple:
+    """({first module of each input: merges.RegMeanInput}, {module: [G_i A_i^T per task]}) for `inputs`, summed
+    over the tasks while each task's rows run through its own model (its adapter folded in): no G_i is ever held, so
+    memory does not grow with the number of adapters. Products in float64 on the model's device; the forward stops
+    after the last module of `inputs`."""
+    device, n = model.device, len(adapters)
+    key = {m: inp.modules[0] for inp in inputs for m in inp.modules}
+    stats = {inp.modules[0]: merges.RegMeanInput(torch.zeros(inp.d_in, inp.d_in, dtype=torch.float64, device=device),
+                                                 torch.zeros(n, inp.d_in, dtype=torch.float64, device=device))
+             for inp in inputs}
+    projected = {m: [None] * n for m in key}
+    last = inputs[-1].modules[-1]
+    for t, (adapter, rows) in enumerate(zip(adapters, examples)):
+        linears = lora.fold_targets(model, adapter)
+        names = list(key)
+        A = {m: adapter.modules[m].A.to(device, torch.float64) for m in names}
+        for m in names:
+            projected[m][t] = torch.zeros(A[m].shape[1], A[m].shape[0], dtype=torch.float64, device=device)
+        cur = {}
+
+        def project(m):
+            projected[m][t] += cur["flat"].T @ (cur["flat"] @ A[m].T)
+
+        def new(i, x):
+            cur["flat"] = flat = x[cur["mask"]].double()
+            s = stats[key[names[i]]]
+            s.summed += flat.T @ flat
+            s.diagonals[t] += (flat * flat).sum(0)
+            project(names[i])
+
+        def stop(module, args):
+            raise _StopForward
+
+        handles = lora.hook_distinct_inputs([linears[m] for m in names], new, lambda i, j: project(names[i]))
+        handles.append(linears[last].register_forward_pre_hook(stop))   # runs after the hook above
+        try:
+            with torch.no_grad(), lora.folded(model, adapter):
+                model.eval()
+                for i in range(0, len(rows), batch_size):
+                    batch = pad_batch([e["input_ids"] for e in rows[i:i + batch_size]], pad_id, left=False)
+                    cur["mask"] = batch["attention_mask"].bool().to(device)
+                    try:
+                        model(**{k: v.to(device) for k, v in batch.items()})
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+    return stats, projected
+
+
+def reachable(param: merges.Param) -> list:
+    """Every value `choose` may try for a parameter searched alone: its grid and the extensions past either end."""
+    values = list(param.grid)
+    for end in (min, max):
+        value = end(values)
+        for _ in range(MAX_EXTENSIONS):
+            value = beyond_edge(param, value, values)
+            if value is None:
+                break
+            values.append(value)
+    return values
+
+
+def regmean(adapters: list, data: FitData, rows: int, memory: float | None = None, alpha: float | None = None) -> tuple:
+    """RegMean's statistics: the summed Gram matrices of the tasks' inputs at every adapted module, each task's
+    from the first `rows` rows its adapter trained on, run through its own fine-tuned model. Returns (merge at
+    parameters -> Adapter, info); build chooses alpha on validation rows (the rows after the training rows) like any
+    grid. When the statistics do not fit the memory budget at once (`plan_passes`), they are collected for a group
+    of inputs per pass, and each pass solves every alpha the search may try (`reachable`) before its statistics
+    are dropped (only `alpha`, when it is given); an alpha outside those costs the passes again."""
     adapters = merges.over_union(adapters)   # a task's Grams are collected at every module of the union
     examples, spans = data.training_examples(rows)
+    examples = [examples[t] for t in data.tasks]
     started = time.perf_counter()
-    grams = [gram_matrices(data.model, a, examples[t], data.batch_size, data.tokenizer.eos_token_id)
-             for t, a in zip(tqdm(data.tasks, desc="regmean: Gram matrices", unit="task", leave=False), adapters)]
+    inputs = model_inputs(data.model, adapters[0])
+    plan = plan_passes(inputs, adapters, memory, data.model.device)
+    print(plan.describe(len(adapters)), flush=True)
     names = sorted(adapters[0].modules)
+    solved = {}   # alpha -> {module: merged Lora}
+
+    def solve(alphas: list):
+        bar = tqdm(total=len(plan.passes) * len(adapters), desc="regmean: Gram statistics", unit="task", leave=False)
+        for group in plan.passes:
+            pass_inputs = [inputs[i] for i in group]
+            stats, projected = regmean_pass(data.model, adapters, examples, pass_inputs, data.batch_size,
+                                            data.tokenizer.eos_token_id)
+            bar.update(len(adapters))
+            for alpha in alphas:
+                for inp in pass_inputs:
+                    factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
+                    for m in inp.modules:
+                        solved.setdefault(alpha, {})[m] = merges.regmean_solve(
+                            [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor)
+            if len(plan.passes) == 1:   # one pass: keep the statistics and solve each alpha when asked
+                kept.update(stats=stats, projected=projected)
+            del stats, projected
+        bar.close()
+
+    kept = {}
+    alphas = ([] if len(plan.passes) == 1 else [alpha] if alpha is not None
+              else reachable(merges.get_method("regmean").params["alpha"]))
+    solve(alphas)
 
     def make(params: dict) -> lora.Adapter:
-        return merges.check_finite(lora.Adapter(
-            {name: merges.regmean([a.modules[name] for a in adapters], [g[name] for g in grams], params["alpha"])
-             for name in names}, adapters[0].base_model), "regmean")
+        alpha = params["alpha"]
+        if alpha not in solved:
+            if kept:
+                solved[alpha] = {}
+                for inp in inputs:
+                    stats = kept["stats"][inp.modules[0]]
+                    factor = merges.regmean_factor(stats, alpha)
+                    for m in inp.modules:
+                        solved[alpha][m] = merges.regmean_solve([a.modules[m] for a in adapters], stats,
+                                                                kept["projected"][m], alpha, factor)
+            else:
+                solve([alpha])
+        merged = lora.Adapter({name: solved[alpha][name] for name in names}, adapters[0].base_model)
+        if kept:
+            del solved[alpha]   # one pass: solving again is cheap, holding every alpha's factors is not needed
+        return merges.check_finite(merged, "regmean")
 
-    tokens = {t: sum(len(e["input_ids"]) for e in ex) for t, ex in examples.items()}
-    return make, {"gram_rows": spans, "gram_tokens": tokens, "gram_seconds": round(time.perf_counter() - started, 1)}
+    tokens = {t: sum(len(e["input_ids"]) for e in ex) for t, ex in zip(data.tasks, examples)}
+    return make, {"gram_rows": spans, "gram_tokens": tokens, "gram_seconds": round(time.perf_counter() - started, 1),
+                  "gram_memory": {"statistics_bytes": sum(plan.bytes_per_input), "solve_bytes": plan.workspace,
+                                  "budget_bytes": plan.budget, "passes": len(plan.passes)}}
 
 
 # ---------------------------------------------------------------------------------------------- build a merge
@@ -367,7 +566,10 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         if not any(p.grid for p in method.params.values()):
             merged, info = method.fn(adapters, data, **params)
             return merged, {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
-        make, info = method.fn(adapters, data, **{k: v for k, v in params.items() if not method.params[k].grid})
+        # the fit learns its statistics once; a grid value given is passed too (RegMean in layer groups solves
+        # only that alpha instead of every one the search could try)
+        make, info = method.fn(adapters, data, **{k: v for k, v in params.items()
+                                                 if not method.params[k].grid or k in fixed})
     else:
         extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
 
@@ -441,9 +643,15 @@ merges.register(merges.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
 merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an exact LoRA",
                 "sum_i s_i B_i (A_i G_i' G'^-1), G_i: Gram of task i's layer inputs, off-diagonals scaled by alpha",
                 "data", regmean,
-                {"rows": merges.Param(128, "training rows per task whose layer inputs make its Gram matrices",
+                {"rows": merges.Param(128, "training rows per adapter whose layer inputs make its Gram matrices",
                                       low=1, kind=int),
-                 "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: least squares)",
-                                       grid=(0.1, 0.5, 0.9, 1.0), low=0.0, high=1.0, open="low")},
+                 "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: plain least "
+                                       "squares; towards 0: each input feature weighted by its share of the summed "
+                                       "energy); chosen on rows unless given", grid=(0.1, 0.5, 0.9, 1.0), low=0.0,
+                                       high=1.0, open="low"),
+                 "memory": merges.Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory "
+                                        "free after the model loads); when they do not fit, they are collected for "
+                                        "a group of layers per pass over the rows", low=0.0, open="low",
+                                        none_ok=True)},
                 "exact, rank R",
                 exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"))

@@ -629,7 +629,39 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
 
 
 # ------------------------------------------------------------------------- RegMean: data-aware, an exact LoRA
-def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:
+@dataclass
+class RegMeanInput:
+    """What RegMean needs of the inputs one or more modules read (q, k and v read one hidden state), summed over the
+    tasks so that its size does not grow with their number: S = sum_i G_i (d_in x d_in), G_i = X_i^T X_i the Gram
+    matrix of task i's inputs X_i (tokens x d_in), and each task's diagonal diag(G_i) (n x d_in). float64."""
+    summed: torch.Tensor        # (d_in, d_in)
+    diagonals: torch.Tensor     # (n, d_in): row i is diag(G_i)
+
+
+def regmean_statistics(loras: list[Lora], grams: list[torch.Tensor]) -> tuple[RegMeanInput, list[torch.Tensor]]:
+    """(S and the diagonals, each task's G_i A_i^T) from the per-task Gram matrices of one module: the statistics
+    merge_fit collects while each task's rows run (there without ever holding two G_i), here from G_i given."""
+    if len(grams) != len(loras):
+        raise BadInput(f"{len(grams)} Gram matrices for {len(loras)} LoRAs: give one per task")
+    G = [g.double() for g in grams]
+    return (RegMeanInput(sum(G), torch.stack([torch.diagonal(g) for g in G])),
+            [g @ f.A.double().T for g, f in zip(G, loras)])
+
+
+def regmean_factor(stats: RegMeanInput, alpha: float) -> torch.Tensor:
+    """The Cholesky factor of G' = sum_i G_i' = alpha S + (1 - alpha) diag(sum_i diag(G_i)), one per input and
+    alpha, shared by every module reading that input."""
+    G = alpha * stats.summed
+    G.diagonal().add_((1 - alpha) * stats.diagonals.sum(0))
+    factor, info = torch.linalg.cholesky_ex(G)
+    if info.item() != 0:
+        raise BadInput(f"RegMean: the summed Gram matrix is singular (an input feature never seen, or alpha {alpha} "
+                       "with too few tokens): collect the Grams on more rows or lower alpha")
+    return factor
+
+
+def regmean_solve(loras: list[Lora], stats: RegMeanInput, projected: list[torch.Tensor], alpha: float,
+                  factor: torch.Tensor | None = None) -> Lora:
     """RegMean (Jin et al., ICLR 2023) of one linear module, as an exact LoRA of rank R = sum_i r_i.
 
     Task i's model maps its own layer inputs X_i (tokens x d_in) by W_i = W_0 + D_i, D_i = s_i B_i A_i. RegMean
@@ -640,22 +672,31 @@ def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:
           = W_0 + sum_i s_i B_i (A_i G_i' G'^{-1})        (since sum_i G_i' G'^{-1} = I)
 
     so the merge is the LoRA B = [s_1 B_1 ... s_n B_n], A = [A_1 G_1' G'^{-1}; ...; A_n G_n' G'^{-1}], scale 1,
-    and no d_out x d_in matrix is formed. G' is symmetric: A_i G_i' G'^{-1} = (G'^{-1} G_i' A_i^T)^T, one linear
-    solve (Cholesky) for all tasks at once in float64, no explicit inverse. A task that does not adapt the module
-    (rank 0) still counts in G': its model keeps W_0 there, which the merge should keep on its inputs too. alpha 1
-    is plain least squares; alpha -> 0 weighs each input feature by its share of the summed energy."""
-    if len(grams) != len(loras):
-        raise BadInput(f"{len(grams)} Gram matrices for {len(loras)} LoRAs: give one per task")
-    G = [(alpha * g.double() + (1 - alpha) * torch.diag(torch.diagonal(g.double()))) for g in grams]
-    dtype = loras[0].A.dtype
-    rhs = torch.cat([g @ f.A.double().T for g, f in zip(G, loras)], dim=1)   # d_in x R
-    factor, info = torch.linalg.cholesky_ex(sum(G))
-    if info.item() != 0:
-        raise BadInput(f"RegMean: the summed Gram matrix is singular (an input feature never seen, or alpha {alpha} "
-                       "with too few tokens): collect the Grams on more rows or lower alpha")
-    A = torch.cholesky_solve(rhs, factor).T                                 # R x d_in
+    and no d_out x d_in matrix is formed. Both G' and G_i' A_i^T are linear in statistics summed over the tasks:
+
+        G'          = alpha S + (1 - alpha) diag(sum_i d_i),          S = sum_i G_i,  d_i = diag(G_i)
+        G_i' A_i^T  = alpha (G_i A_i^T) + (1 - alpha) d_i * A_i^T     (d_i scaling the rows of A_i^T)
+
+    so any alpha needs only S, the d_i and the G_i A_i^T (d_in x r_i): memory d_in^2 + n d_in + R d_in, not n d_in^2.
+    G' is symmetric: A_i G_i' G'^{-1} = (G'^{-1} G_i' A_i^T)^T, one linear solve (Cholesky) for all tasks at once in
+    float64, no explicit inverse. A task that does not adapt the module (rank 0) still counts in G': its model keeps
+    W_0 there, which the merge should keep on its inputs too. alpha 1 is plain least squares; alpha -> 0 weighs each
+    input feature by its share of the summed energy. `factor`: regmean_factor(stats, alpha), if already computed."""
+    if len(projected) != len(loras) or stats.diagonals.shape[0] != len(loras):
+        raise BadInput(f"statistics of {len(projected)} tasks for {len(loras)} LoRAs: give one per task")
+    factor = regmean_factor(stats, alpha) if factor is None else factor
+    rhs = torch.cat([alpha * p + (1 - alpha) * d[:, None] * f.A.double().T
+                     for p, d, f in zip(projected, stats.diagonals, loras)], dim=1)   # d_in x R
+    A = torch.cholesky_solve(rhs, factor).T                                          # R x d_in
     B = torch.cat([f.scale * f.B.double() for f in loras], dim=1)
+    dtype = loras[0].A.dtype
     return Lora(A.to(dtype), B.to(dtype), 1.0)
+
+
+def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:
+    """RegMean of one module from each task's Gram matrix G_i (the formula: regmean_solve)."""
+    stats, projected = regmean_statistics(loras, grams)
+    return regmean_solve(loras, stats, projected, alpha)
 
 
 def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:

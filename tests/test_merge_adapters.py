@@ -410,7 +410,13 @@ def test_regmean_from_the_command_on_the_users_rows(tiny_dir, model, adapters, t
     candidates = record["selection"]["candidates"]
     assert record["params"] == min(candidates, key=lambda c: c["val_loss"])["params"] and record["params"]["rows"] == 4
     assert record["gram_rows"][str(files[0])]["lines"] == [1, 4]
-    assert "<- chosen" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "<- chosen" in out and "one pass over each adapter's rows" in out.split("regmean: 2 adapters, ")[1]
+    # a budget below one input's statistics: refused in one line naming the flag, before any pass, nothing written
+    err = run_error(["--method", "regmean", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
+                     "--memory", "1e-6", "--out", str(tmp_path / "small"), *map(str, adapters[:2])], capsys)
+    assert "for the Gram statistics of one input" in err and "raise --memory GB" in err
+    assert not (tmp_path / "small").exists()
     m, tokenizer = model
     loaded = [lora.load_adapter(a) for a in adapters[:2]]
     rows = [merge_fit.FileRows.read(f).examples(4, tokenizer, 512)[0] for f in files]

@@ -180,3 +180,56 @@ def test_regmean_chooses_alpha_on_validation_rows_and_merges_the_grams_of_the_tr
         want = merge_fit.merges.regmean([a.modules[name] for a in adapters], [g[name] for g in grams],
                                         info["params"]["alpha"])
         assert got.A.shape[0] == 16 and torch.allclose(got.delta(), want.delta(), rtol=1e-4, atol=1e-6), name
+
+
+def test_regmean_statistics_are_the_per_task_grams_summed(trained, no_test_rows):
+    """regmean_pass against gram_matrices (each task's Grams held at once, the reference): S = sum_i G_i, the task
+    diagonals diag(G_i) and G_i A_i^T, per distinct input and module. Same batches, so the same activations; the
+    float64 sums run in another order (tasks into one S), hence a relative bound of 1e-12, far above the ~1e-15 of
+    reordering a float64 sum of a few hundred terms and far below any change of the data."""
+    model, tokenizer, adapters = trained[:3]
+    examples, _ = fit_data(trained).training_examples(6)
+    rows = [examples[t] for t in TASKS]
+    inputs = merge_fit.model_inputs(model, adapters[0])
+    assert [i.modules for i in inputs[:2]] == [[f"model.layers.0.self_attn.{m}_proj" for m in "qkv"],
+                                                ["model.layers.0.self_attn.o_proj"]]
+    stats, projected = merge_fit.regmean_pass(model, adapters, rows, inputs, 4, tokenizer.eos_token_id)
+    grams = [merge_fit.gram_matrices(model, a, r, 4, tokenizer.eos_token_id) for a, r in zip(adapters, rows)]
+    for inp in inputs:
+        s = stats[inp.modules[0]]
+        want = grams[0][inp.modules[0]] + grams[1][inp.modules[0]]
+        assert (s.summed - want).abs().max() <= 1e-12 * want.abs().max()
+        for t in range(2):
+            assert torch.allclose(s.diagonals[t], torch.diagonal(grams[t][inp.modules[0]]), rtol=1e-12, atol=0)
+            for m in inp.modules:
+                p = grams[t][m] @ adapters[t].modules[m].A.double().T
+                assert (projected[m][t] - p).abs().max() <= 1e-12 * p.abs().max(), m
+
+
+def test_regmean_in_layer_groups_equals_one_pass_and_ignores_the_order_of_the_tasks(trained, no_test_rows, capsys):
+    """A budget that fits one input at a time: as many passes as distinct inputs (each forward stopped after its
+    last module), every alpha of the grid and its extensions solved per pass, and the same merge as one pass at
+    every alpha; the tasks given in the other order merge to the same update (float32 factors: a few u32)."""
+    model, tokenizer, adapters = trained[:3]
+    one_make, one_info = merge_fit.regmean(adapters, fit_data(trained), rows=6)
+    assert one_info["gram_memory"]["passes"] == 1 and "one pass over each adapter's rows" in capsys.readouterr().out
+    inputs = merge_fit.model_inputs(model, adapters[0])
+    plan = merge_fit.plan_passes(inputs, adapters, None, "cpu")
+    budget = (max(plan.bytes_per_input) + plan.workspace) / 1e9
+    make, info = merge_fit.regmean(adapters, fit_data(trained), rows=6, memory=budget)
+    assert info["gram_memory"]["passes"] == len(inputs) == 4 and f"{len(inputs)} passes" in capsys.readouterr().out
+    data = fit_data(trained)
+    swapped = merge_fit.FitData(data.model, data.tokenizer, TASKS[::-1], records(trained), batch_size=4)
+    swapped_make, _ = merge_fit.regmean(adapters[::-1], swapped, rows=6)
+    for alpha in (0.1, 0.5, 1.0, 0.1 / 8):
+        a, b, c = one_make({"alpha": alpha}), make({"alpha": alpha}), swapped_make({"alpha": alpha})
+        for name in a.modules:
+            want = a.modules[name].delta().double()
+            assert torch.equal(a.modules[name].A, b.modules[name].A), name   # the same float64 sums, in the same order
+            assert (c.modules[name].delta().double() - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+def test_regmean_refuses_a_budget_below_one_inputs_statistics_in_one_line(trained, no_test_rows):
+    model, tokenizer, adapters = trained[:3]
+    with pytest.raises(BadInput, match=r"^regmean needs .* MB for the Gram statistics of one input .* raise --memory GB"):
+        merge_fit.regmean(adapters, fit_data(trained), rows=6, memory=1e-6)

@@ -439,3 +439,28 @@ def test_regmean_refuses_a_singular_gram_in_one_line():
         x[:, 3] = 0  # an input feature no task ever sees
     with pytest.raises(BadInput, match="summed Gram matrix is singular"):
         merges.regmean([a.modules["a.q_proj"] for a in adapters], [torch.tensor(x.T @ x) for x in X], 1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9, 1.0])
+def test_regmean_from_statistics_summed_chunk_by_chunk_is_the_papers_formula(alpha):
+    """The streaming form: S, each diag(G_i) and each G_i A_i^T summed over chunks of rows (as merge_fit collects
+    them, no G_i ever formed), solved by merges.regmean_solve, against sum_i D_i G_i' (sum_j G_j')^{-1} written
+    densely with numpy's inverse; unequal ranks, tasks in two orders."""
+    adapters, X = random_adapters(61), random_inputs(62)
+    G = [x.T @ x for x in X]
+    Gr = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in G]
+    total = np.linalg.inv(sum(Gr))
+    for module in adapters[0].modules:
+        want = sum(d @ g @ total for d, g in zip(updates(adapters, module), Gr))
+        for order in ([0, 1, 2], [2, 0, 1]):
+            loras = [adapters[i].modules[module] for i in order]
+            S, diags, projected = torch.zeros(D_IN, D_IN, dtype=torch.float64), [], []
+            for i, f in zip(order, loras):
+                d, p = torch.zeros(D_IN, dtype=torch.float64), torch.zeros(D_IN, f.A.shape[0], dtype=torch.float64)
+                for chunk in np.array_split(X[i], 4):
+                    c = torch.tensor(chunk)
+                    S, d, p = S + c.T @ c, d + (c * c).sum(0), p + c.T @ (c @ f.A.T)
+                diags.append(d)
+                projected.append(p)
+            merged = merges.regmean_solve(loras, merges.RegMeanInput(S, torch.stack(diags)), projected, alpha)
+            assert merged.A.shape[0] == sum(RANKS) and rel(delta(lora.Adapter({module: merged}), module), want) < 1e-9
