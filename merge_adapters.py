@@ -58,19 +58,23 @@ def parser() -> argparse.ArgumentParser:
                         "parameters not given on these rows (CAT and LoraHub learn on them)")
     p.add_argument("--select-rows", type=int, default=None, metavar="N",
                    help="rows per adapter that --rows reads: a file's first N (default: all of every file) or N train "
-                        f"rows of a task (default {DEFAULT_TASK_ROWS}, LoraHub 5); CAT's and LoraHub's `rows`")
+                        f"rows of a task (default {DEFAULT_TASK_ROWS}; LoraHub 5; RegMean's Grams 128); the rows a grid "
+                        "parameter is chosen on, CAT's and LoraHub's rows, and RegMean's: with files, each adapter's "
+                        "Gram matrices and the choice of alpha both use its file's first N rows (with a task name, the "
+                        "Grams use the first N rows the adapter trained on and alpha the rows after them)")
     p.add_argument("--model", default=EMBEDDED, help="the base model, for --rows and --save-merged-model: hub id, "
                                                      "local folder, or the embedded default")
     p.add_argument("--save-merged-model", default=None, metavar="DIR",
                    help="also fold the merge into the base model and save it there (transformers' save_pretrained)")
-    params = {}
-    for m in merges.METHODS.values():
+    params = {}   # one flag per parameter name; what it does, for each method that takes it (alpha means four things)
+    for n, m in merges.METHODS.items():
         for k, prm in m.params.items():
-            if k not in ("rank", "rows"):  # --rank is the truncation flag; CAT's and LoraHub's rows: --select-rows
-                params.setdefault(k, prm)
-    for name, prm in params.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
-                       help=f"{prm.help} (methods: {', '.join(n for n, m in merges.METHODS.items() if name in m.params)})")
+            if k not in ("rank", "rows"):  # --rank is the truncation flag; the data methods' rows: --select-rows
+                params.setdefault(k, []).append((n, prm))
+    for name, users in params.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None, help="; ".join(
+            f"{n}: {prm.help}, default {prm.default}" + (f", else chosen on --rows from {list(prm.grid)}" if prm.grid
+                                                         else "") for n, prm in users).replace("%", "%%"))
     return p
 
 

@@ -647,7 +647,7 @@ merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an
                                       low=1, kind=int),
                  "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: plain least "
                                        "squares; towards 0: each input feature weighted by its share of the summed "
-                                       "energy); chosen on rows unless given", grid=(0.1, 0.5, 0.9, 1.0), low=0.0,
+                                       "energy)", grid=(0.1, 0.5, 0.9, 1.0), low=0.0,
                                        high=1.0, open="low"),
                  "memory": merges.Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory "
                                         "free after the model loads); when they do not fit, they are collected for "

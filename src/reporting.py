@@ -521,12 +521,52 @@ def headline_table(model_dir: Path, analyses: Analyses | None = None) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
 
 
+FRONT_METHODS = ("base", "single", "moa", "regmean", None, "svd", "concat")   # None: the best other routing-free merge
+ROUTED = ("base", "majority", "single", "moa", "arrow")                       # not a merge into one LoRA
+
+
+def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
+    """The README's first table: per method, the normalized score on 7 tasks of the committed run (seed 0) with its
+    95% row interval, the mean and SD over the training seeds, the 5-task score, and the paper's. The best other
+    routing-free merge is the one of highest mean over the seeds among those run on every seed (RegMean and the
+    paper's merges aside)."""
+    analyses = analyses or Analyses()
+    spread = seed_spread(model_dir, analyses)
+    sets = {}
+    for n in (7, 5):
+        found, _, ci = analyses(model_dir / f"{n}-task")
+        sets[n] = (normalized_points(found), ci, paper_normalized(found["single"]["tasks"]).get("Qwen2-1.5B", {}))
+    seeds = len(seed_runs(model_dir))
+    others = [m for m, v in spread.items() if m not in ROUTED + ("regmean", "svd", "concat", "weight_sum")
+              and len(v["points"]) == seeds]
+    best = max(others, key=lambda m: spread[m]["mean"]) if others else None
+    rows = [f"| method | 7 tasks, seed 0 [95%] | 7 tasks, mean (SD) over {seeds} seeds | 5 tasks, seed 0 [95%] | "
+            "paper Qwen2-1.5B, 7 tasks / 5 tasks |", "|---|---|---|---|---|"]
+    for m in FRONT_METHODS:
+        m = best if m is None else m
+        if m is None:
+            continue
+        cells = []
+        for n in (7, 5):
+            points, ci, _ = sets[n]
+            cells.append(_fmt((points[m], ci[m]["normalized"])) if points.get(m) is not None else "n/a")
+        v = spread.get(m)
+        seeds_cell = (f"{v['mean']:.3f} ({v['sd']:.3f})" if v and len(v["points"]) == seeds
+                      else "seed 0 only")
+        paper = " / ".join(_fmt(sets[n][2].get(m)) for n in (7, 5))
+        label = f"{m} (best other merge)" if m == best else m
+        rows.append(f"| {label} | {cells[0]} | {seeds_cell} | {cells[1]} | {paper} |")
+    return "\n".join(rows)
+
+
 def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
     """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `seeds <model
     folder>` (the training seeds), `methods` (the registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
     kind, _, arg = key.partition(" ")
     if kind == "headline":
         return headline_table(root / arg, analyses)
+    if kind == "front":
+        return front_table(root / arg, analyses)
     if kind == "summary":
         return summary_files(root / arg, analyses)[0].rstrip("\n")
     if kind == "methods":

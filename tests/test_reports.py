@@ -19,7 +19,8 @@ def test_generated_parts_equal_a_fresh_generation(name):
 
 def test_the_front_page_and_the_report_hold_the_headline_and_the_registry():
     readme, report = (ROOT / "README.md").read_text(), (ROOT / "results/REPORT.md").read_text()
-    assert "<!-- generated: headline results/smollm2-135m -->" in readme
+    assert "<!-- generated: front results/smollm2-135m -->" in readme.split("## Run it")[0]   # the first screen
+    assert "<!-- generated: headline results/smollm2-135m -->" in report
     assert "<!-- generated: methods -->" in report
     for n in (5, 7):
         assert f"<!-- generated: summary results/smollm2-135m/{n}-task -->" in report
