@@ -7,6 +7,7 @@
 # make report      rebuild the generated parts of README.md and results/REPORT.md from results/
 # make test        set up .venv with the test requirements and run the test suite
 # make bench       the side-by-side benchmarks (results/bench.md)
+# make bench-regmean  RegMean's memory against the number of adapters (results/bench-regmean.md; about an hour)
 # make notebook    execute visualize_lora.ipynb in place (figures in results/figures/)
 # make gpu-check   on a CUDA machine: the paper path on a random Qwen2-1.5B in bf16, then the benchmark on the GPU
 PYTHON ?= python3
@@ -19,7 +20,7 @@ METHODS ?=
 SEEDS ?= 1 2
 export MODEL PRESET DATA METHODS
 
-.PHONY: setup test reproduce reproduce-all update-results seeds report bench notebook gpu-check clean
+.PHONY: setup test reproduce reproduce-all update-results seeds report bench bench-regmean notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +56,9 @@ report: $(VENV)/.installed
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/bench.py
+
+bench-regmean: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench.py --regmean
 
 gpu-check: $(VENV)/.installed-test
 	$(BIN)/python scripts/gpu_check.py --out results/gpu-check.json

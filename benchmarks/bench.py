@@ -515,6 +515,55 @@ def regmean_memory_case(impl: str, shape: str, layers: int, targets: str, n: int
             "passes": info.get("gram_memory", {}).get("passes", 1), "rows": REGMEAN_ROWS, "tokens": REGMEAN_TOKENS}
 
 
+def regmean_precision(rows: int = 32) -> dict:
+    """What float32 batch products (summed in float64) would change in RegMean on a real model: the embedded
+    SmolLM2-135M, seven random rank-8 adapters on its attention projections, each task's first `rows` shipped train
+    rows. The largest Gram entry error against float64 relative to sqrt(G_jj G_kk), the condition number of G' at
+    alpha 1 and 0.9, and the merged update's relative change (Frobenius, the worst module)."""
+    import tempfile
+
+    from src import merge_fit
+    from src.data import load_rows
+    from src.models import load_model
+    from src.tasks import SEVEN_TASKS, get_task
+
+    model, tokenizer = load_model("smollm2-135m")
+    gen = torch.Generator().manual_seed(2)
+    adapters = random_adapters(model, len(SEVEN_TASKS), gen)
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {}
+        for t in SEVEN_TASKS:
+            task, path = get_task(t), Path(tmp) / f"{t}.jsonl"
+            path.write_text("".join(json.dumps({"prompt": task.prompt(r), "target": task.target(r)}) + "\n"
+                                    for r in load_rows(task, "train", "local", n=rows)))
+            sources[t] = merge_fit.FileRows.read(path)
+        data = merge_fit.FitData(model, tokenizer, list(SEVEN_TASKS), sources=sources, batch_size=8)
+        examples, _ = data.training_examples(rows)
+    examples = [examples[t] for t in SEVEN_TASKS]
+    inputs = merge_fit.model_inputs(model, adapters[0])
+    out = {"rows_per_task": rows, "tasks": len(SEVEN_TASKS)}
+    stats = {dtype: merge_fit.regmean_pass(model, adapters, examples, inputs, 8, tokenizer.eos_token_id, dtype=dtype)
+             for dtype in (torch.float64, torch.float32)}
+    (exact, p64), (single, p32) = stats[torch.float64], stats[torch.float32]
+    out["max_gram_error_rel_to_sqrt_diag"] = max(
+        float(((single[k].summed - s.summed).abs() / torch.sqrt(torch.outer(s.summed.diagonal(), s.summed.diagonal()))
+               ).max()) for k, s in exact.items())
+    for alpha in (1.0, 0.9):
+        conds, changes = [], []
+        for inp in inputs:
+            key = inp.modules[0]
+            G = alpha * exact[key].summed + (1 - alpha) * torch.diag(exact[key].diagonals.sum(0))
+            conds.append(float(torch.linalg.cond(G)))
+            for m in inp.modules:
+                loras = [a.modules[m] for a in adapters]
+                d64 = merges.regmean_solve(loras, exact[key], p64[m], alpha).delta().double()
+                d32 = merges.regmean_solve(loras, single[key], p32[m], alpha).delta().double()
+                changes.append(float(torch.linalg.norm(d32 - d64) / torch.linalg.norm(d64)))
+        out[f"alpha_{alpha}"] = {"max_condition_number": max(conds), "median_condition_number": statistics.median(conds),
+                                 "max_rel_update_change": max(changes)}
+    return out
+
+
 REGMEAN_GRID = [  # (targets, layers): as many layers of Qwen2-0.5B as the per-task form fits here at n = 14
     ("attention", 24), ("all-linear", 4)]
 REGMEAN_NS = (2, 4, 7, 14)
@@ -703,6 +752,8 @@ def main():
                    help="RegMean's memory against the number of adapters (results/bench-regmean.{json,md})")
     p.add_argument("--regmean-case", default=None, metavar="IMPL,SHAPE,LAYERS,TARGETS,N,MEMORY",
                    help="one RegMean memory case in this process, printed as JSON")
+    p.add_argument("--regmean-precision", action="store_true",
+                   help="what float32 Gram products would change in RegMean on the embedded model, printed as JSON")
     p.add_argument("--regmean-big-budget", type=float, default=8.0,
                    help="GB for the Qwen2-1.5B case's statistics (its model takes about 6.2 GB of the 16)")
     p.add_argument("--keep", action="store_true",
@@ -716,6 +767,9 @@ def main():
         impl, shape, layers, targets, n, memory = args.regmean_case.split(",")
         print(json.dumps(regmean_memory_case(impl, shape, int(layers), targets, int(n), args.device,
                                              float(memory) if memory else None)))
+        return
+    if args.regmean_precision:
+        print(json.dumps(regmean_precision()))
         return
     if args.regmean:
         out = Path(args.out).with_name("bench-regmean")

@@ -11,10 +11,12 @@ results_root=${RESULTS_ROOT:-.}   # the repository whose results/ receives the r
 slug=$(basename "$MODEL")
 src="$root/results/$slug" dest="$results_root/results/$slug"
 [ -d "$src" ] || { echo "no run in $src: run make reproduce first (or set REPRODUCE_ROOT)" >&2; exit 2; }
+shopt -s nullglob   # a task set without some kind of file copies none of it instead of failing on the pattern
 for n in 5 7; do
-    [ -d "$src/$n-task" ] || continue
+    files=("$src/$n-task/"*.json "$src/$n-task/"*.predictions.jsonl)
+    [ ${#files[@]} -gt 0 ] || continue
     mkdir -p "$dest/$n-task"
-    cp "$src/$n-task/"*.json "$src/$n-task/"*.predictions.jsonl "$dest/$n-task/"
+    cp "${files[@]}" "$dest/$n-task/"
 done
 [ -d "$src/train_logs" ] && cp -r "$src/train_logs" "$dest/"
 cp "$src"/reproduce_times*.md "$dest/" 2>/dev/null || true

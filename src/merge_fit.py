@@ -338,7 +338,7 @@ class GramPlan:
     inputs: list                # ModelInput, forward order
     passes: list                # [[input index, ...], ...]
     bytes_per_input: list
-    workspace: int              # the largest solve's G' and factor
+    workspace: int              # the largest solve's G' and factor, the folded weights' copy, the merged factors
     budget: int
     budget_source: str
 
@@ -348,20 +348,27 @@ class GramPlan:
         return (f"regmean: {n} adapters, {len(self.inputs)} distinct inputs (d_in {min(i.d_in for i in self.inputs)}"
                 f"-{max(i.d_in for i in self.inputs)}): {_gb(total)} of summed Gram statistics (float64; the same "
                 f"for any number of adapters but for n d_in + R d_in per input), at most {_gb(held)} held with the "
-                f"solve; budget {_gb(self.budget)} ({self.budget_source}): "
+                f"solve, the folded weights and the merged factors; budget {_gb(self.budget)} ({self.budget_source}): "
                 + ("one pass over each adapter's rows" if len(self.passes) == 1 else
                    f"{len(self.passes)} passes over each adapter's rows (layer groups of "
                    f"{min(map(len, self.passes))}-{max(map(len, self.passes))} inputs)"))
 
 
-def plan_passes(inputs: list, adapters: list, memory_gb: float | None, device) -> GramPlan:
+def plan_passes(inputs: list, adapters: list, memory_gb: float | None, device, model=None,
+                alphas: int = 1) -> GramPlan:
     """Group the inputs (consecutive in forward order) into as few passes as fit the budget: `memory_gb`, or 80% of
-    the memory free now on the model's device (after the model loaded). Refuses in one line when the statistics
-    of a single input cannot fit."""
+    the memory free now on the model's device (after the model loaded). Besides the statistics and the solve, the
+    budget holds a reserve: the copy of every adapted weight that folding an adapter in keeps (when `model` is
+    given) and the merged factors of up to `alphas` alphas. Refuses in one line when the statistics of a single
+    input cannot fit."""
     n = len(adapters)
     ranks = {name: sum(a.modules[name].A.shape[0] for a in adapters) for name in adapters[0].modules}
     per_input = [8 * (i.d_in ** 2 + n * i.d_in + sum(ranks[m] for m in i.modules) * i.d_in) for i in inputs]
-    workspace = 2 * 8 * max(i.d_in for i in inputs) ** 2
+    first = adapters[0].modules
+    merged = sum(4 * ranks[m] * (f.A.shape[1] + f.B.shape[0]) for m, f in first.items())   # float32 A and B
+    folded = 0 if model is None else sum(w.numel() * w.element_size() for w in
+                                         (linear.weight for linear in lora.fold_targets(model, adapters[0]).values()))
+    workspace = 2 * 8 * max(i.d_in for i in inputs) ** 2 + folded + alphas * merged
     if memory_gb is not None:
         budget, source = int(memory_gb * 1e9), "regmean.memory"
     elif torch.device(device).type == "cuda":
@@ -390,11 +397,20 @@ class _StopForward(Exception):
     """Raised after the last module a pass collects: the layers after it would compute nothing used."""
 
 
-def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size: int, pad_id: int) -> tuple:
+def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size: int, pad_id: int,
+                 dtype: torch.dtype = torch.float64) -> tuple:
     """({first module of each input: merges.RegMeanInput}, {module: [G_i A_i^T per task]}) for `inputs`, summed
     over the tasks while each task's rows run through its own model (its adapter folded in): no G_i is ever held, so
-    memory does not grow with the number of adapters. Products in float64 on the model's device; the forward stops
-    after the last module of `inputs`."""
+    memory does not grow with the number of adapters. The forward stops after the last module of `inputs`.
+
+    Precision: the sums live in float64 on the model's device, and each batch's products X^T X and X^T (X A^T) are
+    taken in `dtype`, float64 by default on every device. In float32 (TF32 off) each Gram entry of a batch of n tokens
+    is within gamma_n sqrt(G_jj G_kk) of the exact one (gamma_n = n u / (1 - n u), u = 2^-24: 1.5e-5 at n = 256;
+    the rounding bound of a dot product, with Cauchy-Schwarz), which tests/test_merge_fit.py checks; but the solve
+    multiplies a relative change of G' by up to its condition number, and the Grams of real layer inputs are
+    ill-conditioned (feature energies spread over orders of magnitude; alpha 1 adds nothing to the diagonal), so the
+    merge is kept exact at the cost of float64 products: on datacenter GPUs float64 runs at the float32 rate without
+    tensor cores (H100, A100), and the products are a small part of the pass's time next to the forward."""
     device, n = model.device, len(adapters)
     key = {m: inp.modules[0] for inp in inputs for m in inp.modules}
     stats = {inp.modules[0]: merges.RegMeanInput(torch.zeros(inp.d_in, inp.d_in, dtype=torch.float64, device=device),
@@ -405,7 +421,7 @@ def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size
     for t, (adapter, rows) in enumerate(zip(adapters, examples)):
         linears = lora.fold_targets(model, adapter)
         names = list(key)
-        A = {m: adapter.modules[m].A.to(device, torch.float64) for m in names}
+        A = {m: adapter.modules[m].A.to(device, dtype) for m in names}
         for m in names:
             projected[m][t] = torch.zeros(A[m].shape[1], A[m].shape[0], dtype=torch.float64, device=device)
         cur = {}
@@ -414,9 +430,12 @@ def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size
             projected[m][t] += cur["flat"].T @ (cur["flat"] @ A[m].T)
 
         def new(i, x):
-            cur["flat"] = flat = x[cur["mask"]].double()
+            cur["flat"] = flat = x[cur["mask"]].to(dtype)
             s = stats[key[names[i]]]
-            s.summed += flat.T @ flat
+            if dtype == torch.float64:
+                s.summed.addmm_(flat.T, flat)   # in place: no d_in x d_in temporary beside the sum
+            else:
+                s.summed += flat.T @ flat       # a float32 product, summed in float64
             s.diagonals[t] += (flat * flat).sum(0)
             project(names[i])
 
@@ -466,7 +485,10 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
     examples = [examples[t] for t in data.tasks]
     started = time.perf_counter()
     inputs = model_inputs(data.model, adapters[0])
-    plan = plan_passes(inputs, adapters, memory, data.model.device)
+    candidates = [alpha] if alpha is not None else reachable(merges.get_method("regmean").params["alpha"])
+    plan = plan_passes(inputs, adapters, memory, data.model.device, data.model)
+    if len(plan.passes) > 1:   # in passes every alpha that may be tried is solved and kept: reserve room for them
+        plan = plan_passes(inputs, adapters, memory, data.model.device, data.model, alphas=len(candidates))
     print(plan.describe(len(adapters)), flush=True)
     names = sorted(adapters[0].modules)
     solved = {}   # alpha -> {module: merged Lora}
@@ -490,9 +512,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
         bar.close()
 
     kept = {}
-    alphas = ([] if len(plan.passes) == 1 else [alpha] if alpha is not None
-              else reachable(merges.get_method("regmean").params["alpha"]))
-    solve(alphas)
+    solve([] if len(plan.passes) == 1 else candidates)
 
     def make(params: dict) -> lora.Adapter:
         alpha = params["alpha"]
@@ -566,10 +586,11 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         if not any(p.grid for p in method.params.values()):
             merged, info = method.fn(adapters, data, **params)
             return merged, {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
-        # the fit learns its statistics once; a grid value given is passed too (RegMean in layer groups solves
-        # only that alpha instead of every one the search could try)
+        # the fit learns its statistics once; a grid value that will not be searched (given, or no search) is
+        # passed too, so RegMean in layer groups solves only that alpha instead of every one a search could try
+        search = bool(grids) and select_rows > 0
         make, info = method.fn(adapters, data, **{k: v for k, v in params.items()
-                                                 if not method.params[k].grid or k in fixed})
+                                                 if not method.params[k].grid or k in fixed or not search})
     else:
         extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
 

@@ -645,7 +645,7 @@ def regmean_statistics(loras: list[Lora], grams: list[torch.Tensor]) -> tuple[Re
         raise BadInput(f"{len(grams)} Gram matrices for {len(loras)} LoRAs: give one per task")
     G = [g.double() for g in grams]
     return (RegMeanInput(sum(G), torch.stack([torch.diagonal(g) for g in G])),
-            [g @ f.A.double().T for g, f in zip(G, loras)])
+            [g @ f.A.to(g.device, torch.float64).T for g, f in zip(G, loras)])
 
 
 def regmean_factor(stats: RegMeanInput, alpha: float) -> torch.Tensor:
@@ -685,12 +685,13 @@ def regmean_solve(loras: list[Lora], stats: RegMeanInput, projected: list[torch.
     if len(projected) != len(loras) or stats.diagonals.shape[0] != len(loras):
         raise BadInput(f"statistics of {len(projected)} tasks for {len(loras)} LoRAs: give one per task")
     factor = regmean_factor(stats, alpha) if factor is None else factor
-    rhs = torch.cat([alpha * p + (1 - alpha) * d[:, None] * f.A.double().T
+    device = stats.summed.device   # the statistics' (the model's); the factors come back on the adapters'
+    rhs = torch.cat([alpha * p + (1 - alpha) * d[:, None] * f.A.to(device, torch.float64).T
                      for p, d, f in zip(projected, stats.diagonals, loras)], dim=1)   # d_in x R
     A = torch.cholesky_solve(rhs, factor).T                                          # R x d_in
     B = torch.cat([f.scale * f.B.double() for f in loras], dim=1)
-    dtype = loras[0].A.dtype
-    return Lora(A.to(dtype), B.to(dtype), 1.0)
+    dtype, home = loras[0].A.dtype, loras[0].A.device
+    return Lora(A.to(home, dtype), B.to(home, dtype), 1.0)
 
 
 def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:

@@ -534,8 +534,12 @@ def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
     spread = seed_spread(model_dir, analyses)
     sets = {}
     for n in (7, 5):
-        found, _, ci = analyses(model_dir / f"{n}-task")
-        sets[n] = (normalized_points(found), ci, paper_normalized(found["single"]["tasks"]).get("Qwen2-1.5B", {}))
+        analysis = analyses(model_dir / f"{n}-task")
+        if analysis and "single" in analysis[0]:
+            found, _, ci = analysis
+            sets[n] = (normalized_points(found), ci, paper_normalized(found["single"]["tasks"]).get("Qwen2-1.5B", {}))
+        else:
+            sets[n] = ({}, {}, {})
     seeds = len(seed_runs(model_dir))
     others = [m for m, v in spread.items() if m not in ROUTED + ("regmean", "svd", "concat", "weight_sum")
               and len(v["points"]) == seeds]
@@ -552,7 +556,8 @@ def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
             cells.append(_fmt((points[m], ci[m]["normalized"])) if points.get(m) is not None else "n/a")
         v = spread.get(m)
         seeds_cell = (f"{v['mean']:.3f} ({v['sd']:.3f})" if v and len(v["points"]) == seeds
-                      else "seed 0 only")
+                      else f"{v['mean']:.3f} ({v['sd']:.3f}) on {len(v['points'])} of {seeds} seeds" if v
+                      else "seed 0 only" if sets[7][0].get(m) is not None else "n/a")
         paper = " / ".join(_fmt(sets[n][2].get(m)) for n in (7, 5))
         label = f"{m} (best other merge)" if m == best else m
         rows.append(f"| {label} | {cells[0]} | {seeds_cell} | {cells[1]} | {paper} |")

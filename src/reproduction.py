@@ -93,7 +93,7 @@ def check_method(task_set: str, method: str, committed: dict | None, ours: dict 
         hits = [ours.get(c) is not None and _inside(ours[c], committed[f"{c} lo"], committed[f"{c} hi"])
                 for c in tasks]
         check.tasks_inside = (sum(hits), len(hits))
-        inside = all(hits)
+        inside = bool(hits) and all(hits)   # nothing scored to compare is no reproduction
     check.status = ("identical" if inside and differing is not None and differing[0] == 0
                     else "inside" if inside else "OUTSIDE")
     return check
@@ -124,7 +124,8 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
     new = [f"{c.method} ({c.task_set})" for c in checks if c.status == "no committed result"]
     extra = f"; no committed result to compare for {', '.join(new)}" if new else ""
     if not compared and not missing:
-        return False, "not reproduced: nothing to compare (the run has no summary.csv)" + extra
+        return False, ("not reproduced: nothing committed to compare with" if new
+                       else "not reproduced: nothing to compare (the run has no summary.csv)") + extra
     if outside or missing:
         parts = ([f"outside the committed 95% interval: {', '.join(outside)}"] if outside else []) + \
                 ([f"missing in this run: {', '.join(missing)}"] if missing else [])

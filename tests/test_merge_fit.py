@@ -208,15 +208,18 @@ def test_regmean_statistics_are_the_per_task_grams_summed(trained, no_test_rows)
 
 def test_regmean_in_layer_groups_equals_one_pass_and_ignores_the_order_of_the_tasks(trained, no_test_rows, capsys):
     """A budget that fits one input at a time: as many passes as distinct inputs (each forward stopped after its
-    last module), every alpha of the grid and its extensions solved per pass, and the same merge as one pass at
-    every alpha; the tasks given in the other order merge to the same update (float32 factors: a few u32)."""
+    last module), and the same merge as one pass at every alpha; the tasks given in the other order merge to the
+    same update (float32 factors: a few u32)."""
     model, tokenizer, adapters = trained[:3]
     one_make, one_info = merge_fit.regmean(adapters, fit_data(trained), rows=6)
     assert one_info["gram_memory"]["passes"] == 1 and "one pass over each adapter's rows" in capsys.readouterr().out
     inputs = merge_fit.model_inputs(model, adapters[0])
-    plan = merge_fit.plan_passes(inputs, adapters, None, "cpu")
+    alphas = merge_fit.reachable(merge_fit.merges.get_method("regmean").params["alpha"])
+    assert len(alphas) == 12 and 0.1 / 8 in alphas   # the grid's 4 and 8 halvings below 0.1 (1 ends the range)
+    # alpha given: only it is solved in the passes, and any other alpha asked for runs the passes again
+    plan = merge_fit.plan_passes(inputs, adapters, None, "cpu", model)
     budget = (max(plan.bytes_per_input) + plan.workspace) / 1e9
-    make, info = merge_fit.regmean(adapters, fit_data(trained), rows=6, memory=budget)
+    make, info = merge_fit.regmean(adapters, fit_data(trained), rows=6, memory=budget, alpha=0.1)
     assert info["gram_memory"]["passes"] == len(inputs) == 4 and f"{len(inputs)} passes" in capsys.readouterr().out
     data = fit_data(trained)
     swapped = merge_fit.FitData(data.model, data.tokenizer, TASKS[::-1], records(trained), batch_size=4)
@@ -233,3 +236,50 @@ def test_regmean_refuses_a_budget_below_one_inputs_statistics_in_one_line(traine
     model, tokenizer, adapters = trained[:3]
     with pytest.raises(BadInput, match=r"^regmean needs .* MB for the Gram statistics of one input .* raise --memory GB"):
         merge_fit.regmean(adapters, fit_data(trained), rows=6, memory=1e-6)
+
+
+def test_regmean_float32_products_stay_within_the_dot_product_rounding_bound(trained, no_test_rows):
+    """The bound regmean_pass's docstring gives for float32 batch products summed in float64: every entry of S within
+    gamma_n sqrt(S_jj S_kk) of the float64 statistics, n the most tokens in one batch, gamma_n = n u / (1 - n u),
+    u = 2^-24 (a dot product's rounding bound, |x|.|y| <= sqrt(x.x y.y), summed over batches by Cauchy-Schwarz);
+    the float64 sums themselves add ~1e-16 relative, hence the 1.01 margin."""
+    model, tokenizer, adapters = trained[:3]
+    examples, _ = fit_data(trained).training_examples(8)
+    rows = [examples[t] for t in TASKS]
+    inputs = merge_fit.model_inputs(model, adapters[0])
+    exact, _ = merge_fit.regmean_pass(model, adapters, rows, inputs, 4, tokenizer.eos_token_id)
+    single, _ = merge_fit.regmean_pass(model, adapters, rows, inputs, 4, tokenizer.eos_token_id, dtype=torch.float32)
+    n = max(sum(len(e["input_ids"]) for e in r[i:i + 4]) for r in rows for i in range(0, len(r), 4))
+    u = 2.0 ** -24
+    gamma = n * u / (1 - n * u)
+    for key, s in exact.items():
+        scale = torch.sqrt(torch.outer(torch.diagonal(s.summed), torch.diagonal(s.summed)))
+        error = (single[key].summed - s.summed).abs()
+        assert (error <= 1.01 * gamma * scale).all(), key
+        assert error.max() > 0   # float32 did round: the bound is exercised, not trivially met
+
+
+def test_regmean_in_passes_solves_every_alpha_a_search_may_try_in_those_passes(trained, no_test_rows, monkeypatch):
+    """Without a given alpha, a plan of several passes solves the grid and its extensions (`reachable`) in the
+    passes themselves: asking for any of them then runs no pass again, and equals the one-pass merge."""
+    model, tokenizer, adapters = trained[:3]
+    one_make, _ = merge_fit.regmean(adapters, fit_data(trained), rows=6)
+    plan_passes, regmean_pass, passes = merge_fit.plan_passes, merge_fit.regmean_pass, []
+
+    def one_input_per_pass(*args, **kwargs):   # the tiny model fits at once: split it as a small budget would
+        plan = plan_passes(*args, **kwargs)
+        plan.passes = [[i] for i in range(len(plan.inputs))]
+        return plan
+
+    def counted(*args, **kwargs):
+        passes.append(len(args[3]))
+        return regmean_pass(*args, **kwargs)
+
+    monkeypatch.setattr(merge_fit, "plan_passes", one_input_per_pass)
+    monkeypatch.setattr(merge_fit, "regmean_pass", counted)
+    make, info = merge_fit.regmean(adapters, fit_data(trained), rows=6)
+    assert info["gram_memory"]["passes"] == 4 and passes == [1, 1, 1, 1]
+    for alpha in merge_fit.reachable(merge_fit.merges.get_method("regmean").params["alpha"]):
+        got, want = make({"alpha": alpha}), one_make({"alpha": alpha})
+        assert all(torch.equal(got.modules[n].A, want.modules[n].A) for n in want.modules), alpha
+    assert passes == [1, 1, 1, 1]   # no pass run again
