@@ -493,6 +493,13 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
     names = sorted(adapters[0].modules)
     solved = {}   # alpha -> {module: merged Lora}
 
+    def solve_inputs(pass_inputs: list, stats: dict, projected: dict, alpha: float):
+        for inp in pass_inputs:   # one Cholesky factor per input, shared by the modules reading it
+            factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
+            for m in inp.modules:
+                solved.setdefault(alpha, {})[m] = merges.regmean_solve(
+                    [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor)
+
     def solve(alphas: list):
         bar = tqdm(total=len(plan.passes) * len(adapters), desc="regmean: Gram statistics", unit="task", leave=False)
         for group in plan.passes:
@@ -501,11 +508,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
                                             data.tokenizer.eos_token_id)
             bar.update(len(adapters))
             for alpha in alphas:
-                for inp in pass_inputs:
-                    factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
-                    for m in inp.modules:
-                        solved.setdefault(alpha, {})[m] = merges.regmean_solve(
-                            [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor)
+                solve_inputs(pass_inputs, stats, projected, alpha)
             if len(plan.passes) == 1:   # one pass: keep the statistics and solve each alpha when asked
                 kept.update(stats=stats, projected=projected)
             del stats, projected
@@ -518,13 +521,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
         alpha = params["alpha"]
         if alpha not in solved:
             if kept:
-                solved[alpha] = {}
-                for inp in inputs:
-                    stats = kept["stats"][inp.modules[0]]
-                    factor = merges.regmean_factor(stats, alpha)
-                    for m in inp.modules:
-                        solved[alpha][m] = merges.regmean_solve([a.modules[m] for a in adapters], stats,
-                                                                kept["projected"][m], alpha, factor)
+                solve_inputs(inputs, kept["stats"], kept["projected"], alpha)
             else:
                 solve([alpha])
         merged = lora.Adapter({name: solved[alpha][name] for name in names}, adapters[0].base_model)
