@@ -4,6 +4,7 @@
     python full_evaluation.py --tasks all --methods concat,svd
     python full_evaluation.py --tasks all --methods paper        # base, majority, single, moa, concat, weight_sum, svd
     python full_evaluation.py --methods ties,ties_dense --set ties.density=0.5   # fix a merge's parameter
+    python full_evaluation.py --tasks all --methods regmean,ties,ctm --rank 8    # regmean_r8, ...: one rank-8 LoRA
     python full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub
     python full_evaluation.py --tasks all --methods cat,lorahub,regmean --loras random   # the random-LoRA control
     accelerate launch full_evaluation.py --model Qwen/Qwen2-1.5B --preset paper --data hub   # rows shared over GPUs
@@ -32,6 +33,10 @@ def main(argv=None):
     for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
                        ("select-rows", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    p.add_argument("--rank", type=int, default=None,
+                   help="every merge of --methods truncated to this rank, as <merge>_r<rank> (regmean_r8: RegMean's "
+                        "best rank-8 LoRA in its own objective; ctm: its subspace rank; the others: the truncated SVD "
+                        "of their merge); one variant alone: --methods regmean_r8")
     p.add_argument("--set", action="append", default=None, metavar="METHOD.PARAM=VALUE",
                    help="fix a merge's hyperparameter (else its default, or the best of its grid on validation rows); "
                         "python merge_adapters.py --help lists them")
@@ -41,8 +46,8 @@ def main(argv=None):
     p.add_argument("--no-reuse", action="store_true",
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)
-    task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods)
-    cfg = make_eval_config(args.preset, {**cli.config_flags(args, "tasks", "methods", "set", "no_reuse"),
+    task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods, args.rank)
+    cfg = make_eval_config(args.preset, {**cli.config_flags(args, "tasks", "methods", "set", "no_reuse", "rank"),
                                          "merge_params": parse_merge_params(args.set)})
     accelerator = make_accelerator()
     evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse, accelerator=accelerator)

@@ -51,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="comma-separated, one per adapter (default: 1, or 1/N for svd)")
     p.add_argument("--seed", type=int, default=None,
                    help="DARE's random masks, CAT's batch order, LoraHub's search (default 0; other methods draw nothing)")
-    p.add_argument("--rank", type=int, default=None, help="truncate the merge to this rank (svd: default 8)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="the merge as one LoRA of at most this rank: svd's and ctm's own rank (default 8; ctm: the "
+                        "largest adapter rank), RegMean's best rank-k LoRA in its objective, for every other method "
+                        "the truncated SVD of its merge")
     p.add_argument("--rows", default=None, metavar="FILE[,FILE...]",
                    help="one per adapter, in order: a JSON-lines file of {\"prompt\", \"target\"} rows, or a task name "
                         f"({', '.join(TASKS)}: its train rows after those the adapter trained on); chooses the "
@@ -92,17 +95,17 @@ def check_flags(method: merges.Method, args: argparse.Namespace) -> tuple[dict, 
         raise BadInput(f"--weights {args.weights!r}: give comma-separated numbers, one per adapter") from None
     if weights is not None and len(weights) != len(args.adapters):
         raise BadInput(f"--weights has {len(weights)} values for {len(args.adapters)} adapters: give one per adapter")
+    options = {"rank": args.rank} if args.rank is not None and "rank" not in method.params else {}
+    merges.check_rank(args.rank)   # svd, ctm, regmean: --rank is their own parameter (in `given`)
     if method.space == "data":
-        for flag in ("weights", "rank"):
-            if getattr(args, flag) is not None:
-                raise BadInput(f"{args.method} learns its own weights: it takes no --{flag}")
+        if args.weights is not None:
+            raise BadInput(f"{args.method} learns its own weights: it takes no --weights")
         if args.rows is None:
             raise BadInput(f"{args.method} learns its merge from rows: give --rows (one JSON-lines file of prompt/"
                            "target rows, or a task name, per adapter)")
-        return given, {}
-    options = {"weights": weights} if weights is not None else {}
-    if args.rank is not None and "rank" not in method.params:  # svd: --rank is its own parameter
-        options["rank"] = args.rank
+        return given, options
+    if weights is not None:
+        options["weights"] = weights
     merges.check_arguments(method, args.seed, options.get("rank"))
     merges.resolve_params(method, given)
     return given, options

@@ -103,6 +103,9 @@ def parse_merge_params(items) -> dict:
         method, dot, param = key.partition(".")
         if not sep or not dot:
             raise BadInput(f"--set {item!r}: write method.param=value, e.g. --set ties.density=0.5")
+        if param == "rank" and "rank" not in merges.get_method(method).params:   # any merge can be truncated
+            out.setdefault(method, {})["rank"] = merges.Param(None, "rank", low=1, kind=int).check(method, param, value)
+            continue
         if param not in merges.get_method(method).params:
             raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
                            f"{', '.join(merges.get_method(method).params) or 'none'})")
@@ -112,13 +115,21 @@ def parse_merge_params(items) -> dict:
     return out
 
 
-def parse_methods(names) -> list[str]:
+def parse_methods(names, rank: int | None = None) -> list[str]:
+    """--methods: names of ALL_METHODS, `paper` for the thesis's, and rank variants of the merges (`regmean_r8`: the
+    merge truncated to rank 8, merge_fit.build); `rank`: every merge of the list as its rank variant (--rank)."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [m for n in names for m in (PAPER_METHODS if n == "paper" else [n])]
     for n in names:
-        if n not in ALL_METHODS:
-            raise BadInput(f"unknown method {n!r}: choose from paper, {', '.join(ALL_METHODS)}")
-    return names
+        if n not in ALL_METHODS and not merges.is_merge(n):
+            raise BadInput(f"unknown method {n!r}: choose from paper, {', '.join(ALL_METHODS)} (a merge truncated to "
+                           "rank k: <merge>_r<k>, e.g. regmean_r8)")
+    if rank is not None:
+        merges.check_rank(rank)
+        if not any(merges.is_merge(n) for n in names):
+            raise BadInput(f"--rank {rank} truncates merges: --methods has none")
+        names = [f"{merges.split_rank(n)[0]}_r{rank}" if merges.is_merge(n) else n for n in names]
+    return list(dict.fromkeys(names))
 
 
 def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
@@ -237,9 +248,9 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     """Run every method on every task and write the results (the main process); returns {method: result dict}.
     Under several processes (`accelerate launch`) the generation batches are shared out (see `generate`)."""
     root = Path(root)
-    if cfg.loras == "random" and set(methods) - set(MERGE_METHODS):
+    if cfg.loras == "random" and not all(merges.is_merge(m) for m in methods):
         raise BadInput(f"--loras random is a control for the merges: drop "
-                       f"{', '.join(m for m in methods if m not in MERGE_METHODS)} from --methods")
+                       f"{', '.join(m for m in methods if not merges.is_merge(m))} from --methods")
     adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
     if set(methods) - {"base", "majority"}:
         adapters = {t: lora.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
@@ -254,7 +265,7 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     # needs no record; one that does fails here, before any work, for an adapter without one)
     records = {t: provenance.find_record(adapter_dir(root, cfg.model, t)) for t in adapters}
     for m in methods:
-        if (m in MERGE_METHODS and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
+        if (merges.is_merge(m) and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
                 or m == "arrow" and cfg.select_rows > 0):
             for t in tasks:
                 provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
@@ -287,11 +298,11 @@ def run_method(method: str, run: Run) -> dict:
     rows, prompts, root, records, accelerator = run.rows, run.prompts, run.root, run.records, run.accelerator
     metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
     merged, merge_info, arrow_info = None, None, None
-    if method in MERGE_METHODS or method == "arrow":
+    if merges.is_merge(method) or method == "arrow":
         data = merge_fit.FitData(model, tokenizer, tasks, records, cfg.data, cfg.seed, accelerator=accelerator)
-    if method in MERGE_METHODS:
+    if merges.is_merge(method):   # a rank variant takes its method's --set parameters
         merged, merge_info = merge_fit.build(method, [adapters[t] for t in tasks], data, cfg.select_rows,
-                                             (cfg.merge_params or {}).get(method), cfg.seed)
+                                             (cfg.merge_params or {}).get(merges.split_rank(method)[0]), cfg.seed)
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, run.settings) \
         if run.reuse and method in ("base", "single") else {}
     with ExitStack() as stack:

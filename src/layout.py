@@ -16,6 +16,15 @@ METHODS = MODEL_METHODS + ["arrow"] + [n for n in MERGE_METHODS if merges.METHOD
 ALL_METHODS = MODEL_METHODS + ["arrow"] + MERGE_METHODS                             # also the tables' row order
 
 
+def ordered(names) -> list:
+    """Method names in the tables' row order: ALL_METHODS's, each merge followed by its rank variants
+    (`<merge>_r<k>`, by k); names of neither kind are left out."""
+    def key(name):
+        base, rank = merges.split_rank(name)
+        return ALL_METHODS.index(base), rank or 0
+    return sorted({n for n in names if merges.split_rank(n)[0] in ALL_METHODS}, key=key)
+
+
 def adapter_dir(root: Path, model: str, task: str) -> Path:
     return Path(root) / "adapters" / model_slug(model) / task
 

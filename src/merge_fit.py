@@ -473,13 +473,15 @@ def reachable(param: merges.Param) -> list:
     return values
 
 
-def regmean(adapters: list, data: FitData, rows: int, memory: float | None = None, alpha: float | None = None) -> tuple:
+def regmean(adapters: list, data: FitData, rows: int, memory: float | None = None, alpha: float | None = None,
+            rank: int | None = None) -> tuple:
     """RegMean's statistics: the summed Gram matrices of the tasks' inputs at every adapted module, each task's
     from the first `rows` rows its adapter trained on, run through its own fine-tuned model. Returns (merge at
     parameters -> Adapter, info); build chooses alpha on validation rows (the rows after the training rows) like any
     grid. When the statistics do not fit the memory budget at once (`plan_passes`), they are collected for a group
     of inputs per pass, and each pass solves every alpha the search may try (`reachable`) before its statistics
-    are dropped (only `alpha`, when it is given); an alpha outside those costs the passes again."""
+    are dropped (only `alpha`, when it is given); an alpha outside those costs the passes again. `rank`: every
+    merge is RegMean's best LoRA of at most that rank (merges.regmean_truncate), alpha chosen for it."""
     adapters = merges.over_union(adapters)   # a task's Grams are collected at every module of the union
     examples, spans = data.training_examples(rows)
     examples = [examples[t] for t in data.tasks]
@@ -498,7 +500,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
             factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
             for m in inp.modules:
                 solved.setdefault(alpha, {})[m] = merges.regmean_solve(
-                    [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor)
+                    [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor, rank)
 
     def solve(alphas: list):
         bar = tqdm(total=len(plan.passes) * len(adapters), desc="regmean: Gram statistics", unit="task", leave=False)
@@ -555,10 +557,28 @@ def beyond_edge(param: merges.Param, best, tried: list):
 
 def needs_rows(name: str, select_rows: int, fixed: dict | None = None) -> bool:
     """Whether building merge `name` reads rows: a data method always, a grid method unless its grid is fixed."""
-    method = merges.get_method(name)
+    method = merges.get_method(merges.split_rank(name)[0])
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     return method.space == "data" or (select_rows > 0 and any(p.grid and k not in fixed
                                                               for k, p in method.params.items()))
+
+
+def merge_rank(method: merges.Method, suffix: int | None, fixed: dict, options: dict) -> int | None:
+    """The rank a merge is truncated to, from wherever it was given: the name's suffix (`ties_r8`), `--set
+    ties.rank=8` (in `fixed`) or merge_adapters.py's --rank (in `options`), taken out of `fixed` and `options`
+    unless it is the method's own parameter (svd, regmean). Two different ranks for one merge are refused."""
+    given = {r for r in (suffix, options.pop("rank", None),
+                         None if "rank" in method.params else fixed.pop("rank", None)) if r is not None}
+    if "rank" in method.params and fixed.get("rank") is not None:
+        given.add(fixed["rank"])
+    if len(given) > 1:
+        raise BadInput(f"{method.name}: ranks {sorted(given)} given for one merge: give one")
+    rank = given.pop() if given else None
+    merges.check_rank(rank)
+    if rank is not None and "rank" in method.params:
+        fixed["rank"] = rank
+        return None   # the method's own parameter does it
+    return rank
 
 
 def build(name: str, adapters: list, data: FitData | None, select_rows: int, fixed: dict | None = None,
@@ -567,37 +587,44 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     searched on the validation rows by mean target-token loss), the losses of every candidate, and the time.
     `options`: further arguments of merges.merge for every candidate of a data-free method (weights, rank), so the
     choice is made on the merge that is returned. A data method without a grid (CAT, LoraHub) is its fit; one with
-    a grid (RegMean's alpha) fits its statistics once, and its grid is searched like a data-free method's."""
-    method = merges.get_method(name)
+    a grid (RegMean's alpha) fits its statistics once, and its grid is searched like a data-free method's.
+    A rank variant (`<method>_r<k>`, or a rank in `fixed` or `options`) is the method's merge truncated to rank k
+    (`merge_rank`): by its own parameter (svd, regmean), by merges.merge (the data-free methods, every grid
+    candidate truncated before it is scored), or after the fit (CAT, LoraHub: merges.truncate)."""
+    base, suffix = merges.split_rank(name)
+    method = merges.get_method(base)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
-    options = options or {}
+    options = dict(options or {})
+    rank = merge_rank(method, suffix, fixed, options)
     if options and method.space == "data":
-        raise BadInput(f"{name} learns its own weights: it takes no {', '.join(options)}")
+        raise BadInput(f"{base} learns its own weights: it takes no {', '.join(options)}")
     started = time.perf_counter()
     grids = {k: p.grid for k, p in method.params.items() if p.grid and k not in fixed}
-    info = {}
+    info = {} if rank is None else {"rank": rank}
     if method.space == "data":
         if data is None:
-            raise BadInput(f"{name} learns from train rows: it needs the model and data")
+            raise BadInput(f"{base} learns from train rows: it needs the model and data")
         params = merges.resolve_params(method, fixed)
         if not any(p.grid for p in method.params.values()):
             merged, info = method.fn(adapters, data, **params)
-            return merged, {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
+            merged = merged if rank is None else merges.truncate(merged, rank)
+            return merged, {"params": params, **info, **({"rank": rank} if rank else {}),
+                            "seconds": round(time.perf_counter() - started, 1)}
         # the fit learns its statistics once; a grid value that will not be searched (given, or no search) is
         # passed too, so RegMean in layer groups solves only that alpha instead of every one a search could try
         search = bool(grids) and select_rows > 0
         make, info = method.fn(adapters, data, **{k: v for k, v in params.items()
                                                  if not method.params[k].grid or k in fixed or not search})
     else:
-        extra = {**options, **({"seed": seed} if method.seeded else {})}  # every candidate merged alike
+        extra = {**options, **({"seed": seed} if method.seeded else {}), **({"rank": rank} if rank else {})}
 
-        def make(params: dict) -> lora.Adapter:
-            return merges.merge(adapters, name, **extra, **params)
+        def make(params: dict) -> lora.Adapter:   # every candidate merged alike
+            return merges.merge(adapters, base, **extra, **params)
     if not grids or data is None or select_rows <= 0:
         params = merges.resolve_params(method, fixed)
         return make(params), {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
-    params, selection = choose(method.name, method.params, fixed,
-                               lambda p: lora.folded(data.model, make(p)), data, select_rows)
+    params, selection = choose(name, method.params, fixed, lambda p: lora.folded(data.model, make(p)), data,
+                               select_rows)
     return make(params), {"params": params, **info, "selection": selection,
                           "seconds": round(time.perf_counter() - started, 1)}
 
@@ -670,6 +697,9 @@ merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an
                  "memory": merges.Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory "
                                         "free after the model loads); when they do not fit, they are collected for "
                                         "a group of layers per pass over the rows", low=0.0, open="low",
-                                        none_ok=True)},
-                "exact, rank R",
+                                        none_ok=True),
+                 "rank": merges.Param(None, "rank of the merged LoRA (None: exact, rank R = sum_i r_i): RegMean's "
+                                      "best LoRA of that rank, the truncation in the metric of G' (not the plain "
+                                      "SVD's)", low=1, kind=int, none_ok=True)},
+                "exact, rank R (or its best rank-k LoRA in RegMean's objective)",
                 exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"))

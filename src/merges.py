@@ -30,6 +30,7 @@ not depend on the basis, and the dense and core computations agree.
 import hashlib
 import math
 import numbers
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -115,6 +116,23 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise BadInput(f"unknown merge {name!r}: choose from {', '.join(METHODS)}")
     return METHODS[name]
+
+
+RANK_SUFFIX = re.compile(r"(.+)_r([1-9][0-9]*)")
+
+
+def split_rank(name: str) -> tuple[str, int | None]:
+    """A rank variant's name, `<method>_r<k>` (regmean_r8, ties_r16): the registered method and the rank k its merge
+    is truncated to (`truncate`, or the method's own `rank`); any other name: itself and None."""
+    found = RANK_SUFFIX.fullmatch(name)
+    if found and found[1] in METHODS:
+        return found[1], int(found[2])
+    return name, None
+
+
+def is_merge(name: str) -> bool:
+    """A registered merge or a rank variant of one."""
+    return split_rank(name)[0] in METHODS
 
 
 def resolve_params(method: Method, given: dict) -> dict:
@@ -289,6 +307,55 @@ def iso_cts(M, w, ctx, common_fraction, alpha):
     return alpha * (Us * (mean * nz)[:, None, :]) @ Vs.transpose(-1, -2)
 
 
+def tucker2(M, rank: int, tol: float = 1e-6, max_iter: int = 1000):
+    """Tucker-2 of each module's stack of task matrices M (m, n, p, q) by higher-order orthogonal iteration, as
+    tensorly's partial_tucker (init "svd", modes of the rows and the columns, the task mode left whole): orthonormal
+    U0 (m, p, k) and U1 (m, q, k) maximising sum_i ||U0^T M_i U1||_F^2. Start from the top-k left singular vectors
+    of [M_1 ... M_n] and of [M_1^T ... M_n^T]; then alternately U0 <- top-k left singular vectors of
+    [M_1 U1 ... M_n U1], U1 <- those of [M_1^T U0 ... M_n^T U0], until the relative reconstruction error,
+    sqrt(| ||M||^2 - ||core||^2 |) / ||M||, changes by less than `tol` (from the second iteration on). Each module
+    iterates on its own (one that has converged stops changing), so the batch does not change any module's result."""
+    m, n, p, q = M.shape
+    k0, k1 = min(rank, p), min(rank, q)
+
+    def top(X, k):   # top-k left singular vectors of X (m, rows, cols)
+        return svd_parts(X)[0][..., :k]
+
+    U0 = top(M.transpose(1, 2).reshape(m, p, n * q), k0)
+    U1 = top(M.transpose(-1, -2).transpose(1, 2).reshape(m, q, n * p), k1)
+    total = M.flatten(1).norm(dim=-1).clamp(min=torch.finfo(M.dtype).tiny)
+    running = torch.ones(m, dtype=torch.bool)
+    previous = None
+    for iteration in range(max_iter):
+        new0 = top((M @ U1[:, None]).transpose(1, 2).reshape(m, p, n * k1), k0)
+        new1 = top((M.mT @ new0[:, None]).transpose(1, 2).reshape(m, q, n * k0), k1)
+        U0 = torch.where(running[:, None, None], new0, U0)
+        U1 = torch.where(running[:, None, None], new1, U1)
+        core = (U0.mT[:, None] @ M @ U1[:, None]).flatten(1).norm(dim=-1)
+        error = (total ** 2 - core ** 2).abs().sqrt() / total
+        if previous is not None:
+            running &= (previous - error).abs() >= tol
+            if not running.any():
+                break
+        previous = error
+    return U0, U1
+
+
+def ctm(M, w, ctx, rank, beta, density, lam):
+    """Compress then Merge (He et al., ICML 2026), in the core space (whose cores are the dense updates D_i in the
+    stacked factors' singular bases, as in its code): (1) shared rank-k subspaces, the Tucker-2 factors U0, U1 of
+    the task cores after balancing their norms, M_i (beta + (1 - beta) mean_j ||M_j|| / ||M_i||) (balancing only
+    chooses the subspaces); (2) each task projected to k x k coordinates C_i = U0^T M_i U1; (3) TIES there
+    (trim to `density`, sign election, disjoint mean, times lambda); (4) the merge U0 C U1^T, of rank <= k by
+    construction. k: `rank`, else the largest task rank (a single LoRA's size)."""
+    k = rank or max(ctx.ranks)
+    norms = M.flatten(2).norm(dim=-1)                                                # (m, n)
+    balance = beta + (1 - beta) * norms.mean(1, keepdim=True) / norms.clamp(min=torch.finfo(M.dtype).tiny)
+    U0, U1 = tucker2(M * balance[..., None, None], k)
+    C = U0.mT[:, None] @ M @ U1[:, None]                                             # (m, n, k, k)
+    return U0 @ ties(C, w, ctx, density, lam) @ U1.mT
+
+
 # ---------------------------------------------------------------------------------------------- registrations
 LAMBDA_SUM = (0.125, 0.25, 0.5, 1.0)      # methods that add n updates: a good lambda can be near 1/n
 LAMBDA_ONE = (0.5, 1.0, 1.5, 2.0)         # methods that average (disjoint means): lambda near 1
@@ -367,8 +434,20 @@ register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
                                                    high=1.0),
                           "alpha": _scale(1.0, (0.5, 1.0, 2.0, 4.0))},
                 exact="equal"))
-
-
+register(Method("ctm", "He et al., ICML 2026 (Compress then Merge)",
+                "U0 lambda disjoint_mean(trim(U0^T D_i U1)) U1^T, U0, U1: Tucker-2 of the norm-balanced D_i, rank k",
+                "core", ctm,
+                {"rank": Param(None, "rank k of the shared subspaces and of the merge (None: the largest task rank)",
+                               low=1, kind=int, none_ok=True),
+                 "beta": Param(0.25, "norm balancing for the subspaces (1: none; 0: every task at the mean norm)",
+                               low=0.0, high=1.0),
+                 "density": _density(0.25, "share of each task's k x k coordinates kept by TIES's trim (topK)"),
+                 "lam": _scale(0.75, (0.5, 0.75, 1.0, 1.5))},
+                "rank k (the largest task rank unless given)",
+                exact="its code's algorithm (Tucker-2 by HOOI, TIES in the k x k coordinates) on the cores, which "
+                      "are the dense updates in the stacked factors' singular bases", entrywise=True,
+                default=False,   # not in the committed default run: --methods ctm_r8 (or ctm) asks for it
+                identity={"density": 1.0, "lam": 1.0}))
 
 
 # ------------------------------------------------------------------------------------------------ applying one
@@ -557,20 +636,42 @@ def check_finite(adapter: Adapter, what: str) -> Adapter:
     return adapter
 
 
+def check_rank(rank):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise BadInput(f"rank={rank!r}: give a whole number >= 1")
+
+
 def check_arguments(m: Method, seed: int | None = None, rank: int | None = None, dense: bool = False):
-    """Refuse what a data-free merge would not use or cannot take, before any work: a data method, a rank or the
-    dense form for an exact factor merge, a seed for a method that draws nothing, a rank below 1."""
+    """Refuse what a data-free merge would not use or cannot take, before any work: a data method, the dense form
+    for an exact factor merge, a seed for a method that draws nothing, a rank below 1."""
     if m.space == "data":
         raise BadInput(f"{m.name} learns its merge from rows: run it through full_evaluation.py "
                        f"(--methods {m.name}) or src.merge_fit")
-    if m.space == "factors" and (rank is not None or dense):
-        raise BadInput(f"{m.name} merges the factors exactly ({m.output}): it takes no "
-                       f"{'rank' if rank is not None else 'dense'}; use svd (or a core method with rank) to truncate")
+    if m.space == "factors" and dense:
+        raise BadInput(f"{m.name} merges the factors exactly ({m.output}): it has no dense form")
     if seed is not None and not m.seeded:
         raise BadInput(f"{m.name} draws no random numbers: it takes no seed (the seeded methods: "
                        f"{', '.join(n for n, x in METHODS.items() if x.seeded)})")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
-        raise BadInput(f"rank={rank!r}: give a whole number >= 1")
+    check_rank(rank)
+
+
+def truncate(adapter: Adapter, rank: int) -> Adapter:
+    """Each module's update s B A replaced by its best approximation of rank <= k in the Frobenius norm (Eckart-Young:
+    the truncated SVD U_k S_k V_k^T, computed from the factors by `lora.factored_svd`), as B = U_k S_k, A = V_k^T,
+    scale 1. A module of rank <= k is kept as it is. The rank budget of the factor merges (concat, weight_sum), whose
+    exact result is larger, and of the learned ones whose objective is a loss on rows rather than a norm (CAT,
+    LoraHub); the core methods truncate their merged core the same way (`_to_lora`), RegMean in its own metric
+    (`regmean_truncate`)."""
+    check_rank(rank)
+    out = {}
+    for name, f in adapter.modules.items():
+        if f.A.shape[0] <= rank:
+            out[name] = f
+            continue
+        U, S, Vh = lora.factored_svd(f.scale * f.B.double(), f.A)
+        k = min(rank, S.shape[0])
+        out[name] = Lora(Vh[:k].to(f.A.dtype).contiguous(), (U[:, :k] * S[:k]).to(f.B.dtype).contiguous(), 1.0)
+    return Adapter(out, adapter.base_model)
 
 
 def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None = None, rank: int | None = None,
@@ -578,8 +679,9 @@ def merge(adapters: list[Adapter], method: str, weights=None, seed: int | None =
     """Merge `adapters` (one per task) with a data-free method of the registry, every module.
 
     weights: per-task weights w_i (default 1, or 1/n for the methods that average); seed: DARE's masks (methods
-    that draw none refuse it); rank: truncate a core method's result to this rank (the SVD merge's own `rank`
-    parameter defaults to 8); dense: run a core method on the dense d_out x d_in updates instead, one module at a
+    that draw none refuse it); rank: truncate the result to this rank by SVD, the best approximation in the
+    Frobenius norm (a core method's merged core, a factor method's merged factors: `truncate`; the SVD merge's own
+    `rank` parameter defaults to 8); dense: run a core method on the dense d_out x d_in updates instead, one module at a
     time (the reference form: slow, and for entry-wise methods a different merge). An argument the method does not
     use, a parameter out of its range or a non-finite result is a BadInput, raised before anything is returned."""
     m = get_method(method)
@@ -610,21 +712,23 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
     """`merge` after its checks: the factor, core or dense computation over every module."""
     n = len(adapters)
     if m.space == "factors":
-        return Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
-                        for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+        merged = Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
+                          for name in sorted(adapters[0].modules)}, adapters[0].base_model)
+        return merged if rank is None else truncate(merged, rank)
     w = torch.tensor(merge_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
     dtype = next(iter(adapters[0].modules.values())).A.dtype
     out = {}
     for (_, _, ranks), names in _groups(adapters).items():
         ctx = Context(ranks, adapter_generators(adapters, names, seed or 0) if m.seeded else ())
+        own = (p["rank"] or max(ranks)) if "rank" in p else None   # CtM: rank k by construction, stored as k
         if m.space == "core" and not dense:
             loras = [[a.modules[name] for a in adapters] for name in names]
             Pb, M, Pa = core_project(loras, aligned=m.entrywise)
-            out.update(zip(names, _to_lora(Pb, m.fn(M, w, ctx, **p), Pa, rank, dtype)))
+            out.update(zip(names, _to_lora(Pb, m.fn(M, w, ctx, **p), Pa, rank or own, dtype)))
             continue
         for name in names:  # dense: one module at a time (n d_out x d_in matrices in float64)
             D = dense_updates([[a.modules[name] for a in adapters]])
-            out[name] = _dense_to_lora(m.fn(D, w, ctx, **p), rank, dtype)[0]
+            out[name] = _dense_to_lora(m.fn(D, w, ctx, **p), rank or own, dtype)[0]
     return Adapter(dict(sorted(out.items())), adapters[0].base_model)
 
 
@@ -661,7 +765,7 @@ def regmean_factor(stats: RegMeanInput, alpha: float) -> torch.Tensor:
 
 
 def regmean_solve(loras: list[Lora], stats: RegMeanInput, projected: list[torch.Tensor], alpha: float,
-                  factor: torch.Tensor | None = None) -> Lora:
+                  factor: torch.Tensor | None = None, rank: int | None = None) -> Lora:
     """RegMean (Jin et al., ICLR 2023) of one linear module, as an exact LoRA of rank R = sum_i r_i.
 
     Task i's model maps its own layer inputs X_i (tokens x d_in) by W_i = W_0 + D_i, D_i = s_i B_i A_i. RegMean
@@ -681,7 +785,8 @@ def regmean_solve(loras: list[Lora], stats: RegMeanInput, projected: list[torch.
     G' is symmetric: A_i G_i' G'^{-1} = (G'^{-1} G_i' A_i^T)^T, one linear solve (Cholesky) for all tasks at once in
     float64, no explicit inverse. A task that does not adapt the module (rank 0) still counts in G': its model keeps
     W_0 there, which the merge should keep on its inputs too. alpha 1 is plain least squares; alpha -> 0 weighs each
-    input feature by its share of the summed energy. `factor`: regmean_factor(stats, alpha), if already computed."""
+    input feature by its share of the summed energy. `factor`: regmean_factor(stats, alpha), if already computed;
+    `rank`: RegMean's best LoRA of at most that rank instead (`regmean_truncate`)."""
     if len(projected) != len(loras) or stats.diagonals.shape[0] != len(loras):
         raise BadInput(f"statistics of {len(projected)} tasks for {len(loras)} LoRAs: give one per task")
     factor = regmean_factor(stats, alpha) if factor is None else factor
@@ -689,9 +794,35 @@ def regmean_solve(loras: list[Lora], stats: RegMeanInput, projected: list[torch.
     rhs = torch.cat([alpha * p + (1 - alpha) * d[:, None] * f.A.to(device, torch.float64).T
                      for p, d, f in zip(projected, stats.diagonals, loras)], dim=1)   # d_in x R
     A = torch.cholesky_solve(rhs, factor).T                                          # R x d_in
-    B = torch.cat([f.scale * f.B.double() for f in loras], dim=1)
+    B = torch.cat([f.scale * f.B.double().to(device) for f in loras], dim=1)
+    if rank is not None and rank < A.shape[0]:
+        B, A = regmean_truncate(B, A, factor, rank)
     dtype, home = loras[0].A.dtype, loras[0].A.device
-    return Lora(A.to(home, dtype), B.to(home, dtype), 1.0)
+    return Lora(A.to(home, dtype).contiguous(), B.to(home, dtype).contiguous(), 1.0)
+
+
+def regmean_truncate(B, A, factor, rank: int) -> tuple:
+    """RegMean's best update of rank <= k (float64 factors in and out: B (d_out x R), A (R x d_in), the Cholesky
+    factor L of G' = L L^T).
+
+    RegMean's objective with the regularised Grams, J(W) = sum_i tr((W - W_i) G_i' (W - W_i)^T), is a quadratic in W
+    whose minimum W* = W_0 + B A satisfies the normal equations W* G' = sum_i W_i G_i'. Around it, exactly,
+
+        J(W) = J(W*) + tr((W - W*) G' (W - W*)^T) = J(W*) + ||(W - W*) L||_F^2
+
+    (the cross term 2 tr((W - W*) (G' W*^T - sum_i G_i' W_i^T)) vanishes). So among W = W_0 + D with rank(D) <= k
+    the best minimises ||D L - B A L||_F; D -> D L maps the matrices of rank <= k onto themselves (L is invertible),
+    and by Eckart-Young the optimum is D L = the truncated SVD U_k S_k V_k^T of B (A L):
+
+        D_k = U_k S_k (V_k^T L^{-1}),   the LoRA B_k = U_k S_k, A_k = V_k^T L^{-1} (a triangular solve)
+
+    It is the Frobenius truncation of B A only where G' is a multiple of the identity: in general it keeps the
+    directions that matter on the tasks' inputs, measured by G'. Cost O(R d_in^2) for A L, besides the SVD of the
+    factors."""
+    U, S, Vh = lora.factored_svd(B, A @ factor)
+    k = min(rank, S.shape[0])
+    Ak = torch.linalg.solve_triangular(factor, Vh[:k], upper=False, left=False)   # X L = V_k^T
+    return U[:, :k] * S[:k], Ak
 
 
 def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:

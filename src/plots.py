@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from . import lora  # noqa: E402
 from . import merges  # noqa: E402
-from .layout import ALL_METHODS  # noqa: E402
+from .layout import ordered  # noqa: E402
 from .reporting import intervals, load_method_results, paper_normalized, same_inputs, seed_spread  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
 from .tasks import get_task  # noqa: E402
@@ -55,7 +55,7 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         paper = paper_normalized(results[n]["single"]["tasks"]).get(paper_model, {})
-        methods = [m for m in ALL_METHODS if m in norm]
+        methods = ordered(norm)
         x = np.arange(len(methods))
         ours = np.array([norm[m]["mean"] or 0 for m in methods])
         ci = np.array([norm[m]["ci"] or (norm[m]["mean"] or 0,) * 2 for m in methods])
@@ -111,7 +111,7 @@ def fig_heatmap(results: dict):
     for ax, n in zip(axes[0], sets):
         norm = normalized(results[n])
         tasks = results[n]["single"]["tasks"]
-        methods = [m for m in ALL_METHODS if m in norm]
+        methods = ordered(norm)
         grid = np.array([[norm[m]["per_task"][t] if norm[m]["per_task"][t] is not None else np.nan for t in tasks]
                          for m in methods])
         im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.2, np.nanmax(grid)))

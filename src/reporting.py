@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from . import merges
-from .layout import ALL_METHODS, PAPER_RESULTS, ROOT
+from .layout import PAPER_RESULTS, ROOT, ordered
 from .lora import atomic_write
 from .metrics import normalized_score, paired_bootstrap
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
@@ -40,7 +40,7 @@ def paper_normalized(tasks: list[str]) -> dict:
 
 def load_method_results(out: Path) -> dict:
     """{method: result} for every method file in a results folder, in table order."""
-    return {m: json.loads((out / f"{m}.json").read_text()) for m in ALL_METHODS if (out / f"{m}.json").exists()}
+    return {m: json.loads((out / f"{m}.json").read_text()) for m in ordered(f.stem for f in Path(out).glob("*.json"))}
 
 
 def intervals(found: dict, n_boot: int = 1000) -> dict:
@@ -329,7 +329,7 @@ def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         found, _, ci = analyses(folder)
         per_seed[seed] = (normalized_points(found), ci)
     out = {}
-    for m in ALL_METHODS:
+    for m in ordered(m for p, _ in per_seed.values() for m in p):
         ran = {seed: (p, ci) for seed, (p, ci) in per_seed.items() if p.get(m) is not None}
         if len(ran) < 2:
             continue
@@ -372,7 +372,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
                      + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
                      + ("-" if m in partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
     scored = [normalized_points(analyses(runs[s])[0]) for s in seeds]
-    one_seed = [m for m in ALL_METHODS if m not in spread and any(p.get(m) is not None for p in scored)]
+    one_seed = [m for m in ordered(m for p in scored for m in p) if m not in spread
+                and any(p.get(m) is not None for p in scored)]
     gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
             "|" + "---|" * (len(seeds) + 3)]
     for m, sp in rows.items():
@@ -388,8 +389,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
         gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f}"
                     + (f" ({len(sp['gap'])} seed{'s' * (len(sp['gap']) > 1)})" if len(sp["gap"]) < len(seeds) else "") + f" | {holds} of {len(with_ci)} |")
-    merged = [m for m in rows if m in merges.METHODS and m not in partial]
-    partial_merges = [m for m in partial if m in merges.METHODS]
+    merged = [m for m in rows if merges.is_merge(m) and m not in partial]
+    partial_merges = [m for m in partial if merges.is_merge(m)]
     verdict = ("\n\nFewer than two routing-free merges have a score on every seed: no order of the merges to compare."
                if len(merged) < 2 and partial_merges else "")
     if len(merged) >= 2:
@@ -500,7 +501,8 @@ def headline_table(model_dir: Path, analyses: Analyses | None = None) -> str:
         if analysis:
             found, _, ci = analysis
             sets[n] = (found, ci, normalized_points(found), paper_normalized(found["single"]["tasks"]))
-    methods = [m for m in ALL_METHODS if any(s[2].get(m) is not None for s in sets.values())]
+    methods = [m for m in ordered(m for s in sets.values() for m in s[2]) if any(s[2].get(m) is not None
+                                                                             for s in sets.values())]
     header, rows = ["method"], []
     for n, (_, _, _, paper) in sets.items():
         header += [f"{n} tasks [95%]"] + [f"paper {model}" for model in paper]

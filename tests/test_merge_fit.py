@@ -283,3 +283,21 @@ def test_regmean_in_passes_solves_every_alpha_a_search_may_try_in_those_passes(t
         got, want = make({"alpha": alpha}), one_make({"alpha": alpha})
         assert all(torch.equal(got.modules[n].A, want.modules[n].A) for n in want.modules), alpha
     assert passes == [1, 1, 1, 1]   # no pass run again
+
+
+def test_regmean_at_a_rank_is_the_best_rank_k_lora_of_the_tasks_grams(trained, no_test_rows):
+    """`regmean_r4` through build (statistics summed in the pass) against merges.regmean_solve at rank 4 from each
+    task's own Gram matrices (gram_matrices, the per-task reference): rank 4 everywhere and the same update, to the
+    float32 factors' rounding."""
+    model, tokenizer, adapters = trained[:3]
+    data = fit_data(trained)
+    merged, info = merge_fit.build("regmean_r4", adapters, data, select_rows=0, fixed={"rows": 6, "alpha": 0.5})
+    assert info["params"]["rank"] == 4 and info["params"]["alpha"] == 0.5
+    examples, _ = data.training_examples(6)
+    grams = [merge_fit.gram_matrices(model, a, examples[t], 4, tokenizer.eos_token_id) for a, t in zip(adapters, TASKS)]
+    for name, got in merged.modules.items():
+        loras = [a.modules[name] for a in adapters]
+        stats, projected = merge_fit.merges.regmean_statistics(loras, [g[name] for g in grams])
+        want = merge_fit.merges.regmean_solve(loras, stats, projected, 0.5, rank=4).delta().double()
+        assert got.A.shape[0] == 4 and got.B.shape[1] == 4
+        assert (got.delta().double() - want).abs().max() <= 1e-5 * want.abs().max(), name

@@ -319,7 +319,7 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     bad = {("--method", "dare_linear", "--p", "1"): "dare_linear.p=1.0 is out of range: p must be in [0, 1)",
            ("--method", "task_arithmetic", "--lam", "nan"): "task_arithmetic.lam=nan is out of range",
            ("--method", "ties", "--density", "0"): "ties.density=0.0 is out of range: density must be in (0, 1]",
-           ("--method", "concat", "--rank", "8"): "concat merges the factors exactly (exact, rank R): it takes no rank",
+           ("--method", "concat", "--rank", "0"): "rank=0: give a whole number >= 1",
            ("--method", "ties", "--seed", "3"): "ties draws no random numbers: it takes no seed",
            ("--method", "svd", "--lam", "0.5"): "--lam is not a parameter of svd"}
     for flags, message in bad.items():

@@ -64,7 +64,7 @@ def test_the_sign_of_a_basis_vector_does_not_matter(name):
     Sa = torch.where(torch.rand(Ms.shape[-1], generator=gen) < 0.5, -1.0, 1.0).double()
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
     ranks = tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters)
-    params = {k: v for k, v in merges.resolve_params(method, {}).items() if k != "rank"}
+    params = merges.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
 
     def run(X):
         generators = merges.adapter_generators(adapters, list(MODULES), 3) if method.seeded else ()
@@ -89,7 +89,7 @@ def test_a_method_not_declared_entrywise_commutes_with_rotations(name):
     V = torch.linalg.qr(torch.randn(Ms.shape[-1], Ms.shape[-1], generator=gen, dtype=torch.float64))[0]
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
     ctx = merges.Context(tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters), ())
-    params = {k: v for k, v in merges.resolve_params(method, {}).items() if k != "rank"}
+    params = merges.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
     want = U @ method.fn(Ms, w, ctx, **params) @ V.T
     got = method.fn(U @ Ms @ V.T, w, ctx, **params)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
@@ -155,10 +155,9 @@ def test_arguments_a_method_does_not_use_are_refused(name):
             with pytest.raises(BadInput, match=f"{name}.rank="):
                 merges.merge(adapters, name, rank=rank)
     if method.space == "factors":
-        for extra in (dict(dense=True),) + (() if "rank" in method.params else (dict(rank=4),)):
-            with pytest.raises(BadInput, match="takes no"):
-                merges.merge(adapters, name, **extra)
-    elif method.space == "core":
+        with pytest.raises(BadInput, match="has no dense form"):
+            merges.merge(adapters, name, dense=True)
+    if "rank" not in method.params:
         for rank in (0, 2.5, math.nan, True):
             with pytest.raises(BadInput, match="give a whole number >= 1"):
                 merges.merge(adapters, name, rank=rank)
@@ -166,6 +165,24 @@ def test_arguments_a_method_does_not_use_are_refused(name):
         merges.merge(adapters, name, not_a_parameter=1.0)
     with pytest.raises(BadInput, match="finite"):
         merges.merge(adapters, name, weights=[1.0] * (len(adapters) - 1) + [math.nan])
+
+
+@pytest.mark.parametrize("name", [n for n in DATA_FREE if "rank" not in merges.METHODS[n].params])
+def test_a_rank_budget_is_the_best_approximation_of_the_merge(name):
+    """merge(rank=k) of a method without a rank of its own is a best rank-k approximation of its merged update in
+    the Frobenius norm (a truncated SVD), whatever the method's space; at k >= its rank, the merge."""
+    adapters = adapters_for(name, 17)
+    full = merged_updates(adapters, name)
+    for k in (1, 3):
+        got = merged_updates(adapters, name, rank=k)
+        for m in MODULES:
+            S = np.linalg.svd(full[m], compute_uv=False)
+            assert np.linalg.matrix_rank(got[m], tol=1e-9 * S[0]) <= k
+            # Eckart-Young's least error (the truncated SVD is not unique where singular values repeat: Iso-C's)
+            error, least = np.linalg.norm(got[m] - full[m]), np.sqrt(np.sum(S[k:] ** 2))
+            assert abs(error - least) <= 1e-9 * S[0], (name, k, m, error, least)
+    for m, update in merged_updates(adapters, name, rank=16).items():   # 16 = d_out: nothing to cut
+        assert rel(update, full[m]) <= 1e-10
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
