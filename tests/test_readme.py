@@ -58,6 +58,9 @@ def test_merge_your_own_adapters_runs_as_written(tiny, tmp_path):
     assert record["gram_rows"]["rows_a.jsonl"]["rows"] == 12
     merged = lora.load_adapter(tmp_path / "merged-regmean")
     assert {f.A.shape[0] for f in merged.modules.values()} == {6}   # rank 4 + 2: an exact LoRA
+    small = lora.load_adapter(tmp_path / "merged-regmean-r8")   # rank 8 >= 6: RegMean itself, as the exact LoRA
+    assert {f.A.shape[0] for f in small.modules.values()} == {6}
+    assert json.loads((tmp_path / "merged-regmean-r8" / "merge.json").read_text())["params"]["rank"] == 8
     fixed = json.loads((tmp_path / "merged-regmean-fixed" / "merge.json").read_text())
     assert fixed["params"]["alpha"] == 0.9 and "selection" not in fixed
     from transformers import AutoModelForCausalLM
