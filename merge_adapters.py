@@ -22,8 +22,6 @@ merge's loss the mean of those over the adapters.
 """
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 from src import cli
@@ -32,6 +30,7 @@ from src import merge_fit
 from src import merges
 from src import provenance
 from src.errors import BadInput, MissingFile
+from src.files import write_folders
 from src.models import EMBEDDED
 from src.tasks import TASKS, get_task
 
@@ -183,27 +182,6 @@ def describe(name: str, info: dict) -> list[str]:
 
 def _mean(losses: dict) -> float:
     return sum(losses.values()) / len(losses)
-
-
-def write_folders(writers: dict):
-    """{folder: write(tmp)}: each folder is written into a temporary sibling, and they move into place only once
-    every one is written, so a failure leaves no new folder (an existing one keeps its files)."""
-    temps = {}
-    try:
-        for folder, write in writers.items():
-            temps[folder] = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-            shutil.rmtree(temps[folder], ignore_errors=True)
-            temps[folder].mkdir(parents=True)
-            write(temps[folder])
-        for folder, tmp in temps.items():
-            if folder.exists():
-                for f in tmp.iterdir():
-                    os.replace(f, folder / f.name)
-            else:
-                os.replace(tmp, folder)
-    finally:
-        for tmp in temps.values():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None):

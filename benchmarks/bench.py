@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from src import lora  # noqa: E402
+from src.files import atomic_write  # noqa: E402
 from src import merges  # noqa: E402
 
 N_ADAPTERS, RANK, ALPHA = 7, 8, 16
@@ -607,7 +608,7 @@ def write_regmean_report(results: dict, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
     by = {(c["impl"], c["shape"], c["targets"], c["n"]): c for c in results["cases"]}
     gb = 1e9
     lines = [f"# RegMean's memory against the number of adapters ({results['device']}, torch {results['torch']}, "
@@ -638,7 +639,7 @@ def write_regmean_report(results: dict, out: Path):
     for targets, layers in REGMEAN_GRID:
         new = [by[("summed", "qwen2-0.5b", targets, n)]["peak_beyond_model_bytes"] for n in REGMEAN_NS]
         lines += ["", f"{targets}: summed peak at n = 14 is {new[-1] / new[0]:.3f} of n = 2's."]
-    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
+    atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
     fig, axes = plt.subplots(1, len(REGMEAN_GRID), figsize=(10, 3.8))
     for ax, (targets, layers) in zip(axes, REGMEAN_GRID):
         for impl, style in (("per-task", "o-"), ("summed", "s-")):
@@ -715,7 +716,7 @@ def run_all(args) -> dict:
 
 def write_report(results: dict, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
-    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(results, indent=2)))
     lines = [f"# Benchmarks ({results['device']}, {results['dtype']}, torch {results['torch']}, "
              f"{results['threads']} threads)", "",
              "ratio = reference time / our time (above 1: ours faster); medians of alternating runs.", "",
@@ -750,7 +751,7 @@ def write_report(results: dict, out: Path):
             notes.append(f"measured at commit {r.get('commit', 'unknown')}")
         lines.append(f"| {name} | {CASES[name][0]} | {r['ratio']:.2f} | {target[1] if target else ''} | {met} | "
                      f"{'; '.join(notes)} |")
-    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
+    atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
 def main():

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from benchmarks.bench import QWEN2_1_5B, random_adapters, sync  # noqa: E402
 from src import lora  # noqa: E402
 from src import merges  # noqa: E402
+from src.files import atomic_write  # noqa: E402
 from src.errors import BadInput  # noqa: E402
 from src.train import lm_loss  # noqa: E402
 
@@ -161,7 +162,7 @@ def main():
         report[name] = check()
         print(f"{name}: {'ok' if report[name]['ok'] else 'FAILED'} {json.dumps(report[name])[:300]}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    lora.atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(report, indent=2)))
+    atomic_write(Path(args.out), lambda f: f.write_text(json.dumps(report, indent=2)))
     if not all(report[k]["ok"] for k in ("training", "fold", "moa")):
         sys.exit(1)
 

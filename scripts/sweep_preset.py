@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from src import lora  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
+from src.files import atomic_write  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
 from src.layout import model_results_dir  # noqa: E402
 from src.metrics import example_stats, normalized_score, paired_bootstrap, score  # noqa: E402
@@ -105,7 +106,7 @@ def write_report(results: dict, tasks: list[str], out: Path):
     choice = choose(results, tasks)
     payload = {"val_offset": VAL_OFFSET, "val_rows": VAL_ROWS, "common": COMMON, "settings": SETTINGS,
                "train_budget_sequences": TRAIN_BUDGET, "results": results, **choice}
-    lora.atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=2)))
     keys = ["lr", "max_steps", "batch_size", "train_rows", "max_len"]
     header = ["setting", *keys, "sequences"] + [f"{t} ({get_task(t).primary})" for t in tasks] + [
         "relative", "vs chosen [95%]", "train s"]
@@ -130,7 +131,7 @@ def write_report(results: dict, tasks: list[str], out: Path):
             "setting's, with a 95% paired bootstrap interval over the validation rows (1,000 resamples), where the "
             "rows' statistics are stored. Common to all: "
             + ", ".join(f"{k} {v}" for k, v in COMMON.items()) + ".\n")
-    lora.atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
+    atomic_write(out.with_suffix(".md"), lambda p: p.write_text("\n".join(lines) + "\n" + note))
 
 
 def main():

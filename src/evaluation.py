@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from . import lora, merge_fit, merges, provenance
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
-from .layout import (ALL_METHODS, MERGE_METHODS, PAPER_METHODS, ROOT, adapter_dir, control_dir, moa_command,
+from .files import atomic_write
+from .layout import (ALL_METHODS, PAPER_METHODS, ROOT, adapter_dir, control_dir, moa_command,
                      moa_dir, results_dir, train_command)
 from .metrics import example_stats, score
 from .models import load_model
@@ -398,8 +399,8 @@ def choose_arrow(model, data: merge_fit.FitData, select_rows: int, prototypes: l
 def write_method(out: Path, method: str, result: dict):
     result = dict(result)
     predictions = result.pop("predictions")
-    lora.atomic_write(out / f"{method}.predictions.jsonl",
+    atomic_write(out / f"{method}.predictions.jsonl",
                    lambda p: p.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in predictions)))
-    lora.atomic_write(out / f"{method}.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    atomic_write(out / f"{method}.json", lambda p: p.write_text(json.dumps(result, indent=2)))
 
 

@@ -26,7 +26,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_write
 from .errors import BadInput, MissingFile
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")                      # the original README
@@ -292,13 +292,6 @@ def random_like(adapter: Adapter, generator: torch.Generator) -> Adapter:
 
 
 # --------------------------------------------------------------------------------------------- PEFT on disk
-def atomic_write(path: Path, write):
-    """Write through `write(tmp_path)` then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(adapter: Adapter, folder, targets=None):
     """PEFT's format: keys `base_model.model.<module>.lora_{A,B}.weight`; per-module ranks and alphas go to
     rank_pattern / alpha_pattern where they differ from the most common one."""

@@ -12,12 +12,12 @@ The tokenizer pads with EOS; generation pads on the left.
 """
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput
+from .files import write_folders
 
 EMBEDDED = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,13 +56,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses GGUF-loaded models without this
         model.hf_quantizer.remove_quantization_config(model)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(target)
+    write_folders({target: lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))})
     return target
 
 

@@ -47,7 +47,7 @@ def commit() -> str | None:
 
 
 def write_record(folder: Path, record: dict):
-    from .lora import atomic_write
+    from .files import atomic_write
 
     atomic_write(Path(folder) / RECORD, lambda p: p.write_text(json.dumps(record, indent=2)))
 

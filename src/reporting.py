@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import merges
 from .layout import PAPER_RESULTS, ROOT, ordered
-from .lora import atomic_write
+from .files import atomic_write
 from .metrics import normalized_score, paired_bootstrap
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
 

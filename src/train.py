@@ -22,7 +22,6 @@ the same code with a world of one.
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +39,7 @@ from . import lora
 from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
+from .files import atomic_write
 from .settings import DATA, SEED, Setting, check_config
 from .tasks import TASKS, get_task
 
@@ -264,9 +264,7 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict, best: dict):
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
     tensors["rng"] = torch.get_rng_state()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"state": json.dumps(state)}))
 
 
 def _load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
@@ -382,7 +380,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
             "skipped_rows": skipped + skipped_val, "max_len": cfg.max_len, "max_target": cfg.max_target,
             "seed": cfg.seed, "task_seed": seed, "steps": state["step"], "best_val_loss": state["best_val"],
             "processes": acc.num_processes, "commit": provenance.commit(), "config": asdict(cfg)})
-        lora.atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
+        atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in state["log"])))
         ckpt_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return {"task": cfg.task, "steps": state["step"], "best_val_loss": state["best_val"],
@@ -395,7 +393,7 @@ def publish_log(adapter_folder: Path, dest: Path, name: str = "train_log.jsonl")
     train_log.jsonl, or the routers' routers.json (held-out routing accuracy per layer, settings, loss curve)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     text = (Path(adapter_folder) / name).read_text()
-    lora.atomic_write(dest, lambda p: p.write_text(text))
+    atomic_write(dest, lambda p: p.write_text(text))
 
 
 # -------------------------------------------------------------------------------------------------- routers
