@@ -1,6 +1,6 @@
 """Evaluation of every method on a task list, batched; the reports are src/reporting.py's.
 
-Methods (DESIGN.md section 2):
+Methods (the thesis's, and those added since; README "The methods"):
 * base:        the model without adapters;
 * majority:    no model: every test row gets the most frequent class of the train split (classification tasks only;
                the baseline a classifier must beat, beside chance = 1 / classes);
@@ -13,7 +13,8 @@ Methods (DESIGN.md section 2):
   hyperparameter with a grid is chosen on validation rows of the train split), then folded into W, so it runs at
   the base model's cost. With `loras="random"` the merges take random LoRAs of the trained ones' norms instead (a
   control, written to <N>-task/random-loras/).
-  weighted_avg and ties_dense are evaluated on request only.
+  weighted_avg, ties_dense and ctm (Compress then Merge) are evaluated on request only, as is any merge's rank
+  variant `<merge>_r<k>` (one LoRA of rank k: merge_fit.build).
 
 Generation is greedy, left-padded, in batches of one task sorted by prompt length, stopping at EOS or at the
 task's token budget. For each method, `<method>.json` (metrics, each row's metric statistics, timing, MoA routing)

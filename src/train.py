@@ -1,7 +1,7 @@
 """Training: one task's LoRA (`train_lora`) and the MoA routers over frozen task LoRAs (`train_routers`).
 
 Presets hold every hyperparameter; a flag of the scripts overrides any of them.
-* paper: the original's settings (DESIGN.md section 2): r 8, alpha 16, AdamW lr 5e-5, batch 2, max length 512 of
+* paper: the original's settings (its training scripts): r 8, alpha 16, AdamW lr 5e-5, batch 2, max length 512 of
   which up to 128 target tokens, 5,000 train rows, validation every 100 steps, patience 3, up to 10 epochs;
   routers: AdamW lr 1e-4, 1 epoch, batch 4.
 * cpu: the same recipe sized for `make reproduce` on a 2-core laptop, chosen on validation rows by
