@@ -20,7 +20,7 @@ METHODS ?=
 SEEDS ?= 1 2
 export MODEL PRESET DATA METHODS
 
-.PHONY: setup test reproduce reproduce-all update-results seeds report bench bench-regmean notebook gpu-check clean
+.PHONY: setup test test-fast reproduce reproduce-all update-results seeds report bench bench-regmean notebook gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.installed-test   # the edit loop: no subprocess, no real model, no notebook
+	$(BIN)/python -m pytest -q -m "not slow"
 
 reproduce: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" METHODS="$(or $(METHODS),paper)" bash scripts/reproduce.sh

@@ -10,6 +10,8 @@ from src import lora
 from src.reporting import seed_runs, seed_spread
 from src.tasks import SEVEN_TASKS
 
+pytestmark = pytest.mark.slow   # subprocesses, the real model or the notebook: make test runs it, test-fast not
+
 REPO = Path(__file__).resolve().parent.parent
 
 

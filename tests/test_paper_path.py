@@ -19,6 +19,8 @@ from src import merges
 from src.errors import BadInput
 from src.train import make_config
 
+pytestmark = pytest.mark.slow   # subprocesses, the real model or the notebook: make test runs it, test-fast not
+
 REPO = Path(__file__).resolve().parent.parent
 
 

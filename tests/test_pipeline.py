@@ -38,6 +38,7 @@ def script(name: str, *args, root: Path, check: bool = True) -> subprocess.Compl
     return proc
 
 
+@pytest.mark.slow
 def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     script("train_individual_loras.py", "--task", TASKS, "--model", str(tiny_dir), "--max-steps", "40", "--lr", "0.03",
            "--batch-size", "8", "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
@@ -143,6 +144,7 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", trained_cell) and f"| {trained_cell} |" in main_row
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
     args = ["--task", "sentiment", "--model", str(tiny_dir), "--max-steps", "400", "--epochs", "100",
             "--train-rows", "64", "--val-rows", "8", "--eval-every", "40", "--save-every", "10", "--patience", "50"]
@@ -175,6 +177,7 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     """train_moa.py over adapters on the original code's targets (q, k, v, gate, up, down): down_proj's router reads
     the MLP's hidden state (intermediate_size wide), the others hidden_size. Random adapters saved as the training
@@ -336,6 +339,7 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     assert "adapter 1 of 2 has non-finite factors" in err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     """The three wrappers on the tiny model: 7 LoRAs, routers for the 5- and 7-task sets, every method on both; then
     scripts/seeds.sh for a second training seed."""
@@ -421,6 +425,7 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("usage: bash scripts/seeds.sh SEED")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [[], ["0"], ["1", "01"], ["2", "x"]])
 def test_seeds_script_refuses_what_is_not_a_new_seed_before_any_work(seeds, tmp_path):
     """Seed 0 is the committed run, and a seed is a whole number from 1: anything else ends in one line, exit 2,
@@ -431,6 +436,7 @@ def test_seeds_script_refuses_what_is_not_a_new_seed_before_any_work(seeds, tmp_
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_dir, tmp_path):
     """The original trained each task in its own unseeded process (independent draws of A); here each task's seed
     comes from the run's seed and the task's name, so tasks differ and reruns do not."""

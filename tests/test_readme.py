@@ -35,6 +35,7 @@ def tiny(tmp_path_factory):
     return folder, [make_adapter(root / "lora_a", model, 4, 1), make_adapter(root / "lora_b", model, 2, 2)]
 
 
+@pytest.mark.slow
 def test_merge_your_own_adapters_runs_as_written(tiny, tmp_path):
     folder, (a, b) = tiny
     code = readme_block("merge-your-own")

@@ -173,6 +173,7 @@ def test_normalized_score():
 
 
 # ------------------------------------------------------------------------------------------ embedded model
+@pytest.mark.slow
 def test_embedded_model_loads_offline_and_generates(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from src.models import load_model
