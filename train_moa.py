@@ -25,6 +25,9 @@ def main(argv=None):
     for flag, kind in [("router-lr", float), ("router-epochs", int), ("router-batch-size", int),
                        ("router-rows", int), ("router-heldout", int), ("max-prompt", int), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    p.add_argument("--router-select", choices=["last", "heldout"], default=None,
+                   help="the routers kept: those of the last epoch, or of the epoch with the lowest loss on the "
+                        "held-out prompts (--router-heldout rows per task after the training rows); overrides the preset")
     args = p.parse_args(argv)
     task_sets = [parse_tasks(t) for t in (args.tasks or [",".join(full_evaluation.tasks)])]
     check_task_sets(task_sets)  # before the adapters and the model load

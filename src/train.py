@@ -71,6 +71,7 @@ class TrainConfig:
     router_batch_size: int = 4
     router_rows: int = 5000         # train rows per task for the routers
     router_heldout: int = 200       # rows per task (after the training rows) to measure routing accuracy
+    router_select: str = "last"     # which epoch's routers are kept: the last, or the lowest held-out loss
     max_prompt: int = 400
 
 
@@ -113,6 +114,7 @@ TRAIN_SETTINGS = {
     "router_batch_size": POSITIVE_COUNT,
     "router_rows": POSITIVE_COUNT,
     "router_heldout": POSITIVE_COUNT,              # the routing accuracy is a mean over these prompts
+    "router_select": Setting(str, choices=("last", "heldout")),
     "max_prompt": POSITIVE_COUNT,
 }
 
@@ -461,23 +463,51 @@ def router_features(model, items: list, pad_id: int, batch_size: int, accelerato
     return feats, where
 
 
-def train_router_set(cfg: TrainConfig, features: list[torch.Tensor], where: list[int], rows: torch.Tensor,
-                     labels: torch.Tensor, routers: nn.ModuleList, desc: str) -> list[dict]:
-    """Train `routers` on precomputed features (`router_features`; label i's prompt is row rows[i] of each, read
-    in place: a copy of the set's rows could be tens of GB): epochs of shuffled batches, loss = mean over routers
-    of the cross-entropy against the task (`lora.router_loss`). Returns the log."""
+@dataclass
+class RouterRows:
+    """Prompts for the routers: their features (`router_features`: one tensor per distinct layer input, `where`
+    mapping layers to them) and the rows of those a task set reads, rows[i] labelled labels[i] (read in place: a
+    copy of the set's rows could be tens of GB)."""
+    features: list
+    where: list
+    rows: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def router_heldout_loss(routers: nn.ModuleList, heldout: RouterRows, batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the routers on held-out prompts, teacher-forced as in training (each
+    prompt's features with its gold adapter active), over every router and prompt."""
+    device = next(routers.parameters()).device
+    total, right, count = 0.0, 0.0, 0
+    for i in range(0, len(heldout.labels), batch_size):
+        gold = heldout.labels[i:i + batch_size].to(device)
+        loss, predicted = lora.router_loss(routers, [f[heldout.rows[i:i + batch_size]].to(device)
+                                                     for f in heldout.features], heldout.where, gold, reduction="sum")
+        total, right, count = total + loss.item(), right + (predicted == gold).float().sum().item(), count + len(gold)
+    return total / count, right / (count * len(routers))
+
+
+def train_router_set(cfg: TrainConfig, train: RouterRows, routers: nn.ModuleList, desc: str,
+                     heldout: RouterRows | None = None) -> list[dict]:
+    """Train `routers` on precomputed features: epochs of shuffled batches, loss = mean over routers of the
+    cross-entropy against the task (`lora.router_loss`). With `heldout` (cfg.router_select "heldout"), the routers
+    are measured on the held-out prompts after every epoch and those of the epoch with the lowest held-out loss are
+    kept (the epochs chosen on held-out prompts, never on test rows). Returns the log: a line per step, and with
+    `heldout` a line per epoch and the chosen one."""
     optimizer = torch.optim.AdamW(routers.parameters(), lr=cfg.router_lr)
     device = next(routers.parameters()).device
-    n = len(labels)
+    n = len(train.labels)
     steps_per_epoch = math.ceil(n / cfg.router_batch_size)
-    log = []
+    log, best = [], None
     with tqdm(total=cfg.router_epochs * steps_per_epoch, desc=desc, unit="step") as bar:
         for epoch in range(cfg.router_epochs):
             order = torch.tensor(_epoch_order(n, cfg.seed, epoch))
             for i in range(0, n, cfg.router_batch_size):
                 idx = order[i:i + cfg.router_batch_size]
-                gold = labels[idx].to(device)
-                loss, predicted = lora.router_loss(routers, [f[rows[idx]].to(device) for f in features], where, gold)
+                gold = train.labels[idx].to(device)
+                loss, predicted = lora.router_loss(routers, [f[train.rows[idx]].to(device) for f in train.features],
+                                                   train.where, gold)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -485,6 +515,14 @@ def train_router_set(cfg: TrainConfig, features: list[torch.Tensor], where: list
                             "train_accuracy": (predicted == gold).float().mean().item()})
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{log[-1]['train_accuracy']:.2f}")
                 bar.update(1)
+            if heldout is not None:
+                loss, accuracy = router_heldout_loss(routers, heldout, cfg.router_batch_size)
+                log.append({"epoch": epoch, "heldout_loss": loss, "heldout_accuracy": accuracy})
+                if best is None or loss < best[0]:
+                    best = (loss, epoch, {k: v.detach().clone() for k, v in routers.state_dict().items()})
+    if best is not None:
+        routers.load_state_dict(best[2])
+        log.append({"chosen_epoch": best[1], "heldout_loss": best[0]})
     return log
 
 
@@ -502,26 +540,34 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in union}
     heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in union}
     items = prompt_items(union, rows, tokenizer, cfg.max_prompt)
+    heldout_items = prompt_items(union, heldout, tokenizer, cfg.max_prompt) if cfg.router_select == "heldout" else []
     lora.inject(model, targets)
     try:
         for t in union:
             lora.add_adapter(model, adapters[t])
         features, where = router_features(model, items, tokenizer.eos_token_id, cfg.router_batch_size, acc)
+        if heldout_items:
+            heldout_features, _ = router_features(model, heldout_items, tokenizer.eos_token_id, cfg.router_batch_size,
+                                                  acc)
     finally:
         lora.remove(model)
-    task_of = torch.tensor([k for k, _ in items])
+
+    def rows_of(tasks: list, found: list, feats: list) -> RouterRows:
+        task_of = torch.tensor([k for k, _ in found])
+        return RouterRows(feats, where, torch.cat([(task_of == union.index(t)).nonzero()[:, 0] for t in tasks]),
+                          torch.cat([torch.full(((task_of == union.index(t)).sum(),), k) for k, t in enumerate(tasks)]))
+
     results = []
     for tasks, out_dir in zip(task_sets, out_dirs):
         accuracy = None
         if acc.is_main_process:
-            pick = torch.cat([(task_of == union.index(t)).nonzero()[:, 0] for t in tasks])
-            labels = torch.cat([torch.full(((task_of == union.index(t)).sum(),), k) for k, t in enumerate(tasks)])
             lora.inject(model, targets)
             try:
                 for t in tasks:
                     lora.add_adapter(model, adapters[t])
                 routers = lora.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
-                log = train_router_set(cfg, features, where, pick, labels, routers, desc=f"routers {len(tasks)} tasks")
+                log = train_router_set(cfg, rows_of(tasks, items, features), routers, f"routers {len(tasks)} tasks",
+                                       rows_of(tasks, heldout_items, heldout_features) if heldout_items else None)
                 lora.attach_routers(model, routers)
                 accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
                 lora.save_routers(model, out_dir, tasks, cfg.model,

@@ -463,3 +463,41 @@ def test_arrow_routing_refuses_what_it_cannot_use():
             with lora.arrow_routing(model, top_k, temperature):
                 pass
     assert all(layer.arrow is None for layer in lora.lora_layers(model).values())
+
+
+def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
+    """router_select "heldout": after each epoch the routers are scored on held-out prompts' features and the
+    epoch with the lowest held-out loss is kept. Its routers are exactly those of a run stopped after that epoch
+    (same seeded batch orders), and its logged loss is the lowest of the epochs'. Training rows with half their
+    labels shuffled make later epochs overfit, so the choice is not simply the last epoch."""
+    from src.train import RouterRows, make_config, router_heldout_loss, train_router_set
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=gen)
+
+    def prompts(n, noisy):
+        labels = torch.arange(n) % 3
+        x = centers[labels] + 1.5 * torch.randn(n, 16, generator=gen)
+        if noisy:
+            labels = torch.where(torch.arange(n) % 2 == 0, labels[torch.randperm(n, generator=gen)], labels)
+        return RouterRows([x], [0, 0], torch.arange(n), labels)
+
+    train, heldout = prompts(30, True), prompts(60, False)
+
+    def routers():
+        torch.manual_seed(1)
+        return nn.ModuleList([nn.Linear(16, 3), nn.Linear(16, 3)])
+
+    cfg = make_config("cpu", {"router_epochs": 40, "router_lr": 0.05, "router_batch_size": 4, "router_select": "heldout"})
+    chosen = routers()
+    log = train_router_set(cfg, train, chosen, "test", heldout)
+    epochs = [e for e in log if "heldout_accuracy" in e]
+    assert len(epochs) == 40 and log[-1]["chosen_epoch"] < 39   # it overfits: the last epoch is not the best
+    best = min(epochs, key=lambda e: e["heldout_loss"])
+    assert log[-1] == {"chosen_epoch": best["epoch"], "heldout_loss": best["heldout_loss"]}
+    assert router_heldout_loss(chosen, heldout, 4)[0] == pytest.approx(best["heldout_loss"], rel=1e-6)
+    stopped = routers()
+    train_router_set(make_config("cpu", {"router_epochs": best["epoch"] + 1, "router_lr": 0.05, "router_batch_size": 4}),
+                     train, stopped, "test")
+    for a, b in zip(chosen.parameters(), stopped.parameters()):
+        assert torch.equal(a, b)

@@ -177,7 +177,6 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
 
 
 
-@pytest.mark.slow
 def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     """train_moa.py over adapters on the original code's targets (q, k, v, gate, up, down): down_proj's router reads
     the MLP's hidden state (intermediate_size wide), the others hidden_size. Random adapters saved as the training
@@ -212,6 +211,13 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
         model(x)
         decisions = lora.route_decisions(model)
     assert decisions.shape == (3, 12) and decisions.max() <= 1
+    # the epochs chosen on the held-out prompts: one line per epoch with their loss, then the chosen epoch
+    train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
+                    "--router-epochs", "2", "--router-select", "heldout", "--root", str(tmp_path)])
+    meta = json.loads((out / "routers.json").read_text())
+    epochs = [e for e in meta["log"] if "heldout_loss" in e and "epoch" in e]
+    assert meta["config"]["router_select"] == "heldout" and len(epochs) == 2
+    assert meta["log"][-1]["chosen_epoch"] == min(epochs, key=lambda e: e["heldout_loss"])["epoch"]
 
 # -------------------------------------------------------------------------------------------------- bad input
 MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa", "arrow")}
