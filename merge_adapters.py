@@ -29,6 +29,7 @@ from src import lora
 from src import merge_fit
 from src import merges
 from src import provenance
+from src import registry
 from src.errors import BadInput, MissingFile
 from src.files import write_folders
 from src.models import EMBEDDED
@@ -41,11 +42,11 @@ GENERAL = ("adapters", "method", "out", "weights", "seed", "rank", "rows", "sele
 def parser() -> argparse.ArgumentParser:
     lines = [f"  {n:16} {m.formula} [{m.paper}]" + (f"; {', '.join(f'{k}={p.default}' for k, p in m.params.items())}"
                                                   if m.params else "") + (" (needs --rows)" if m.space == "data" else "")
-             for n, m in merges.METHODS.items()]
+             for n, m in registry.METHODS.items()]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="methods:\n" + "\n".join(lines) + "\n\n" + merges.ZERO_UPDATE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter folders (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--method", required=True, choices=list(merges.METHODS))
+    p.add_argument("--method", required=True, choices=list(registry.METHODS))
     p.add_argument("--out", required=True, help="output folder (a PEFT adapter and merge.json)")
     p.add_argument("--weights", default=None, help="comma-separated, one per adapter (default: 1, or 1/N for svd)")
     p.add_argument("--seed", type=int, default=None,
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-merged-model", default=None, metavar="DIR",
                    help="also fold the merge into the base model and save it there (transformers' save_pretrained)")
     params = {}   # one flag per parameter name; what it does, for each method that takes it (alpha means four things)
-    for n, m in merges.METHODS.items():
+    for n, m in registry.METHODS.items():
         for k, prm in m.params.items():
             if k not in ("rank", "rows"):  # --rank is the truncation flag; the data methods' rows: --select-rows
                 params.setdefault(k, []).append((n, prm))
@@ -80,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_flags(method: merges.Method, args: argparse.Namespace) -> tuple[dict, dict]:
+def check_flags(method: registry.Method, args: argparse.Namespace) -> tuple[dict, dict]:
     """(the method's parameters given as flags, further arguments of merges.merge): every flag checked against
     the method before an adapter or the model is read."""
     given = {k: v for k, v in vars(args).items() if k in method.params and v is not None}
@@ -95,7 +96,7 @@ def check_flags(method: merges.Method, args: argparse.Namespace) -> tuple[dict, 
     if weights is not None and len(weights) != len(args.adapters):
         raise BadInput(f"--weights has {len(weights)} values for {len(args.adapters)} adapters: give one per adapter")
     options = {"rank": args.rank} if args.rank is not None and "rank" not in method.params else {}
-    merges.check_rank(args.rank)   # svd, ctm, regmean: --rank is their own parameter (in `given`)
+    registry.check_rank(args.rank)   # svd, ctm, regmean: --rank is their own parameter (in `given`)
     if method.space == "data":
         if args.weights is not None:
             raise BadInput(f"{args.method} learns its own weights: it takes no --weights")
@@ -106,7 +107,7 @@ def check_flags(method: merges.Method, args: argparse.Namespace) -> tuple[dict, 
     if weights is not None:
         options["weights"] = weights
     merges.check_arguments(method, args.seed, options.get("rank"))
-    merges.resolve_params(method, given)
+    registry.resolve_params(method, given)
     return given, options
 
 
@@ -186,7 +187,7 @@ def _mean(losses: dict) -> float:
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    method = merges.get_method(args.method)
+    method = registry.get_method(args.method)
     given, options = check_flags(method, args)
     out, full = Path(args.out), Path(args.save_merged_model) if args.save_merged_model else None
     if full is not None and full.resolve() == out.resolve():

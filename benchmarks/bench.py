@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from src import lora  # noqa: E402
 from src.files import atomic_write  # noqa: E402
 from src import merges  # noqa: E402
+from src import registry  # noqa: E402
 
 N_ADAPTERS, RANK, ALPHA = 7, 8, 16
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -234,7 +235,7 @@ def case_core_vs_dense(method: str, reps: int, modules: int = 16) -> dict:
     core = {n: l.delta().double() for n, l in merges.merge(adapters, method).modules.items()}
     dense = {n: l.delta().double() for n, l in merges.merge(adapters, method, dense=True).modules.items()}
     return {**result, "max_rel_frobenius_diff": worst_rel(core, dense), "modules": len(subset), "shape": "smollm2",
-            "exact": merges.get_method(method).exact}
+            "exact": registry.get_method(method).exact}
 
 
 def training_batch(model, device, batch=8, seq=128, target=32):

@@ -34,7 +34,8 @@ from src.files import atomic_write  # noqa: E402
 from src.evaluation import EVAL_PRESETS, generate  # noqa: E402
 from src.layout import model_results_dir  # noqa: E402
 from src.metrics import example_stats, normalized_score, paired_bootstrap, score  # noqa: E402
-from src.models import EMBEDDED, load_model, model_slug  # noqa: E402
+from src.layout import model_slug  # noqa: E402
+from src.models import EMBEDDED, load_model  # noqa: E402
 from src.tasks import SEVEN_TASKS, get_task  # noqa: E402
 from src.train import make_config, train_lora  # noqa: E402
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import lora, merge_fit, merges, provenance
+from . import lora, merge_fit, provenance, registry
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
 from .files import atomic_write
@@ -105,15 +105,15 @@ def parse_merge_params(items) -> dict:
         method, dot, param = key.partition(".")
         if not sep or not dot:
             raise BadInput(f"--set {item!r}: write method.param=value, e.g. --set ties.density=0.5")
-        if param == "rank" and "rank" not in merges.get_method(method).params:   # any merge can be truncated
-            out.setdefault(method, {})["rank"] = merges.Param(None, "rank", low=1, kind=int).check(method, param, value)
+        if param == "rank" and "rank" not in registry.get_method(method).params:   # any merge can be truncated
+            out.setdefault(method, {})["rank"] = registry.Param(None, "rank", low=1, kind=int).check(method, param, value)
             continue
-        if param not in merges.get_method(method).params:
+        if param not in registry.get_method(method).params:
             raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
-                           f"{', '.join(merges.get_method(method).params) or 'none'})")
+                           f"{', '.join(registry.get_method(method).params) or 'none'})")
         if param in out.get(method, {}):
             raise BadInput(f"--set {item!r}: {method}.{param} is set twice: give it once")
-        out.setdefault(method, {})[param] = merges.get_method(method).params[param].check(method, param, value)
+        out.setdefault(method, {})[param] = registry.get_method(method).params[param].check(method, param, value)
     return out
 
 
@@ -123,14 +123,14 @@ def parse_methods(names, rank: int | None = None) -> list[str]:
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [m for n in names for m in (PAPER_METHODS if n == "paper" else [n])]
     for n in names:
-        if n not in ALL_METHODS and not merges.is_merge(n):
+        if n not in ALL_METHODS and not registry.is_merge(n):
             raise BadInput(f"unknown method {n!r}: choose from paper, {', '.join(ALL_METHODS)} (a merge truncated to "
                            "rank k: <merge>_r<k>, e.g. regmean_r8)")
     if rank is not None:
-        merges.check_rank(rank)
-        if not any(merges.is_merge(n) for n in names):
+        registry.check_rank(rank)
+        if not any(registry.is_merge(n) for n in names):
             raise BadInput(f"--rank {rank} truncates merges: --methods has none")
-        names = [f"{merges.split_rank(n)[0]}_r{rank}" if merges.is_merge(n) else n for n in names]
+        names = [f"{registry.split_rank(n)[0]}_r{rank}" if registry.is_merge(n) else n for n in names]
     return list(dict.fromkeys(names))
 
 
@@ -250,9 +250,9 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     """Run every method on every task and write the results (the main process); returns {method: result dict}.
     Under several processes (`accelerate launch`) the generation batches are shared out (see `generate`)."""
     root = Path(root)
-    if cfg.loras == "random" and not all(merges.is_merge(m) for m in methods):
+    if cfg.loras == "random" and not all(registry.is_merge(m) for m in methods):
         raise BadInput(f"--loras random is a control for the merges: drop "
-                       f"{', '.join(m for m in methods if not merges.is_merge(m))} from --methods")
+                       f"{', '.join(m for m in methods if not registry.is_merge(m))} from --methods")
     adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
     if set(methods) - {"base", "majority"}:
         adapters = {t: lora.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
@@ -267,7 +267,7 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     # needs no record; one that does fails here, before any work, for an adapter without one)
     records = {t: provenance.find_record(adapter_dir(root, cfg.model, t)) for t in adapters}
     for m in methods:
-        if (merges.is_merge(m) and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
+        if (registry.is_merge(m) and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
                 or m == "arrow" and cfg.select_rows > 0):
             for t in tasks:
                 provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
@@ -300,11 +300,11 @@ def run_method(method: str, run: Run) -> dict:
     rows, prompts, root, records, accelerator = run.rows, run.prompts, run.root, run.records, run.accelerator
     metrics, seconds, predictions, routes, reused, stats = {}, {}, [], {}, [], {}
     merged, merge_info, arrow_info = None, None, None
-    if merges.is_merge(method) or method == "arrow":
+    if registry.is_merge(method) or method == "arrow":
         data = merge_fit.FitData(model, tokenizer, tasks, records, cfg.data, cfg.seed, accelerator=accelerator)
-    if merges.is_merge(method):   # a rank variant takes its method's --set parameters
+    if registry.is_merge(method):   # a rank variant takes its method's --set parameters
         merged, merge_info = merge_fit.build(method, [adapters[t] for t in tasks], data, cfg.select_rows,
-                                             (cfg.merge_params or {}).get(merges.split_rank(method)[0]), cfg.seed)
+                                             (cfg.merge_params or {}).get(registry.split_rank(method)[0]), cfg.seed)
     reusable = _reusable(results_dir(root, cfg.model, tasks).parent, method, run.settings) \
         if run.reuse and method in ("base", "single") else {}
     with ExitStack() as stack:
@@ -375,8 +375,8 @@ def run_method(method: str, run: Run) -> dict:
 
 
 # Arrow's two parameters, chosen on validation rows like a merge's grid (never on test rows)
-ARROW_PARAMS = {"top_k": merges.Param(3, "adapters mixed per token", grid=(1, 2, 3), low=1, kind=int),
-                "temperature": merges.Param(1.0, "softmax temperature of the |x . v_i| scores",
+ARROW_PARAMS = {"top_k": registry.Param(3, "adapters mixed per token", grid=(1, 2, 3), low=1, kind=int),
+                "temperature": registry.Param(1.0, "softmax temperature of the |x . v_i| scores",
                                             grid=(0.5, 1.0, 2.0, 4.0), low=0.0, open="low")}
 
 

@@ -2,17 +2,15 @@
 makes each. The scripts import this for a path instead of the evaluation code."""
 from pathlib import Path
 
-from . import merge_fit  # noqa: F401  (registers the learned merges: the registry below is complete)
-from . import merges
-from .models import model_slug
+from . import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_RESULTS = ROOT / "results" / "paper" / "paper_results.json"
 
 MODEL_METHODS = ["base", "majority", "single", "moa"]
 PAPER_METHODS = MODEL_METHODS + ["concat", "weight_sum", "svd"]  # --methods paper: the thesis's table
-MERGE_METHODS = list(merges.METHODS)
-METHODS = MODEL_METHODS + ["arrow"] + [n for n in MERGE_METHODS if merges.METHODS[n].default]  # default --methods
+MERGE_METHODS = list(registry.METHODS)
+METHODS = MODEL_METHODS + ["arrow"] + [n for n in MERGE_METHODS if registry.METHODS[n].default]  # default --methods
 ALL_METHODS = MODEL_METHODS + ["arrow"] + MERGE_METHODS                             # also the tables' row order
 
 
@@ -20,9 +18,14 @@ def ordered(names) -> list:
     """Method names in the tables' row order: ALL_METHODS's, each merge followed by its rank variants
     (`<merge>_r<k>`, by k); names of neither kind are left out."""
     def key(name):
-        base, rank = merges.split_rank(name)
+        base, rank = registry.split_rank(name)
         return ALL_METHODS.index(base), rank or 0
-    return sorted({n for n in names if merges.split_rank(n)[0] in ALL_METHODS}, key=key)
+    return sorted({n for n in names if registry.split_rank(n)[0] in ALL_METHODS}, key=key)
+
+
+def model_slug(name: str) -> str:
+    """The folder name used under adapters/ and results/ for a model: `Qwen/Qwen2-1.5B` -> `Qwen2-1.5B`."""
+    return Path(name.rstrip("/")).name
 
 
 def adapter_dir(root: Path, model: str, task: str) -> Path:

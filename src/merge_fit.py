@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import lora
 from . import merges
 from . import provenance
+from . import registry
 from .data import RowFile, encode_pair, load_rows, pad_batch, read_row_file
 from .errors import BadInput, MissingFile
 from .train import TargetLoss, encode_rows, make_accelerator, make_config, validation_loss
@@ -460,7 +461,7 @@ def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size
     return stats, projected
 
 
-def reachable(param: merges.Param) -> list:
+def reachable(param: registry.Param) -> list:
     """Every value `choose` may try for a parameter searched alone: its grid and the extensions past either end."""
     values = list(param.grid)
     for end in (min, max):
@@ -487,7 +488,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
     examples = [examples[t] for t in data.tasks]
     started = time.perf_counter()
     inputs = model_inputs(data.model, adapters[0])
-    candidates = [alpha] if alpha is not None else reachable(merges.get_method("regmean").params["alpha"])
+    candidates = [alpha] if alpha is not None else reachable(registry.get_method("regmean").params["alpha"])
     plan = plan_passes(inputs, adapters, memory, data.model.device, data.model)
     if len(plan.passes) > 1:   # in passes every alpha that may be tried is solved and kept: reserve room for them
         plan = plan_passes(inputs, adapters, memory, data.model.device, data.model, alphas=len(candidates))
@@ -541,7 +542,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
 MAX_EXTENSIONS = 8   # candidates added past the ends of a grid at most (halving 8 times: 1/256 of the grid's end)
 
 
-def beyond_edge(param: merges.Param, best, tried: list):
+def beyond_edge(param: registry.Param, best, tried: list):
     """The next value past the end of `tried` where `best` sits (a float: half the smallest, twice the largest; an
     int: one past), if that value is in the parameter's range; None when the best is inside the values tried, or
     the range ends there (density 1: the optimum at the end of what the method allows is no artifact of a grid)."""
@@ -557,13 +558,13 @@ def beyond_edge(param: merges.Param, best, tried: list):
 
 def needs_rows(name: str, select_rows: int, fixed: dict | None = None) -> bool:
     """Whether building merge `name` reads rows: a data method always, a grid method unless its grid is fixed."""
-    method = merges.get_method(merges.split_rank(name)[0])
+    method = registry.get_method(registry.split_rank(name)[0])
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     return method.space == "data" or (select_rows > 0 and any(p.grid and k not in fixed
                                                               for k, p in method.params.items()))
 
 
-def merge_rank(method: merges.Method, suffix: int | None, fixed: dict, options: dict) -> int | None:
+def merge_rank(method: registry.Method, suffix: int | None, fixed: dict, options: dict) -> int | None:
     """The rank a merge is truncated to, from wherever it was given: the name's suffix (`ties_r8`), `--set
     ties.rank=8` (in `fixed`) or merge_adapters.py's --rank (in `options`), taken out of `fixed` and `options`
     unless it is the method's own parameter (svd, regmean). Two different ranks for one merge are refused."""
@@ -574,7 +575,7 @@ def merge_rank(method: merges.Method, suffix: int | None, fixed: dict, options: 
     if len(given) > 1:
         raise BadInput(f"{method.name}: ranks {sorted(given)} given for one merge: give one")
     rank = given.pop() if given else None
-    merges.check_rank(rank)
+    registry.check_rank(rank)
     if rank is not None and "rank" in method.params:
         fixed["rank"] = rank
         return None   # the method's own parameter does it
@@ -591,8 +592,8 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     A rank variant (`<method>_r<k>`, or a rank in `fixed` or `options`) is the method's merge truncated to rank k
     (`merge_rank`): by its own parameter (svd, regmean), by merges.merge (the data-free methods, every grid
     candidate truncated before it is scored), or after the fit (CAT, LoraHub: merges.truncate)."""
-    base, suffix = merges.split_rank(name)
-    method = merges.get_method(base)
+    base, suffix = registry.split_rank(name)
+    method = registry.get_method(base)
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     options = dict(options or {})
     rank = merge_rank(method, suffix, fixed, options)
@@ -604,16 +605,16 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
     if method.space == "data":
         if data is None:
             raise BadInput(f"{base} learns from train rows: it needs the model and data")
-        params = merges.resolve_params(method, fixed)
+        params = registry.resolve_params(method, fixed)
         if not any(p.grid for p in method.params.values()):
-            merged, info = method.fn(adapters, data, **params)
+            merged, info = method.function(adapters, data, **params)
             merged = merged if rank is None else merges.truncate(merged, rank)
             return merged, {"params": params, **info, **({"rank": rank} if rank else {}),
                             "seconds": round(time.perf_counter() - started, 1)}
         # the fit learns its statistics once; a grid value that will not be searched (given, or no search) is
         # passed too, so RegMean in layer groups solves only that alpha instead of every one a search could try
         search = bool(grids) and select_rows > 0
-        make, info = method.fn(adapters, data, **{k: v for k, v in params.items()
+        make, info = method.function(adapters, data, **{k: v for k, v in params.items()
                                                  if not method.params[k].grid or k in fixed or not search})
     else:
         extra = {**options, **({"seed": seed} if method.seeded else {}), **({"rank": rank} if rank else {})}
@@ -621,7 +622,7 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
         def make(params: dict) -> lora.Adapter:   # every candidate merged alike
             return merges.merge(adapters, base, **extra, **params)
     if not grids or data is None or select_rows <= 0:
-        params = merges.resolve_params(method, fixed)
+        params = registry.resolve_params(method, fixed)
         return make(params), {"params": params, **info, "seconds": round(time.perf_counter() - started, 1)}
     params, selection = choose(name, method.params, fixed, lambda p: lora.folded(data.model, make(p)), data,
                                select_rows)
@@ -630,7 +631,7 @@ def build(name: str, adapters: list, data: FitData | None, select_rows: int, fix
 
 
 def choose(name: str, specs: dict, fixed: dict, apply, data: FitData, select_rows: int) -> tuple:
-    """(parameters, selection): every candidate of the grids of `specs` ({parameter: merges.Param}) not in `fixed`,
+    """(parameters, selection): every candidate of the grids of `specs` ({parameter: registry.Param}) not in `fixed`,
     applied to the model by the context `apply(parameters)` (a merge folded in, Arrow's routing), scored by the mean
     target-token loss over tasks on `select_rows` validation rows per task; the grid extended past an end while
     the best sits there."""
@@ -666,40 +667,3 @@ def choose(name: str, specs: dict, fixed: dict, apply, data: FitData, select_row
     return best["params"], {"rows_per_task": select_rows, "rows": spans,
                             "criterion": "mean over tasks of the target-token loss", "candidates": candidates,
                             "at_edge": at_edge}
-
-
-# The learned merges join the registry here, where they are defined (merges.py does not import this module).
-merges.register(merges.Method("cat", "Prabhakar et al., COLING 2025 industry (LoRA Soups, CAT)",
-                "sum_i alpha_{i,l} s_i B_i A_i, one alpha per adapter per layer learned by gradient on validation rows",
-                "data", cat,
-                {"rows": merges.Param(32, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "epochs": merges.Param(2, "passes over those rows", low=1, kind=int),
-                 "lr": merges.Param(1e-2, "AdamW learning rate of the alphas", low=0.0, open="low"),
-                 "init": merges.Param(None, "initial alpha (None: 1/n)", none_ok=True)},
-                "exact, rank R"))
-merges.register(merges.Method("lorahub", "Huang et al., COLM 2024 (LoraHub)",
-                "s (sum_i w_i B_i)(sum_i w_i A_i), w by gradient-free search (Nevergrad NGOpt) on validation-row loss + L1",
-                "data", lorahub,
-                {"rows": merges.Param(5, "validation rows per task (after each adapter's training rows)", low=1, kind=int),
-                 "budget": merges.Param(40, "loss evaluations of the optimiser", low=1, kind=int),
-                 "l1": merges.Param(0.05, "weight of the L1 penalty on w", low=0.0),
-                 "bound": merges.Param(1.5, "search box |w_i| <= bound", low=0.0, open="low")},
-                "exact, rank r"))
-merges.register(merges.Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an exact LoRA",
-                "sum_i s_i B_i (A_i G_i' G'^-1), G_i: Gram of task i's layer inputs, off-diagonals scaled by alpha",
-                "data", regmean,
-                {"rows": merges.Param(128, "training rows per adapter whose layer inputs make its Gram matrices",
-                                      low=1, kind=int),
-                 "alpha": merges.Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: plain least "
-                                       "squares; towards 0: each input feature weighted by its share of the summed "
-                                       "energy)", grid=(0.1, 0.5, 0.9, 1.0), low=0.0,
-                                       high=1.0, open="low"),
-                 "memory": merges.Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory "
-                                        "free after the model loads); when they do not fit, they are collected for "
-                                        "a group of layers per pass over the rows", low=0.0, open="low",
-                                        none_ok=True),
-                 "rank": merges.Param(None, "rank of the merged LoRA (None: exact, rank R = sum_i r_i): RegMean's "
-                                      "best LoRA of that rank, the truncation in the metric of G' (not the plain "
-                                      "SVD's)", low=1, kind=int, none_ok=True)},
-                "exact, rank R (or its best rank-k LoRA in RegMean's objective)",
-                exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"))

@@ -1,9 +1,9 @@
-"""Merges of task LoRAs: one registry, and every data-free method computed on the factors, in the LoRAs' core space.
+"""Merges of task LoRAs: every data-free method computed on the factors, in the LoRAs' core space, and the rank budget.
 
-Each method declares its paper, its hyperparameters (defaults from the paper, and a small grid that evaluation
-searches on validation rows), the space it works in and its output; `merge(adapters, name, **params)` applies it to
-every module. Adding a method is one `register(Method(...))`. Adapters that adapt different modules merge over the
-union of their modules, a missing module being a zero update (`ZERO_UPDATE` says what that means per method).
+Each method is declared in src/registry.py (its paper, its hyperparameters with defaults from the paper and a small
+grid that evaluation searches on validation rows, the space it works in and its output); `merge(adapters, name,
+**params)` applies it to every module. Adapters that adapt different modules merge over the union of their modules,
+a missing module being a zero update (`ZERO_UPDATE` says what that means per method).
 
 The core space (Panariello et al., NeurIPS 2025). For one module with task updates D_i = s_i B_i A_i (rank r_i,
 R = sum r_i), stack the factors, B = [s_1 B_1 ... s_n B_n] (d_out x R) and A = [A_1; ...; A_n] (R x d_in), and take
@@ -29,121 +29,15 @@ not depend on the basis, and the dense and core computations agree.
 """
 import hashlib
 import math
-import numbers
-import re
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .errors import BadInput
 from . import lora
 from .lora import Adapter, Lora, merge_weights
-
-# ------------------------------------------------------------------------------------------------ the registry
-
-
-@dataclass(frozen=True)
-class Param:
-    """A method's parameter: its default, its grid, and the values it accepts (a finite number of `kind` within
-    [low, high], an end excluded where `open` names it; None only where `none_ok`)."""
-    default: object
-    help: str
-    grid: tuple = ()          # candidates tried on validation rows by evaluation (lowest loss wins); () keeps default
-    low: float | None = None
-    high: float | None = None
-    open: str = ""            # "low", "high" or "low,high": the ends excluded from the range
-    kind: type = float
-    none_ok: bool = False     # None is a value (TSV-M's fraction, CAT's init: "derive it from n")
-
-    def range_text(self) -> str:
-        lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
-        return (f"{'(' if 'low' in self.open or self.low is None else '['}{lo}, {hi}"
-                f"{')' if 'high' in self.open or self.high is None else ']'}")
-
-    def check(self, method: str, name: str, value):
-        """`value` as the parameter's kind, or BadInput naming the parameter, its range and the value."""
-        if value is None:
-            if self.none_ok:
-                return None
-            raise BadInput(f"{method}.{name} needs a value in {self.range_text()}")
-        try:
-            if isinstance(value, bool):  # True would pass as 1
-                raise TypeError
-            number = float(value)
-        except (TypeError, ValueError):
-            raise BadInput(f"{method}.{name}={value!r} is not a number: give a value in {self.range_text()}") from None
-        bad = (not math.isfinite(number)
-               or (self.low is not None and (number < self.low or ("low" in self.open and number == self.low)))
-               or (self.high is not None and (number > self.high or ("high" in self.open and number == self.high))))
-        if self.kind is int and not bad and number != int(number):
-            raise BadInput(f"{method}.{name}={value!r} must be a whole number in {self.range_text()}")
-        if bad:
-            raise BadInput(f"{method}.{name}={value!r} is out of range: {name} must be in {self.range_text()}"
-                           + ("" if math.isfinite(number) else " (a finite number)"))
-        return self.kind(number)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    paper: str                # one line: authors, venue
-    formula: str              # one line, for the README table and --help
-    space: str                # "factors" (per module, on the factors), "core", "dense", or "data" (needs rows)
-    fn: Callable              # factors: (loras, **p) -> Lora; core/dense: (M, w, ctx, **p) -> M; data: see merge_fit
-    params: dict = field(default_factory=dict)   # name -> Param
-    output: str = "exact, rank R"
-    exact: str = ""           # core result against the dense definition: "equal" or what differs
-    default: bool = True      # in evaluation's default --methods
-    mean: bool = False        # per-task weights default to 1/n (not 1)
-    seeded: bool = False      # draws random numbers (DARE's masks): takes merge's `seed`
-    identity: dict | None = None  # parameters under which one adapter in gives it back (None: never, by definition)
-    equal_ranks: bool = False     # sums the factors themselves, so every adapter must have the same rank and scale
-    entrywise: bool = False   # acts on the cores' entries (trim, masks), so needs the singular bases (`core_project`)
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise BadInput(f"unknown merge {name!r}: choose from {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-RANK_SUFFIX = re.compile(r"(.+)_r([1-9][0-9]*)")
-
-
-def split_rank(name: str) -> tuple[str, int | None]:
-    """A rank variant's name, `<method>_r<k>` (regmean_r8, ties_r16): the registered method and the rank k its merge
-    is truncated to (`truncate`, or the method's own `rank`); any other name: itself and None."""
-    found = RANK_SUFFIX.fullmatch(name)
-    if found and found[1] in METHODS:
-        return found[1], int(found[2])
-    return name, None
-
-
-def is_merge(name: str) -> bool:
-    """A registered merge or a rank variant of one."""
-    return split_rank(name)[0] in METHODS
-
-
-def resolve_params(method: Method, given: dict) -> dict:
-    """The method's parameters: its defaults, overridden by `given` (None means "the default")."""
-    unknown = sorted(set(given) - set(method.params))
-    if unknown:
-        raise BadInput(f"merge {method.name} has no parameter {', '.join(unknown)}: it takes "
-                       f"{', '.join(method.params) or 'none'}")
-    return {k: p.check(method.name, k, given[k] if given.get(k) is not None else p.default)
-            for k, p in method.params.items()}
-
+from .registry import METHODS, Method, check_rank, get_method, resolve_params
 
 # -------------------------------------------------------------------------------------- core-space primitives
 @dataclass(frozen=True)
@@ -255,6 +149,15 @@ def knots(M, w, ctx, merge: str, density: float, p: float, lam):
     return lam * (U @ merged)
 
 
+
+def knots_ties(M, w, ctx, density, lam):
+    return knots(M, w, ctx, "ties", density, 0.0, lam)
+
+
+def knots_dare_ties(M, w, ctx, p, lam):
+    return knots(M, w, ctx, "dare_ties", 1.0, p, lam)
+
+
 def tsv_m(M, w, ctx, fraction, alpha):
     """TSV-M: keep each task's top k_i = min(r_i, floor(fraction * R)) singular components (fraction 1/n: each task
     gets 1/n of the R-dimensional space), stack the U's, S's and V's, replace the stacked U and V by their nearest
@@ -354,100 +257,6 @@ def ctm(M, w, ctx, rank, beta, density, lam):
     U0, U1 = tucker2(M * balance[..., None, None], k)
     C = U0.mT[:, None] @ M @ U1[:, None]                                             # (m, n, k, k)
     return U0 @ ties(C, w, ctx, density, lam) @ U1.mT
-
-
-# ---------------------------------------------------------------------------------------------- registrations
-LAMBDA_SUM = (0.125, 0.25, 0.5, 1.0)      # methods that add n updates: a good lambda can be near 1/n
-LAMBDA_ONE = (0.5, 1.0, 1.5, 2.0)         # methods that average (disjoint means): lambda near 1
-
-
-def _scale(default=1.0, grid=LAMBDA_SUM, what="scale of the merged update"):
-    return Param(default, what, grid)
-
-
-def _density(default=0.2, what="share of entries kept per task"):
-    return Param(default, what, low=0.0, high=1.0, open="low")
-
-
-def _drop(default=0.9):
-    return Param(default, "drop probability", low=0.0, high=1.0, open="high")
-
-
-register(Method("concat", "the thesis (Lee, UNIST): concatenation", "sum_i s_i B_i A_i (all LoRAs at once)",
-                "factors", lora.concat, {}, "exact, rank R", identity={}))
-register(Method("weight_sum", "the thesis: weight summing (its \"weighted\")",
-                "s (sum_i B_i)(sum_i A_i): the factors summed, with the cross terms B_i A_j", "factors", lora.weight_sum,
-                {}, "exact, rank r", identity={}, equal_ranks=True))
-register(Method("weighted_avg", "the thesis log's \"weighted_avg\"", "s (mean_i B_i)(mean_i A_i)", "factors",
-                lora.weighted_avg, {}, "exact, rank r", default=False, identity={}, equal_ranks=True))
-register(Method("svd", "the thesis: SVD merge", "rank-8 truncated SVD of mean_i s_i B_i A_i", "factors",
-                lora.svd_merge, {"rank": Param(8, "rank of the truncation", low=1, kind=int)},
-                "rank-k truncation (exact)", "equal", mean=True, identity={}))
-register(Method("task_arithmetic", "Ilharco et al., ICLR 2023", "lambda sum_i D_i", "core", task_arithmetic,
-                {"lam": _scale()}, exact="equal", identity={"lam": 1.0}))
-register(Method("ties", "Yadav et al., NeurIPS 2023", "lambda disjoint_mean(trim(D_i, density)) (on the cores)", "core",
-                ties, {"density": _density(), "lam": _scale(1.0, LAMBDA_ONE)},
-                exact="entry-wise on the R x R cores: differs from ties_dense by design", entrywise=True,
-                identity={"density": 1.0, "lam": 1.0}))
-register(Method("ties_dense", "Yadav et al., NeurIPS 2023 (on the dense d_out x d_in updates)",
-                "lambda disjoint_mean(trim(D_i, density)) (dense)", "dense", ties,
-                {"density": _density(), "lam": _scale(1.0, LAMBDA_ONE)},
-                "dense update (folded; as an adapter, rank d_in)", "is the dense definition", default=False,
-                identity={"density": 1.0, "lam": 1.0}))
-register(Method("dare_linear", "Yu et al., ICML 2024", "lambda sum_i DARE(D_i, p) (on the cores, seeded)", "core",
-                dare_linear, {"p": _drop(), "lam": _scale()},
-                exact="entry-wise on the cores: differs from dense DARE by design", seeded=True, entrywise=True,
-                identity={"p": 0.0, "lam": 1.0}))
-register(Method("dare_ties", "Yu et al., ICML 2024", "lambda disjoint_mean(DARE(D_i, p)) (on the cores, seeded)",
-                "core", dare_ties, {"p": _drop(), "lam": _scale(1.0, LAMBDA_ONE)},
-                exact="entry-wise on the cores: differs from dense DARE-TIES by design", seeded=True, entrywise=True,
-                identity={"p": 0.0, "lam": 1.0}))
-register(Method("magnitude_prune", "magnitude pruning (Yadav et al.'s trim, then the sum)",
-                "lambda sum_i trim(D_i, density) (on the cores)", "core", magnitude_prune,
-                {"density": _density(), "lam": _scale(1.0, (0.25, 0.5, 1.0, 2.0))},
-                exact="entry-wise on the cores: differs from dense pruning by design", entrywise=True,
-                identity={"density": 1.0, "lam": 1.0}))
-register(Method("knots_ties", "Stoica et al., ICLR 2025 (KnOTS-TIES)",
-                "U lambda disjoint_mean(trim(S V_i^T)), [D_1..D_n] = U S [V_1..V_n]^T", "core",
-                lambda M, w, ctx, density, lam: knots(M, w, ctx, "ties", density, 0.0, lam),
-                {"density": _density(1.0, "share of block entries kept (KnOTS's LLaMA config: 1.0)"),
-                 "lam": _scale(1.0, LAMBDA_ONE)},
-                exact="TIES on the blocks of the core: differs from dense KnOTS by design (with a plain sum: equal)", entrywise=True,
-                identity={"density": 1.0, "lam": 1.0}))
-register(Method("knots_dare_ties", "Stoica et al., ICLR 2025 (KnOTS-DARE-TIES)",
-                "U lambda disjoint_mean(DARE(S V_i^T, p))", "core",
-                lambda M, w, ctx, p, lam: knots(M, w, ctx, "dare_ties", 1.0, p, lam),
-                {"p": _drop(), "lam": _scale(1.0, LAMBDA_ONE)},
-                exact="DARE on the blocks of the core: differs from dense KnOTS by design", seeded=True, entrywise=True,
-                identity={"p": 0.0, "lam": 1.0}))
-register(Method("tsv_m", "Gargiulo et al., CVPR 2025 (TSV-M)",
-                "alpha polar([U_i,k]) diag(S) polar([V_i,k])^T, top k = R/n components per task", "core", tsv_m,
-                {"fraction": Param(None, "share of the R-dim space per task (None: 1/n)", low=0.0, high=1.0,
-                                   open="low", none_ok=True),
-                 "alpha": _scale(1.0, (0.25, 0.5, 1.0, 2.0))}, exact="equal", identity={"alpha": 1.0}))
-register(Method("iso_c", "Marczak et al., ICML 2025 (Iso-C)",
-                "alpha mean(S) U V^T over the nonzero spectrum of sum_i D_i", "core", iso_c,
-                {"alpha": _scale(1.0, (0.5, 1.0, 2.0, 4.0))}, exact="equal"))
-register(Method("iso_cts", "Marczak et al., ICML 2025 (Iso-CTS)",
-                "alpha mean(S) U V^T over common (top fraction R of the sum) + task-specific directions", "core",
-                iso_cts, {"common_fraction": Param(0.8, "share of the R-dim space for the common subspace", low=0.0,
-                                                   high=1.0),
-                          "alpha": _scale(1.0, (0.5, 1.0, 2.0, 4.0))},
-                exact="equal"))
-register(Method("ctm", "He et al., ICML 2026 (Compress then Merge)",
-                "U0 lambda disjoint_mean(trim(U0^T D_i U1)) U1^T, U0, U1: Tucker-2 of the norm-balanced D_i, rank k",
-                "core", ctm,
-                {"rank": Param(None, "rank k of the shared subspaces and of the merge (None: the largest task rank)",
-                               low=1, kind=int, none_ok=True),
-                 "beta": Param(0.25, "norm balancing for the subspaces (1: none; 0: every task at the mean norm)",
-                               low=0.0, high=1.0),
-                 "density": _density(0.25, "share of each task's k x k coordinates kept by TIES's trim (topK)"),
-                 "lam": _scale(0.75, (0.5, 0.75, 1.0, 1.5))},
-                "rank k (the largest task rank unless given)",
-                exact="its code's algorithm (Tucker-2 by HOOI, TIES in the k x k coordinates) on the cores, which "
-                      "are the dense updates in the stacked factors' singular bases", entrywise=True,
-                default=False,   # not in the committed default run: --methods ctm_r8 (or ctm) asks for it
-                identity={"density": 1.0, "lam": 1.0}))
 
 
 # ------------------------------------------------------------------------------------------------ applying one
@@ -636,11 +445,6 @@ def check_finite(adapter: Adapter, what: str) -> Adapter:
     return adapter
 
 
-def check_rank(rank):
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
-        raise BadInput(f"rank={rank!r}: give a whole number >= 1")
-
-
 def check_arguments(m: Method, seed: int | None = None, rank: int | None = None, dense: bool = False):
     """Refuse what a data-free merge would not use or cannot take, before any work: a data method, the dense form
     for an exact factor merge, a seed for a method that draws nothing, a rank below 1."""
@@ -712,7 +516,7 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
     """`merge` after its checks: the factor, core or dense computation over every module."""
     n = len(adapters)
     if m.space == "factors":
-        merged = Adapter({name: m.fn([a.modules[name] for a in adapters], weights=weights, **p)
+        merged = Adapter({name: m.function([a.modules[name] for a in adapters], weights=weights, **p)
                           for name in sorted(adapters[0].modules)}, adapters[0].base_model)
         return merged if rank is None else truncate(merged, rank)
     w = torch.tensor(merge_weights(n, weights, 1.0 / n if m.mean else 1.0), dtype=torch.float64)
@@ -724,11 +528,11 @@ def _merge_checked(adapters: list[Adapter], m: Method, weights, seed, rank, dens
         if m.space == "core" and not dense:
             loras = [[a.modules[name] for a in adapters] for name in names]
             Pb, M, Pa = core_project(loras, aligned=m.entrywise)
-            out.update(zip(names, _to_lora(Pb, m.fn(M, w, ctx, **p), Pa, rank or own, dtype)))
+            out.update(zip(names, _to_lora(Pb, m.function(M, w, ctx, **p), Pa, rank or own, dtype)))
             continue
         for name in names:  # dense: one module at a time (n d_out x d_in matrices in float64)
             D = dense_updates([[a.modules[name] for a in adapters]])
-            out[name] = _dense_to_lora(m.fn(D, w, ctx, **p), rank or own, dtype)[0]
+            out[name] = _dense_to_lora(m.function(D, w, ctx, **p), rank or own, dtype)[0]
     return Adapter(dict(sorted(out.items())), adapters[0].base_model)
 
 

@@ -36,11 +36,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORA_MERGING_CACHE") or Path.home() / ".cache" / "lora-merging")
 
 
-def model_slug(name: str) -> str:
-    """The folder name used under adapters/ and results/ for a model: `Qwen/Qwen2-1.5B` -> `Qwen2-1.5B`."""
-    return Path(name.rstrip("/")).name
-
-
 def embedded_model_dir() -> Path:
     """The dequantized embedded model as a safetensors folder, built from the GGUF on first use."""
     target = cache_dir() / EMBEDDED

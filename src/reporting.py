@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 
-from . import merges
+from . import registry
 from .layout import PAPER_RESULTS, ROOT, ordered
 from .files import atomic_write
 from .metrics import normalized_score, paired_bootstrap
@@ -389,8 +389,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         mean_gap = sum(g for g, _ in sp["gap"].values()) / len(sp["gap"])
         gaps.append(f"| {m} | " + " | ".join(cells) + f" | {mean_gap:+.3f}"
                     + (f" ({len(sp['gap'])} seed{'s' * (len(sp['gap']) > 1)})" if len(sp["gap"]) < len(seeds) else "") + f" | {holds} of {len(with_ci)} |")
-    merged = [m for m in rows if merges.is_merge(m) and m not in partial]
-    partial_merges = [m for m in partial if merges.is_merge(m)]
+    merged = [m for m in rows if registry.is_merge(m) and m not in partial]
+    partial_merges = [m for m in partial if registry.is_merge(m)]
     verdict = ("\n\nFewer than two routing-free merges have a score on every seed: no order of the merges to compare."
                if len(merged) < 2 and partial_merges else "")
     if len(merged) >= 2:
@@ -476,7 +476,7 @@ def method_table() -> str:
     """The README's method table, from the registry (a test keeps the README in step with it)."""
     lines = ["| method | paper | merged update | parameters (default; grid searched on validation rows) | output "
              "| core space vs dense |", "|---|---|---|---|---|---|"]
-    for name, m in merges.METHODS.items():
+    for name, m in registry.METHODS.items():
         params = "; ".join(f"{k}={p.default}" + (f" ({', '.join(map(str, p.grid))})" if p.grid else "")
                            for k, p in m.params.items()) or "none"
         if m.mean:

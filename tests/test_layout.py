@@ -51,3 +51,26 @@ def test_no_function_takes_more_than_seven_parameters():
                 if n > 7:
                     too_many.append(f"{path.name}:{node.lineno} {node.name} ({n})")
     assert not too_many, "functions with more than 7 parameters: " + ", ".join(too_many)
+
+
+def test_the_reports_and_the_registry_load_without_torch():
+    """The registry is an explicit list (no registration by importing a module), and the reports (JSON in,
+    markdown out) read it and the result files without torch, transformers or accelerate."""
+    import subprocess
+    import sys
+
+    code = ("import sys, src.reporting, src.registry\n"
+            "heavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]\n"
+            "print(len(src.registry.METHODS), heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=SRC.parent).stdout
+    from src import registry
+
+    assert out.split()[0] == str(len(registry.METHODS)) and out.strip().endswith("[]"), out
+
+
+def test_every_registered_method_names_a_function_that_exists():
+    from src import registry
+
+    for name, method in registry.METHODS.items():
+        assert callable(method.function), name
+        assert method.space in ("factors", "core", "dense", "data"), name

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import save_tiny_model
-from src import cli, lora, merge_fit, merges, provenance
+from src import cli, lora, merge_fit, merges, provenance, registry
 from src.data import load_rows
 from src.models import load_model
 from src.tasks import get_task
@@ -107,7 +107,7 @@ def test_the_grid_is_chosen_on_the_users_rows(tiny_dir, model, adapters, tmp_pat
     record = json.loads((out / "merge.json").read_text())
     candidates = record["selection"]["candidates"]
     assert record["params"] == min(candidates, key=lambda c: c["val_loss"])["params"]
-    assert [c["params"]["lam"] for c in candidates][:4] == list(merges.LAMBDA_SUM)
+    assert [c["params"]["lam"] for c in candidates][:4] == list(registry.LAMBDA_SUM)
     for f in files:  # every row of each file, named by its hash
         assert record["selection"]["rows"][str(f)] == {"file": str(f), "rows": ROWS, "of": ROWS, "lines": [1, ROWS],
                                                        "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}

@@ -9,7 +9,7 @@ import torch
 
 from conftest import save_tiny_model
 from src import lora
-from src import merge_fit, provenance
+from src import merge_fit, provenance, registry
 from src.errors import BadInput
 from src.models import load_model
 from src.train import make_config, train_lora
@@ -98,7 +98,7 @@ def test_grid_extends_past_its_edge_until_the_best_is_inside(trained, no_test_ro
     _, info = merge_fit.build("task_arithmetic", trained[2], fit_data(trained), select_rows=2)
     assert [c["params"]["lam"] for c in info["selection"]["candidates"]][4:] == [0.125 / 2 ** k for k in range(1, 9)]
     assert info["selection"]["at_edge"] == ["lam"]  # MAX_EXTENSIONS reached: recorded, not hidden
-    density = merge_fit.merges.METHODS["ties"].params["density"]
+    density = registry.METHODS["ties"].params["density"]
     assert merge_fit.beyond_edge(density, 1.0, [0.5, 1.0]) is None and merge_fit.beyond_edge(density, 0.5, [0.5, 1.0]) == 0.25
 
 
@@ -214,7 +214,7 @@ def test_regmean_in_layer_groups_equals_one_pass_and_ignores_the_order_of_the_ta
     one_make, one_info = merge_fit.regmean(adapters, fit_data(trained), rows=6)
     assert one_info["gram_memory"]["passes"] == 1 and "one pass over each adapter's rows" in capsys.readouterr().out
     inputs = merge_fit.model_inputs(model, adapters[0])
-    alphas = merge_fit.reachable(merge_fit.merges.get_method("regmean").params["alpha"])
+    alphas = merge_fit.reachable(registry.get_method("regmean").params["alpha"])
     assert len(alphas) == 12 and 0.1 / 8 in alphas   # the grid's 4 and 8 halvings below 0.1 (1 ends the range)
     # alpha given: only it is solved in the passes, and any other alpha asked for runs the passes again
     plan = merge_fit.plan_passes(inputs, adapters, None, "cpu", model)
@@ -279,7 +279,7 @@ def test_regmean_in_passes_solves_every_alpha_a_search_may_try_in_those_passes(t
     monkeypatch.setattr(merge_fit, "regmean_pass", counted)
     make, info = merge_fit.regmean(adapters, fit_data(trained), rows=6)
     assert info["gram_memory"]["passes"] == 4 and passes == [1, 1, 1, 1]
-    for alpha in merge_fit.reachable(merge_fit.merges.get_method("regmean").params["alpha"]):
+    for alpha in merge_fit.reachable(registry.get_method("regmean").params["alpha"]):
         got, want = make({"alpha": alpha}), one_make({"alpha": alpha})
         assert all(torch.equal(got.modules[n].A, want.modules[n].A) for n in want.modules), alpha
     assert passes == [1, 1, 1, 1]   # no pass run again

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from src import lora, merge_fit, merges
+from src import lora, merge_fit, merges, registry
 from src.errors import BadInput
 from src.evaluation import parse_merge_params, parse_methods
 
@@ -139,10 +139,10 @@ def test_ctm_keeps_a_single_loras_size_by_default():
 
 
 def test_rank_variants_are_named_parsed_and_refused_clearly():
-    assert merges.split_rank("regmean_r8") == ("regmean", 8)
-    assert merges.split_rank("ties_r16") == ("ties", 16)
-    assert merges.split_rank("ties") == ("ties", None)
-    assert merges.split_rank("nothing_r8") == ("nothing_r8", None) and not merges.is_merge("nothing_r8")
+    assert registry.split_rank("regmean_r8") == ("regmean", 8)
+    assert registry.split_rank("ties_r16") == ("ties", 16)
+    assert registry.split_rank("ties") == ("ties", None)
+    assert registry.split_rank("nothing_r8") == ("nothing_r8", None) and not registry.is_merge("nothing_r8")
     assert parse_methods("single,regmean_r8,ctm_r8") == ["single", "regmean_r8", "ctm_r8"]
     assert parse_methods("single,regmean,ties,svd", rank=16) == ["single", "regmean_r16", "ties_r16", "svd_r16"]
     for bad in ("ties_r0", "ties_r", "single_r8"):

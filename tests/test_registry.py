@@ -1,4 +1,4 @@
-"""Properties every merge of the registry must have, parametrised over `merges.METHODS`, so a method registered
+"""Properties every merge of the registry must have, parametrised over `registry.METHODS`, so a method registered
 later is covered without a new test: the order of the adapters does not matter; the sign of a basis vector does not
 matter, nor, for a method not declared entry-wise, any rotation of the bases; one adapter in gives it back where the
 method's definition says so (`Method.identity`); scaling every update scales the merge; parameters out of their
@@ -10,19 +10,18 @@ import pytest
 import torch
 
 from src import lora
-from src import merge_fit  # noqa: F401  (registers the learned merges: the registry is complete)
-from src import merges
+from src import merges, registry
 from src.errors import BadInput
 
-DATA_FREE = [n for n, m in merges.METHODS.items() if m.space != "data"]
-CORE = [n for n, m in merges.METHODS.items() if m.space == "core"]
+DATA_FREE = [n for n, m in registry.METHODS.items() if m.space != "data"]
+CORE = [n for n, m in registry.METHODS.items() if m.space == "core"]
 MODULES = ("a.q_proj", "b.q_proj", "c.v_proj")
 
 
 def adapters_for(name: str, seed: int, n: int = 5, d_out: int = 16, d_in: int = 13) -> list[lora.Adapter]:
     """n adapters with unequal ranks and scales (equal ones for the methods that sum the factors themselves)."""
     gen = torch.Generator().manual_seed(seed)
-    equal = merges.METHODS[name].equal_ranks
+    equal = registry.METHODS[name].equal_ranks
     ranks = [4] * n if equal else [int(r) for r in torch.randint(1, 7, (n,), generator=gen)]
     scales = [2.0] * n if equal else [float(s) for s in 0.5 + 2 * torch.rand(n, generator=gen, dtype=torch.float64)]
     return [lora.Adapter({m: lora.Lora(torch.randn(r, d_in, generator=gen, dtype=torch.float64),
@@ -31,7 +30,7 @@ def adapters_for(name: str, seed: int, n: int = 5, d_out: int = 16, d_in: int = 
 
 
 def merged_updates(adapters, name, **kwargs) -> dict:
-    seed = {"seed": 3} if merges.METHODS[name].seeded else {}
+    seed = {"seed": 3} if registry.METHODS[name].seeded else {}
     out = merges.merge(adapters, name, **seed, **kwargs)
     return {m: out.modules[m].delta().numpy() for m in MODULES}
 
@@ -56,7 +55,7 @@ def test_the_order_of_the_adapters_does_not_matter(name, seed):
 def test_the_sign_of_a_basis_vector_does_not_matter(name):
     """A core method maps cores S_b M_i S_a (S diagonal signs: the same bases with some vectors flipped) to
     S_b M S_a: singular vectors come with an arbitrary sign, so the merge must not depend on it."""
-    method = merges.METHODS[name]
+    method = registry.METHODS[name]
     adapters = adapters_for(name, 7)
     Pb, Ms, Pa = merges.core_project([[a.modules[m] for a in adapters] for m in MODULES])
     gen = torch.Generator().manual_seed(8)
@@ -64,23 +63,23 @@ def test_the_sign_of_a_basis_vector_does_not_matter(name):
     Sa = torch.where(torch.rand(Ms.shape[-1], generator=gen) < 0.5, -1.0, 1.0).double()
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
     ranks = tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters)
-    params = merges.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
+    params = registry.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
 
     def run(X):
         generators = merges.adapter_generators(adapters, list(MODULES), 3) if method.seeded else ()
-        return method.fn(X, w, merges.Context(ranks, generators), **params)
+        return method.function(X, w, merges.Context(ranks, generators), **params)
 
     want = Sb[:, None] * run(Ms) * Sa
     got = run(Sb[:, None] * Ms * Sa)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
 
 
-@pytest.mark.parametrize("name", [n for n in CORE if not merges.METHODS[n].entrywise])
+@pytest.mark.parametrize("name", [n for n in CORE if not registry.METHODS[n].entrywise])
 def test_a_method_not_declared_entrywise_commutes_with_rotations(name):
     """`Method.entrywise` false lets a method run in the QR bases instead of the singular ones: that is only right if
     it maps cores U M_i V^T to U M V^T for any orthogonal U, V (random ones here), and if the whole merge through
     QR bases equals the merge through singular bases."""
-    method = merges.METHODS[name]
+    method = registry.METHODS[name]
     adapters = adapters_for(name, 11)
     loras = [[a.modules[m] for a in adapters] for m in MODULES]
     _, Ms, _ = merges.core_project(loras)
@@ -89,26 +88,26 @@ def test_a_method_not_declared_entrywise_commutes_with_rotations(name):
     V = torch.linalg.qr(torch.randn(Ms.shape[-1], Ms.shape[-1], generator=gen, dtype=torch.float64))[0]
     w = torch.linspace(0.5, 1.5, Ms.shape[1], dtype=torch.float64)
     ctx = merges.Context(tuple(a.modules[MODULES[0]].A.shape[0] for a in adapters), ())
-    params = merges.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
-    want = U @ method.fn(Ms, w, ctx, **params) @ V.T
-    got = method.fn(U @ Ms @ V.T, w, ctx, **params)
+    params = registry.resolve_params(method, {})   # a core method's rank (CtM's) is an argument of its fn
+    want = U @ method.function(Ms, w, ctx, **params) @ V.T
+    got = method.function(U @ Ms @ V.T, w, ctx, **params)
     assert rel(got.numpy(), want.numpy()) <= 1e-10
 
     def merged(aligned: bool) -> list:
         Pb, Ms, Pa = merges.core_project(loras, aligned=aligned)
-        return [lora.delta().numpy() for lora in merges._to_lora(Pb, method.fn(Ms, w, ctx, **params), Pa, None,
+        return [lora.delta().numpy() for lora in merges._to_lora(Pb, method.function(Ms, w, ctx, **params), Pa, None,
                                                              torch.float64)]
 
     for qr, svd, m in zip(merged(False), merged(True), MODULES):
         assert rel(qr, svd) <= 1e-10, (name, m)
 
 
-@pytest.mark.parametrize("name", [n for n in DATA_FREE if merges.METHODS[n].identity is not None])
+@pytest.mark.parametrize("name", [n for n in DATA_FREE if registry.METHODS[n].identity is not None])
 def test_one_adapter_gives_itself_back(name):
     """Where the definition says so (`Method.identity`: TIES at density 1, DARE at p = 0, lambda 1, ...), merging
     one adapter returns its update (rank 5, under the SVD merge's default truncation at 8)."""
     adapter = adapters_for(name, 9, n=1)[0]
-    got = merged_updates([adapter], name, **merges.METHODS[name].identity)
+    got = merged_updates([adapter], name, **registry.METHODS[name].identity)
     for m in MODULES:
         assert rel(got[m], adapter.modules[m].delta().numpy()) <= 1e-10, (name, m)
 
@@ -124,7 +123,7 @@ def test_scaling_every_update_scales_the_merge(name):
         assert rel(got[m], 2.5 * want[m]) <= 1e-10, (name, m)
 
 
-def out_of_range(p: merges.Param) -> list:
+def out_of_range(p: registry.Param) -> list:
     values = [float("nan"), float("inf")]
     if p.low is not None:
         values.append(p.low if "low" in p.open else p.low - 0.5)
@@ -133,20 +132,20 @@ def out_of_range(p: merges.Param) -> list:
     return values
 
 
-@pytest.mark.parametrize("name", list(merges.METHODS))
+@pytest.mark.parametrize("name", list(registry.METHODS))
 def test_parameters_out_of_range_are_refused(name):
-    method = merges.METHODS[name]
+    method = registry.METHODS[name]
     for key, p in method.params.items():
         for value in out_of_range(p):
             with pytest.raises(BadInput, match=f"{name}.{key}="):
-                merges.resolve_params(method, {key: value})
+                registry.resolve_params(method, {key: value})
         for value in p.grid + ((p.default,) if p.default is not None else ()):
-            assert merges.resolve_params(method, {key: value})[key] == value  # the grids and defaults are in range
+            assert registry.resolve_params(method, {key: value})[key] == value  # the grids and defaults are in range
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
 def test_arguments_a_method_does_not_use_are_refused(name):
-    method, adapters = merges.METHODS[name], adapters_for(name, 11)
+    method, adapters = registry.METHODS[name], adapters_for(name, 11)
     if not method.seeded:
         with pytest.raises(BadInput, match="takes no seed"):
             merges.merge(adapters, name, seed=1)
@@ -167,7 +166,7 @@ def test_arguments_a_method_does_not_use_are_refused(name):
         merges.merge(adapters, name, weights=[1.0] * (len(adapters) - 1) + [math.nan])
 
 
-@pytest.mark.parametrize("name", [n for n in DATA_FREE if "rank" not in merges.METHODS[n].params])
+@pytest.mark.parametrize("name", [n for n in DATA_FREE if "rank" not in registry.METHODS[n].params])
 def test_a_rank_budget_is_the_best_approximation_of_the_merge(name):
     """merge(rank=k) of a method without a rank of its own is a best rank-k approximation of its merged update in
     the Frobenius norm (a truncated SVD), whatever the method's space; at k >= its rank, the merge."""
@@ -191,7 +190,7 @@ def test_a_rank_zero_module_is_refused(name):
     empty = adapters[0].modules["c.v_proj"]
     adapters[0].modules["c.v_proj"] = lora.Lora(empty.A[:0], empty.B[:, :0], empty.scale)
     with pytest.raises(BadInput, match="adapter 1 of 5 has rank 0 at c.v_proj"):
-        merges.merge(adapters, name, **({"seed": 0} if merges.METHODS[name].seeded else {}))
+        merges.merge(adapters, name, **({"seed": 0} if registry.METHODS[name].seeded else {}))
 
 
 @pytest.mark.parametrize("name", DATA_FREE)
@@ -200,4 +199,4 @@ def test_non_finite_adapters_are_refused(name):
     bad = adapters[1].modules["b.q_proj"]
     adapters[1].modules["b.q_proj"] = lora.Lora(bad.A, bad.B.clone().index_fill_(0, torch.tensor([0]), math.nan), bad.scale)
     with pytest.raises(BadInput, match="non-finite factors at b.q_proj"):
-        merges.merge(adapters, name, **({"seed": 0} if merges.METHODS[name].seeded else {}))
+        merges.merge(adapters, name, **({"seed": 0} if registry.METHODS[name].seeded else {}))
