@@ -12,8 +12,8 @@
 Edit the task list below (the original's "line 30") or pass --tasks. The five-task set of the paper is
 summarization, translation, qa, sentiment, nli; add paraphrasing and commonsense for the seven-task set.
 """
-from src import cli
-from src.evaluation import evaluate, make_eval_config, parse_merge_params, parse_methods
+from src import cli, settings
+from src.evaluation import EVAL_PRESETS, EvalConfig, evaluate, make_eval_config, parse_merge_params, parse_methods
 from src.layout import ALL_METHODS, METHODS, results_dir
 from src.tasks import parse_tasks
 from src.train import make_accelerator
@@ -26,13 +26,13 @@ tasks = ["summarization", "translation", "qa", "sentiment", "nli"]
 
 
 def main(argv=None):
-    p = cli.common_parser(__doc__.splitlines()[0])
+    p = cli.common_parser(__doc__.splitlines()[0], EVAL_PRESETS)
     p.add_argument("--tasks", default=",".join(tasks), help="comma-separated task list, or 'all'")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated, from paper (the thesis's methods and baselines)," + ",".join(ALL_METHODS))
-    for flag, kind in [("rows", int), ("batch-size", int), ("max-prompt", int), ("max-new-tokens", int),
-                       ("select-rows", int), ("seed", int)]:
-        p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    settings.add_flags(p, EvalConfig, ["rows", "batch_size", "max_prompt", "max_new_tokens", "select_rows", "seed",
+                                       "loras"],
+                       EVAL_PRESETS)
     p.add_argument("--rank", type=int, default=None,
                    help="every merge of --methods truncated to this rank, as <merge>_r<rank> (regmean_r8: RegMean's "
                         "best rank-8 LoRA in its own objective; ctm: its subspace rank; the others: the truncated SVD "
@@ -40,9 +40,6 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=None, metavar="METHOD.PARAM=VALUE",
                    help="fix a merge's hyperparameter (else its default, or the best of its grid on validation rows); "
                         "python merge_adapters.py --help lists them")
-    p.add_argument("--loras", default="trained", choices=["trained", "random"],
-                   help="random: merge random LoRAs with the trained ones' per-module norms instead, a control for "
-                        "the merges that fit on data (results in <N>-task/random-loras/)")
     p.add_argument("--no-reuse", action="store_true",
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)

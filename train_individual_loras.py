@@ -8,22 +8,20 @@
 Every hyperparameter of the preset (src/train.py) can be overridden by its flag.
 """
 
-from src import cli
+from src import cli, settings
 from src.layout import adapter_dir, model_results_dir
 from src.models import load_model
 from src.tasks import parse_tasks
-from src.train import make_accelerator, make_config, publish_log, train_lora
+from src.train import PRESETS, TrainConfig, make_accelerator, make_config, publish_log, train_lora
 
 
 def main(argv=None):
-    p = cli.common_parser(__doc__.splitlines()[0])
+    p = cli.common_parser(__doc__.splitlines()[0], PRESETS)
     p.add_argument("--task", required=True, help="a task name, a comma-separated list, or 'all'")
     p.add_argument("--resume", action="store_true", help="continue from adapters/<model>/<task>/checkpoint.safetensors")
-    for flag, kind in [("r", int), ("alpha", float), ("lr", float), ("batch-size", int), ("epochs", int),
-                       ("max-steps", int), ("train-rows", int), ("val-rows", int), ("max-len", int),
-                       ("max-target", int), ("eval-every", int), ("patience", int), ("save-every", int), ("seed", int)]:
-        p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
-    p.add_argument("--targets", default=None, help="comma-separated module names, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj")
+    settings.add_flags(p, TrainConfig, ["r", "alpha", "targets", "lr", "batch_size", "epochs", "max_steps", "train_rows",
+                                        "val_rows", "max_len", "max_target", "eval_every", "patience", "save_every",
+                                        "seed"], PRESETS)
     args = p.parse_args(argv)
     tasks = parse_tasks(args.task)
     configs = [make_config(args.preset, {**cli.config_flags(args, "resume"), "task": t}) for t in tasks]

@@ -10,24 +10,20 @@ only on a prompt and its gold adapter) are computed once for all sets. Prints th
 prompts, and copies it with the settings and the loss curve to results/<model>/train_logs/moa-<N>.json.
 """
 import full_evaluation
-from src import cli
+from src import cli, settings
 from src import lora
 from src.layout import adapter_dir, model_results_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
-from src.train import check_task_sets, make_accelerator, make_config, publish_log, train_routers
+from src.train import PRESETS, TrainConfig, check_task_sets, make_accelerator, make_config, publish_log, train_routers
 
 
 def main(argv=None):
-    p = cli.common_parser(__doc__.splitlines()[0])
+    p = cli.common_parser(__doc__.splitlines()[0], PRESETS)
     p.add_argument("--tasks", action="append", default=None,
                    help="comma-separated task list, or 'all'; repeat for several sets (default: full_evaluation.tasks)")
-    for flag, kind in [("router-lr", float), ("router-epochs", int), ("router-batch-size", int),
-                       ("router-rows", int), ("router-heldout", int), ("max-prompt", int), ("seed", int)]:
-        p.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
-    p.add_argument("--router-select", choices=["last", "heldout"], default=None,
-                   help="the routers kept: those of the last epoch, or of the epoch with the lowest loss on the "
-                        "held-out prompts (--router-heldout rows per task after the training rows); overrides the preset")
+    settings.add_flags(p, TrainConfig, ["router_lr", "router_epochs", "router_batch_size", "router_rows",
+                                        "router_heldout", "router_select", "max_prompt", "seed"], PRESETS)
     args = p.parse_args(argv)
     task_sets = [parse_tasks(t) for t in (args.tasks or [",".join(full_evaluation.tasks)])]
     check_task_sets(task_sets)  # before the adapters and the model load

@@ -5,13 +5,15 @@ import sys
 
 from .errors import BadInput
 from .models import EMBEDDED
+from .settings import DATA
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
+def common_parser(description: str, presets: dict) -> argparse.ArgumentParser:
+    """The flags every stage takes: the model, the data, the preset (one of `presets`) and the root folder."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=EMBEDDED, help="hub id (Qwen/Qwen2-1.5B), local folder, or the embedded default")
-    p.add_argument("--data", default="local", choices=["local", "hub"], help="shipped samples or the paper's hub datasets")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="hyperparameters (flags override them)")
+    p.add_argument("--data", default="local", choices=DATA.choices, help="shipped samples or the paper's hub datasets")
+    p.add_argument("--preset", default="cpu", choices=list(presets), help="hyperparameters (flags override them)")
     p.add_argument("--root", default=".", help="folder holding adapters/ and results/")
     return p
 

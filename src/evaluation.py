@@ -42,25 +42,10 @@ from .layout import (ALL_METHODS, PAPER_METHODS, ROOT, adapter_dir, control_dir,
 from .metrics import example_stats, score
 from .models import load_model
 from .reporting import write_summary
-from .settings import DATA, SEED, Setting, check_config
+from .settings import DATA, SEED, Setting, check_config, setting, settings_of
 from .tasks import get_task
 
 MAJORITY_TRAIN_ROWS = 1000   # the majority class is counted on the first rows of the train split
-
-
-@dataclass
-class EvalConfig:
-    model: str = "smollm2-135m"
-    data: str = "local"
-    preset: str = "paper"
-    rows: int = 500              # evaluation rows per task
-    batch_size: int = 16
-    max_prompt: int = 400        # prompt budget in tokens (the content field is cut, never the template)
-    max_new_tokens: int = 128    # cap on every task's own budget
-    select_rows: int = 32        # validation rows per task that choose a merge's lambda / alpha (train split)
-    seed: int = 0                # DARE's masks, CAT's batches, LoraHub's optimiser
-    merge_params: dict = None    # {method: {parameter: value}} fixed from the command line (--set)
-    loras: str = "trained"       # "random": merge random LoRAs of the trained ones' norms instead (a control)
 
 
 EVAL_PRESETS = {
@@ -69,20 +54,29 @@ EVAL_PRESETS = {
 }
 
 
-# What each EvalConfig field accepts (src/settings.py); make_eval_config checks every one before any model loads.
-EVAL_SETTINGS = {
-    "model": Setting(str),
-    "data": DATA,
-    "preset": Setting(str, choices=tuple(EVAL_PRESETS)),
-    "rows": Setting(int, low=1),             # load_rows(n=0) would read every test row
-    "batch_size": Setting(int, low=1),
-    "max_prompt": Setting(int, low=1),
-    "max_new_tokens": Setting(int, low=1),
-    "select_rows": Setting(int, low=0, note="0: each merge's defaults, no search on validation rows"),
-    "seed": SEED,
-    "merge_params": Setting(dict, none_ok=True),  # its values are checked when parsed (parse_merge_params)
-    "loras": Setting(str, choices=("trained", "random")),
-}
+@dataclass
+class EvalConfig:
+    """Every evaluation setting, declared once: default (the paper preset's), what it accepts (checked by
+    make_eval_config before any model loads), and its flag's help; EVAL_PRESETS holds the other presets' values."""
+    model: str = setting("smollm2-135m", Setting(str), "hub id or folder")
+    data: str = setting("local", DATA, "shipped samples or the hub datasets")
+    preset: str = setting("paper", Setting(str, choices=tuple(EVAL_PRESETS)), "the preset the other values start from")
+    rows: int = setting(500, Setting(int, low=1), "evaluation rows per task")   # load_rows(n=0) would read them all
+    batch_size: int = setting(16, Setting(int, low=1), "generation batch size")
+    max_prompt: int = setting(400, Setting(int, low=1),
+                              "prompt budget in tokens (the content field is cut, never the template)")
+    max_new_tokens: int = setting(128, Setting(int, low=1), "cap on every task's own generation budget")
+    select_rows: int = setting(32, Setting(int, low=0, note="0: each merge's defaults, no search on validation rows"),
+                               "validation rows per task that choose a merge's parameters (train split; 0: defaults)")
+    seed: int = setting(0, SEED, "DARE's masks, CAT's batches, LoraHub's optimiser")
+    merge_params: dict = setting(None, Setting(dict, none_ok=True),   # its values are checked when parsed
+                                 "{method: {parameter: value}} fixed from the command line (--set)")
+    loras: str = setting("trained", Setting(str, choices=("trained", "random")),
+                         "random: merge random LoRAs with the trained ones' per-module norms instead, a control for "
+                         "the merges that fit on data (results in <N>-task/random-loras/)")
+
+
+EVAL_SETTINGS = settings_of(EvalConfig)
 
 
 def make_eval_config(preset: str, overrides: dict | None = None) -> EvalConfig:

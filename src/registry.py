@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import BadInput
+from .settings import Setting
 
 # ------------------------------------------------------------------------------------------------ the entries
 @dataclass(frozen=True)
@@ -48,9 +49,7 @@ class Param:
             number = float(value)
         except (TypeError, ValueError):
             raise BadInput(f"{method}.{name}={value!r} is not a number: give a value in {self.range_text()}") from None
-        bad = (not math.isfinite(number)
-               or (self.low is not None and (number < self.low or ("low" in self.open and number == self.low)))
-               or (self.high is not None and (number > self.high or ("high" in self.open and number == self.high))))
+        bad = not Setting(float, self.low, self.high, self.open).in_range(number)   # the one range check
         if self.kind is int and not bad and number != int(number):
             raise BadInput(f"{method}.{name}={value!r} must be a whole number in {self.range_text()}")
         if bad:

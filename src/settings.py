@@ -1,13 +1,16 @@
-"""What each field of a config dataclass (TrainConfig, EvalConfig) accepts: its type and range or choices,
-declared once in a table next to the dataclass and checked generically by make_config / make_eval_config.
+"""What each field of a config dataclass (TrainConfig, EvalConfig) accepts: its type and range or choices, declared
+once with the field itself (`setting(default, accepts, help)`), checked generically by make_config /
+make_eval_config, and turned into the scripts' flags (`add_flags`). Merge parameters (src/registry.py's Param) use
+the same range check.
 
 The scripts build their config before any model loads, so a bad flag fails there in one line (a BadInput: exit 2
 through src.cli.run) instead of as the optimizer's traceback after the model loaded (`--lr -1`), or as a silent
 fallback (`--rows 0` read every test row).
 """
+import argparse
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import BadInput
 
@@ -76,9 +79,42 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def check_config(config, settings: dict):
-    """`config` (a dataclass instance) once every field passed its Setting in `settings`. A field without one is a
-    bug of the code, not of the input (TypeError): every field must say what it accepts."""
+def setting(default, accepts: Setting, help: str):
+    """A config field declared once: its default, what it accepts, and the help of its flag."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a mutable default would be shared between configs: use a tuple or None")
+    return field(default=default, metadata={"setting": accepts, "help": help})
+
+
+def settings_of(cls) -> dict:
+    """{field: Setting} of a config dataclass, from its declarations."""
+    return {f.name: f.metadata["setting"] for f in fields(cls) if "setting" in f.metadata}
+
+
+def add_flags(parser, cls, names: list, presets: dict):
+    """One flag per named field of `cls`, generated from its declaration: the type, the choices, and a help that
+    gives every preset's value (a flag overrides its preset; one not given is absent from the parsed arguments).
+    A tuple setting takes comma-separated names."""
+    declared = {f.name: f for f in fields(cls)}
+    for name in names:
+        f = declared[name]
+        accepts = f.metadata["setting"]
+        default = f.default if f.default is not MISSING else None
+        values = ", ".join(f"{p}: {_show(preset.get(name, default))}" for p, preset in presets.items())
+        parser.add_argument("--" + name.replace("_", "-"), type=str if accepts.kind is tuple else accepts.kind,
+                            default=argparse.SUPPRESS, choices=accepts.choices or None,   # absent: the preset's
+                            help=f"{f.metadata['help']} ({values})".replace("%", "%%"))
+
+
+def _show(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def check_config(config, settings: dict | None = None):
+    """`config` (a dataclass instance) once every field passed its Setting (declared with the field, or in
+    `settings`). A field without one is a bug of the code, not of the input (TypeError): every field must say what
+    it accepts."""
+    settings = settings_of(type(config)) if settings is None else settings
     undeclared = [f.name for f in fields(config) if f.name not in settings]
     if undeclared:
         raise TypeError(f"{type(config).__name__} field(s) {', '.join(undeclared)} have no Setting: declare them")

@@ -40,39 +40,8 @@ from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
 from .files import atomic_write
-from .settings import DATA, SEED, Setting, check_config
+from .settings import DATA, SEED, Setting, check_config, setting, settings_of
 from .tasks import TASKS, get_task
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "paper"           # the preset the other values start from (recorded with the adapter)
-    task: str = "sentiment"
-    model: str = "smollm2-135m"
-    data: str = "local"
-    r: int = 8
-    alpha: float = 16
-    targets: tuple = lora.ATTENTION_TARGETS
-    lr: float = 5e-5
-    batch_size: int = 2
-    epochs: int = 10
-    max_steps: int = 0              # 0: no limit besides epochs and early stopping
-    train_rows: int = 5000
-    val_rows: int = 500
-    max_len: int = 512
-    max_target: int = 128
-    eval_every: int = 100
-    patience: int = 3
-    save_every: int = 100           # checkpoint period in steps
-    seed: int = 0
-    # MoA routers
-    router_lr: float = 1e-4
-    router_epochs: int = 1
-    router_batch_size: int = 4
-    router_rows: int = 5000         # train rows per task for the routers
-    router_heldout: int = 200       # rows per task (after the training rows) to measure routing accuracy
-    router_select: str = "last"     # which epoch's routers are kept: the last, or the lowest held-out loss
-    max_prompt: int = 400
 
 
 PRESETS = {
@@ -88,35 +57,44 @@ POSITIVE_COUNT = Setting(int, low=1)
 # AdamW moves each entry by about lr per step: 0 or below trains nothing (or ascends), above 1 is a typo of an exponent
 LEARNING_RATE = Setting(float, low=0, high=1, open="low")
 
-# What each TrainConfig field accepts (src/settings.py); make_config checks every one before any model loads.
-TRAIN_SETTINGS = {
-    "preset": Setting(str, choices=tuple(PRESETS)),
-    "task": Setting(str, choices=tuple(TASKS)),
-    "model": Setting(str),                         # a hub id or a folder: whether it exists is load_model's check
-    "data": DATA,
-    "r": POSITIVE_COUNT,
-    "alpha": Setting(float, low=0, open="low"),   # the scale is alpha / r: 0 gives an adapter that does nothing
-    "targets": Setting(tuple),                     # module names, matched against the model's layers by lora.inject
-    "lr": LEARNING_RATE,
-    "batch_size": POSITIVE_COUNT,
-    "epochs": POSITIVE_COUNT,
-    "max_steps": Setting(int, low=0, note="0: no limit besides epochs and early stopping"),
-    "train_rows": POSITIVE_COUNT,
-    "val_rows": POSITIVE_COUNT,                    # early stopping and the best adapter need a validation loss
-    "max_len": Setting(int, low=2),                # at least one target token and EOS
-    "max_target": POSITIVE_COUNT,
-    "eval_every": POSITIVE_COUNT,                  # periods in steps
-    "patience": POSITIVE_COUNT,                    # 0 would stop at the first validation, whatever its loss
-    "save_every": POSITIVE_COUNT,
-    "seed": SEED,
-    "router_lr": LEARNING_RATE,
-    "router_epochs": POSITIVE_COUNT,
-    "router_batch_size": POSITIVE_COUNT,
-    "router_rows": POSITIVE_COUNT,
-    "router_heldout": POSITIVE_COUNT,              # the routing accuracy is a mean over these prompts
-    "router_select": Setting(str, choices=("last", "heldout")),
-    "max_prompt": POSITIVE_COUNT,
-}
+
+@dataclass
+class TrainConfig:
+    """Every training setting, declared once: its default (the paper preset's), what it accepts (src/settings.py,
+    checked by make_config before any model loads) and its flag's help; PRESETS holds the other presets' values."""
+    preset: str = setting("paper", Setting(str, choices=tuple(PRESETS)), "the preset the other values start from")
+    task: str = setting("sentiment", Setting(str, choices=tuple(TASKS)), "the task")
+    model: str = setting("smollm2-135m", Setting(str), "hub id or folder (whether it exists is load_model's check)")
+    data: str = setting("local", DATA, "shipped samples or the hub datasets")
+    r: int = setting(8, POSITIVE_COUNT, "LoRA rank")
+    alpha: float = setting(16, Setting(float, low=0, open="low"), "LoRA alpha (scale alpha / r; 0 would do nothing)")
+    targets: tuple = setting(lora.ATTENTION_TARGETS, Setting(tuple),
+                             "comma-separated module names, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj")
+    lr: float = setting(5e-5, LEARNING_RATE, "AdamW learning rate")
+    batch_size: int = setting(2, POSITIVE_COUNT, "training batch size")
+    epochs: int = setting(10, POSITIVE_COUNT, "passes over the training rows at most")
+    max_steps: int = setting(0, Setting(int, low=0, note="0: no limit besides epochs and early stopping"),
+                             "optimizer steps at most (0: no limit besides epochs and early stopping)")
+    train_rows: int = setting(5000, POSITIVE_COUNT, "train-split rows the adapter trains on")
+    val_rows: int = setting(500, POSITIVE_COUNT, "rows after them for early stopping and the best adapter")
+    max_len: int = setting(512, Setting(int, low=2), "tokens per training row (at least one target token and EOS)")
+    max_target: int = setting(128, POSITIVE_COUNT, "target tokens per row at most")
+    eval_every: int = setting(100, POSITIVE_COUNT, "steps between validations")
+    patience: int = setting(3, POSITIVE_COUNT, "validations without improvement before stopping")
+    save_every: int = setting(100, POSITIVE_COUNT, "steps between checkpoints")
+    seed: int = setting(0, SEED, "seed of the initialisation, the batch order and the routers")
+    router_lr: float = setting(1e-4, LEARNING_RATE, "MoA routers: AdamW learning rate")
+    router_epochs: int = setting(1, POSITIVE_COUNT, "MoA routers: passes over their rows (at most, with heldout)")
+    router_batch_size: int = setting(4, POSITIVE_COUNT, "MoA routers: batch size")
+    router_rows: int = setting(5000, POSITIVE_COUNT, "MoA routers: train rows per task")
+    router_heldout: int = setting(200, POSITIVE_COUNT, "MoA routers: rows per task after those, for the routing "
+                                                        "accuracy (and the epoch, with heldout)")
+    router_select: str = setting("last", Setting(str, choices=("last", "heldout")),
+                                 "MoA routers kept: the last epoch's, or those with the lowest held-out loss")
+    max_prompt: int = setting(400, POSITIVE_COUNT, "prompt tokens for the routers (the content field is cut)")
+
+
+TRAIN_SETTINGS = settings_of(TrainConfig)
 
 
 def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:

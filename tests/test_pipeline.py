@@ -770,3 +770,33 @@ def test_results_written_before_a_setting_existed_are_reused_under_its_default(t
     (folder / "single.predictions.jsonl").write_text(json.dumps({"task": "qa", "prediction": "x"}) + "\n")
     assert set(_reusable(tmp_path, "single", settings)) == {"qa"}
     assert _reusable(tmp_path, "single", {**settings, "loras": "random"}) == {}
+
+
+@pytest.mark.parametrize("script_name, cls_path, presets_path", [
+    ("train_individual_loras", "src.train.TrainConfig", "src.train.PRESETS"),
+    ("train_moa", "src.train.TrainConfig", "src.train.PRESETS"),
+    ("full_evaluation", "src.evaluation.EvalConfig", "src.evaluation.EVAL_PRESETS")])
+def test_every_settings_flag_is_generated_from_its_declaration(script_name, cls_path, presets_path, capsys):
+    """Each setting is declared once, with its field (default, what it accepts, help): a script's flag for it has
+    that help and every preset's value, and a value out of range is refused by the same declaration."""
+    import importlib
+    from dataclasses import fields
+
+    module, cls = importlib.import_module(script_name), None
+    mod, _, name = cls_path.rpartition(".")
+    cls = getattr(importlib.import_module(mod), name)
+    pmod, _, pname = presets_path.rpartition(".")
+    presets = getattr(importlib.import_module(pmod), pname)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    common = {"model", "data", "preset", "task"}   # cli.common_parser's (and the task, a script's own)
+    flags = [f for f in fields(cls) if f"--{f.name.replace('_', '-')} " in text and f.name not in common]
+    assert len(flags) >= 6, script_name
+    for f in flags:
+        first_words = " ".join(f.metadata["help"].split()[:3])
+        assert first_words in text, (script_name, f.name)
+        for preset, values in presets.items():
+            value = values.get(f.name, f.default)
+            shown = ",".join(value) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else str(value)
+            assert f"{preset}: {shown}" in text, (script_name, f.name, preset)
