@@ -6,7 +6,7 @@
     python merge_adapters.py --method ties --model Qwen/Qwen2-0.5B --rows a.jsonl,b.jsonl --out ties/ path/to/a path/to/b
     python merge_adapters.py --method cat --rows a.jsonl,b.jsonl --save-merged-model full/ --out cat/ path/to/a path/to/b
 
-The result loads with `peft.PeftModel.from_pretrained(base_model, "merged/")` or with src.lora.load_adapter, and
+The result loads with `peft.PeftModel.from_pretrained(base_model, "merged/")` or with src.peft_files.load_adapter, and
 merge.json beside it says how it was made (method, parameters, the candidates tried, the rows read). With
 --save-merged-model DIR the merge is also folded into the base model's weights (--model) and saved as a model folder
 (safetensors, tokenizer beside it) that transformers loads alone: AutoModelForCausalLM.from_pretrained("DIR").
@@ -24,6 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
+from src import peft_files
 from src import cli
 from src import lora
 from src import merge_fit
@@ -195,7 +196,7 @@ def main(argv=None):
                        "would load as the adapter)")
     if args.rows is None and args.select_rows is not None:
         raise BadInput("--select-rows counts the rows of --rows: give --rows too")
-    adapters = [lora.load_adapter(a) for a in args.adapters]
+    adapters = [peft_files.load_adapter(a) for a in args.adapters]
     union, shared = set().union(*(a.modules for a in adapters)), set.intersection(*(set(a.modules) for a in adapters))
     if union != shared:
         print(f"note: the adapters adapt different modules ({len(shared)} adapted by all, {len(union)} by any): "
@@ -229,7 +230,7 @@ def main(argv=None):
               "model": args.model if model is not None else None, "merged_model": str(full) if full else None, **info}
 
     def write_adapter(folder: Path):
-        lora.save_adapter(merged, folder)
+        peft_files.save_adapter(merged, folder)
         (folder / "merge.json").write_text(json.dumps(record, indent=2))
 
     def write_model(folder: Path):

@@ -10,8 +10,7 @@ only on a prompt and its gold adapter) are computed once for all sets. Prints th
 prompts, and copies it with the settings and the loss curve to results/<model>/train_logs/moa-<N>.json.
 """
 import full_evaluation
-from src import cli, settings
-from src import lora
+from src import cli, peft_files, settings
 from src.layout import adapter_dir, model_results_dir, moa_dir, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
@@ -29,7 +28,7 @@ def main(argv=None):
     check_task_sets(task_sets)  # before the adapters and the model load
     cfg = make_config(args.preset, cli.config_flags(args, "tasks"))
     union = list(dict.fromkeys(t for tasks in task_sets for t in tasks))
-    adapters = {t: lora.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
+    adapters = {t: peft_files.load_adapter(adapter_dir(args.root, args.model, t), hint=train_command(args.model, args.preset, t))
                 for t in union}
     accelerator = make_accelerator()
     model, tokenizer = load_model(args.model, device=accelerator.device)

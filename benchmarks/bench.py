@@ -30,6 +30,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from src import arrow  # noqa: E402
 from src import lora  # noqa: E402
 from src.files import atomic_write  # noqa: E402
 from src import merges  # noqa: E402
@@ -370,7 +371,7 @@ def case_inference(kind: str, device, dtype, reps: int) -> dict:
         result = compare(greedy, lambda: greedy(folded), reps, device)  # ratio < 1: unfolded is slower
     elif kind == "arrow-vs-single":
         single = single_and_all(model, adapters)
-        with lora.arrow_routing(model, top_k=3, temperature=1.0):
+        with arrow.arrow_routing(model, top_k=3, temperature=1.0):
             result = compare(greedy, lambda: greedy(single), reps, device)
     elif kind in ("moa-vs-single", "moa-batched-vs-bs1", "moa-gathered-vs-masked"):
         single = single_and_all(model, adapters)

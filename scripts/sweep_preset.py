@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from src import peft_files  # noqa: E402
 from src import lora  # noqa: E402
 from src.data import fit_prompt, load_rows  # noqa: E402
 from src.files import atomic_write  # noqa: E402
@@ -70,7 +71,7 @@ def validation_metric(model, tokenizer, task_name: str, adapter_folder: Path) ->
     task, ev = get_task(task_name), EVAL_PRESETS["cpu"]
     rows = load_rows(task, "train", n=VAL_ROWS, offset=VAL_OFFSET)
     prompts = [fit_prompt(task, r, tokenizer, ev["max_prompt"], strict=False) for r in rows]
-    adapter = lora.load_adapter(adapter_folder)
+    adapter = peft_files.load_adapter(adapter_folder)
     lora.inject(model, sorted({n.rpartition(".")[2] for n in adapter.modules}))
     try:
         lora.add_adapter(model, adapter)

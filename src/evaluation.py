@@ -6,7 +6,7 @@ Methods (the thesis's, and those added since; README "The methods"):
                the baseline a classifier must beat, beside chance = 1 / classes);
 * single:      each task with its own LoRA (the oracle; the normalized score divides by it);
 * moa:         all task LoRAs and the trained routers; each sample is routed once at the prompt, per layer;
-* arrow:       all task LoRAs, routed per token and layer without training (lora.Arrow; top_k and temperature
+* arrow:       all task LoRAs, routed per token and layer without training (arrow.Arrow; top_k and temperature
                chosen on validation rows of the train split);
 * every merge of src/merges.py (the paper's concat, weight_sum, svd; task arithmetic, TIES, DARE, magnitude
   pruning, KnOTS, TSV-M, Iso-C/CTS; the data-fitted CAT, LoraHub and RegMean): built by src/merge_fit.py (a
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import arrow, control, peft_files
 from . import lora, merge_fit, provenance, registry
 from .data import fit_prompt, load_rows, pad_batch
 from .errors import BadInput, MissingFile
@@ -249,10 +250,10 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
                        f"{', '.join(m for m in methods if not registry.is_merge(m))} from --methods")
     adapters = {}  # loaded before the model: a missing or corrupt adapter fails at once, naming the command
     if set(methods) - {"base", "majority"}:
-        adapters = {t: lora.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
+        adapters = {t: peft_files.load_adapter(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))
                     for t in tasks}
     if cfg.loras == "random":  # each task's noise from the seed and its name, whatever the order of the tasks
-        adapters = {t: lora.random_like(a, torch.Generator().manual_seed(
+        adapters = {t: control.random_like(a, torch.Generator().manual_seed(
                         int(hashlib.sha256(f"{cfg.seed}:{t}".encode()).hexdigest()[:15], 16)))
                     for t, a in adapters.items()}
     if "moa" in methods:
@@ -313,9 +314,9 @@ def run_method(method: str, run: Run) -> dict:
                 lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
                                   hint=moa_command(cfg.model, cfg.preset, tasks))
             if method == "arrow":
-                prototypes = lora.model_prototypes(model)  # once, for the grid and the evaluation
+                prototypes = arrow.model_prototypes(model)  # once, for the grid and the evaluation
                 arrow_info = choose_arrow(model, data, cfg.select_rows, prototypes)
-                stack.enter_context(lora.arrow_routing(model, **arrow_info["params"], prototypes=prototypes))
+                stack.enter_context(arrow.arrow_routing(model, **arrow_info["params"], prototypes=prototypes))
         for k, t in enumerate(tasks):
             task = get_task(t)
             if t in reusable:
@@ -386,7 +387,7 @@ def choose_arrow(model, data: merge_fit.FitData, select_rows: int, prototypes: l
     top_k = ARROW_PARAMS["top_k"]
     specs = {**ARROW_PARAMS, "top_k": replace(top_k, high=n, grid=tuple(k for k in top_k.grid if k <= n))}
     params, selection = merge_fit.choose("arrow", specs, {},
-                                         lambda p: lora.arrow_routing(model, **p, prototypes=prototypes), data,
+                                         lambda p: arrow.arrow_routing(model, **p, prototypes=prototypes), data,
                                          select_rows)
     return {"params": params, "selection": selection, "seconds": round(time.perf_counter() - started, 1)}
 

@@ -11,16 +11,16 @@ What is here, top to bottom:
   branch runs in float32 and is added in the base layer's output dtype.
 * `inject` / `remove`: wrap the target Linear modules of a Hugging Face causal LM, and put the originals back.
 * `add_adapter`, `get_adapter`, `gated`: put an adapter into the layers, read one out, set the gate for a block.
-* `save_adapter` / `load_adapter`: PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
 * `fold` (add an adapter's update into W for good) and `folded` (for the duration of a block, then the original W
   bit for bit).
 * The paper's three merges, per module: `concat` (sum_i s_i B_i A_i, rank R, exact), `weight_sum` (s (sum B_i)
   (sum A_i), the original's "weighted"), `svd_merge` (rank-8 truncated SVD of the mean update). The merges published
-  since, and the registry every merge is run from, are in src/merges.py.
+  since are in src/merges.py, and every method is listed in src/registry.py.
 * MoA: `make_routers` / `attach_routers`, `routing` (route each sample once at the prompt, keep the choice while generating),
   `router_inputs` (features for training with teacher forcing), `router_loss`, `save_routers` / `load_routers`.
-* Arrow, routing without training (Ostapenko et al., 2024): `arrow_routing` gates the adapters per token by the
-  top-k of |x . v_i|, v_i the top right singular vector of adapter i's update (`arrow_prototypes`, exact).
+
+Elsewhere: PEFT's files (src/peft_files.py), Arrow's routing in this layer (src/arrow.py), the random-LoRA control
+(src/control.py).
 """
 import contextlib
 import functools
@@ -42,7 +42,6 @@ from .errors import BadInput, MissingFile
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")                      # the original README
 ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ORIGINAL_CODE_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # the original code
-PEFT_PREFIX = "base_model.model."
 
 
 class Lora(NamedTuple):
@@ -79,7 +78,7 @@ class LoraLinear(nn.Module):
         self._routed = None                         # each sample's gathered factors for those routes (`routed`)
         self._stack = None                          # inference cache of the stacked factors (see `stacked`)
         self._pad = None                            # inference cache of the padded factors (see `padded`)
-        self.arrow: Arrow | None = None             # Arrow: per-token gates from the adapters' prototypes
+        self.arrow = None                           # Arrow: per-token gates from the adapters' prototypes (src/arrow.py)
 
     @property
     def factor_dtype(self) -> torch.dtype:
@@ -271,96 +270,6 @@ def gated(model: nn.Module, gate: torch.Tensor | None):
             layer.gate = g
 
 
-def random_like(adapter: Adapter, generator: torch.Generator) -> Adapter:
-    """A control for the merges that fit on data: the same modules, ranks and scales, factors of Gaussian noise scaled
-    so that every module's A and update keep `adapter`'s Frobenius norms (G_A, G_B standard normal):
-
-        A' = G_A ||A|| / ||G_A||,   B' = G_B ||B A|| / ||G_B A'||,   so ||s B' A'|| = ||s B A|| and ||A'|| = ||A||
-
-    An update of the same size in every module, with no task in it ("The Appeal and Reality of Recycling LoRAs")."""
-    modules = {}
-    for name, part in sorted(adapter.modules.items()):
-        A, B = part.A.detach().double(), part.B.detach().double()
-        GA = torch.randn(A.shape, generator=generator, dtype=torch.float64)
-        A_new = GA * A.norm() / GA.norm()
-        GB = torch.randn(B.shape, generator=generator, dtype=torch.float64)
-        # ||B A||_F^2 = sum((B^T B) * (A A^T)): r x r, no d_out x d_in product
-        update = ((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt()
-        B_new = GB * update / ((GB.T @ GB) * (A_new @ A_new.T)).sum().sqrt()
-        modules[name] = Lora(A_new.to(part.A.dtype), B_new.to(part.B.dtype), part.scale)
-    return Adapter(modules, adapter.base_model)
-
-
-# --------------------------------------------------------------------------------------------- PEFT on disk
-def save_adapter(adapter: Adapter, folder, targets=None):
-    """PEFT's format: keys `base_model.model.<module>.lora_{A,B}.weight`; per-module ranks and alphas go to
-    rank_pattern / alpha_pattern where they differ from the most common one."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ranks = adapter.ranks()
-    alphas = {n: lora.scale * ranks[n] for n, lora in adapter.modules.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": adapter.base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "target_modules": sorted(targets or {n.rpartition(".")[2] for n in adapter.modules}),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-        "inference_mode": True,
-    }
-    tensors = {}
-    for name, lora in adapter.modules.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora.A.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora.B.contiguous()
-    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
-    atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    # PEFT matches pattern keys as a suffix of the module path
-    for key, value in pattern.items():
-        if name == key or name.endswith("." + key):
-            return value
-    return default
-
-
-def load_adapter(folder, hint: str = "") -> Adapter:
-    """A PEFT LoRA adapter folder (ours or one trained with PEFT); `hint` says how to create a missing one."""
-    folder = Path(folder)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in (config_path, weights_path):
-        if not p.exists():
-            raise MissingFile(f"missing adapter file {p}" + (f": create it with `{hint}`" if hint else ""))
-    try:
-        config = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise BadInput(f"corrupt adapter in {folder} ({str(e).splitlines()[0]}): delete the folder and "
-                       f"{'run `' + hint + '`' if hint else 'save it again'}") from e
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise BadInput(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)")
-    modules = {}
-    for key in tensors:
-        if not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise BadInput(f"{weights_path}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported)")
-        name = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
-        if name in modules:
-            continue
-        A, B = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight"), tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
-        if A is None or B is None:
-            raise BadInput(f"{weights_path}: module {name} has only one of lora_A / lora_B")
-        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        if A.shape[0] != r:
-            raise BadInput(f"{weights_path}: module {name} has rank {A.shape[0]}, the config says {r}")
-        modules[name] = Lora(A, B, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
-    if not modules:
-        raise BadInput(f"{weights_path} holds no LoRA weights")
-    return Adapter(modules, config.get("base_model_name_or_path", ""))
-
-
 # ------------------------------------------------------------------------------------------------- folding
 def _linear(model: nn.Module, name: str) -> nn.Linear:
     module = model.get_submodule(name)
@@ -517,71 +426,6 @@ def routing(model: nn.Module):
 def route_decisions(model: nn.Module) -> torch.Tensor:
     """(batch, layers) adapter index chosen by every layer's router, in lora_layers order."""
     return torch.stack([layer.routes for layer in lora_layers(model).values()], dim=1)
-
-
-# ------------------------------------------------------------------------------------------------------ Arrow
-@dataclass(frozen=True)
-class Arrow:
-    """Arrow routing (Ostapenko et al., 2024, "Towards Modular LLMs by Building and Reusing a Library of LoRAs"),
-    training-free. In each layer adapter i's prototype v_i is the top right singular vector of its update B_i A_i
-    (unit norm; its sign does not matter): a token with input x scores every adapter by |x . v_i|, keeps the top_k,
-    and mixes those with softmax(score / temperature) (the others get 0):
-
-        y = W x + sum_i g_i(x) s_i B_i A_i x,   g(x) = softmax_topk(|V x| / temperature)
-
-    The same rule as PEFT's ArrowLoraLinearLayer (scores from the input as the layer receives it, not normalised),
-    but exact prototypes (`arrow_prototypes`) where PEFT runs 15 power iterations from a random start (the same
-    vector, up to sign, when the top singular value stands clear of the second), and any ranks."""
-    prototypes: torch.Tensor   # (N, d_in)
-    top_k: int
-    temperature: float
-
-    def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., N) gates for inputs x (..., d_in)."""
-        scores = (x.to(self.prototypes.dtype) @ self.prototypes.T).abs()
-        top, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
-        return torch.softmax(torch.full_like(scores, float("-inf")).scatter(-1, index, top) / self.temperature, -1)
-
-
-def arrow_prototypes(A: list, B: list) -> torch.Tensor:
-    """(N, d_in) in float64: the top right singular vector of each B_i A_i, without forming it. With the thin QR
-    A_i^T = Q R, B_i A_i = (B_i R^T) Q^T; if B_i R^T = U S V^T (d_out x r_i, small), B_i A_i = U S (Q V)^T, so its
-    right singular vectors are the columns of Q V: v_1 = Q V[:, 0]."""
-    rows = []
-    for a, b in zip(A, B):
-        Q, R = torch.linalg.qr(a.detach().double().T)
-        _, _, Vh = torch.linalg.svd(b.detach().double() @ R.T, full_matrices=False)
-        rows.append(Q @ Vh[0])
-    return torch.stack(rows)
-
-
-def model_prototypes(model: nn.Module) -> list:
-    """Every LoRA layer's Arrow prototypes (`arrow_prototypes`, in the layer's factor dtype), in lora_layers order."""
-    return [arrow_prototypes(layer.A, layer.B).to(layer.factor_dtype) for layer in lora_layers(model).values()]
-
-
-@contextlib.contextmanager
-def arrow_routing(model: nn.Module, top_k: int, temperature: float, prototypes: list | None = None):
-    """Within the block every LoRA layer gates its adapters per token by Arrow (`Arrow`), with `prototypes` (from
-    `model_prototypes`; computed from the adapters the layers hold now when None). Inside `routing(model)` each
-    layer also records its top choice at the prompt's last position (`route_decisions`), for the routing report."""
-    layers = list(lora_layers(model).values())
-    if not layers or any(len(layer.A) == 0 for layer in layers):
-        raise BadInput("Arrow routes between adapters: inject(model, targets) and add_adapter them first")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise BadInput(f"Arrow top_k={top_k!r}: give a whole number >= 1")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise BadInput(f"Arrow temperature={temperature!r}: give a number > 0")
-    prototypes = prototypes or model_prototypes(model)
-    if [tuple(v.shape) for v in prototypes] != [(len(layer.A), layer.base.in_features) for layer in layers]:
-        raise BadInput("Arrow prototypes of another model or other adapters: compute them with model_prototypes(model)")
-    for layer, v in zip(layers, prototypes):
-        layer.arrow = Arrow(v, top_k, float(temperature))
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.arrow = None
 
 
 def hook_distinct_inputs(modules: list, new, same) -> list:

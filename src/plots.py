@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # headless: the notebook shows the saved figures inline a
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import peft_files
 from . import lora  # noqa: E402
 from . import merges  # noqa: E402
 from .layout import ordered  # noqa: E402
@@ -166,7 +167,7 @@ def load_adapters(adapters_root: Path, model: str, tasks: list[str]) -> dict | N
     folder = Path(adapters_root, model)
     if not all((folder / t / "adapter_model.safetensors").exists() for t in tasks):
         return None
-    return {t: lora.load_adapter(folder / t) for t in tasks}
+    return {t: peft_files.load_adapter(folder / t) for t in tasks}
 
 
 def frobenius_inner(a: lora.Lora, b: lora.Lora) -> float:

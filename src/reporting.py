@@ -273,7 +273,7 @@ def write_summary(out: Path, analyses: Analyses | None = None):
 
 
 def control_table(out: Path, found: dict) -> str:
-    """Each merge of random LoRAs (`<N>-task/random-loras/`, lora.random_like) beside the same merge of the trained
+    """Each merge of random LoRAs (`<N>-task/random-loras/`, control.random_like) beside the same merge of the trained
     LoRAs: normalized to the trained single, and the paired difference, on the same resampled rows."""
     single = found.get("single")
     if single is None or "stats" not in single:

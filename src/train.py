@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from torch import nn
 
+from . import peft_files
 from . import lora
 from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
@@ -353,7 +354,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
         lora.remove(model)
         model.eval()
     if acc.is_main_process:
-        lora.save_adapter(adapter, out_dir, cfg.targets)
+        peft_files.save_adapter(adapter, out_dir, cfg.targets)
         provenance.write_record(out_dir, {
             "task": cfg.task, "base_model": cfg.model, "preset": cfg.preset, "source": provenance.data_source(task, cfg.data),
             "rows": {"train": [0, len(train_rows)], "validation": [len(train_rows), len(train_rows) + len(val_rows)]},

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tiny_qwen2
+from src import arrow, control, peft_files
 from src import lora
 from src import merges
 
@@ -138,7 +139,7 @@ def test_our_adapter_loads_in_peft_with_same_logits(tmp_path):
     adapter = random_adapter(ours, 8, 16, gen)
     adapter.modules["model.layers.1.self_attn.v_proj"] = random_lora(64, 32, 4, 0.5, gen, torch.float32)  # rank 4
     lora.add_adapter(ours, adapter)
-    lora.save_adapter(adapter, tmp_path / "a")
+    peft_files.save_adapter(adapter, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["rank_pattern"] == {"model.layers.1.self_attn.v_proj": 4}
     peft_model = PeftModel.from_pretrained(tiny_qwen2(), tmp_path / "a").eval()
@@ -157,7 +158,7 @@ def test_peft_trained_adapter_loads_in_ours_with_same_logits(tmp_path):
         if "lora_B" in n:
             p.data.normal_(0, 0.05)  # as if trained: B is no longer zero
     peft_model.eval().save_pretrained(tmp_path / "p")
-    adapter = lora.load_adapter(tmp_path / "p")
+    adapter = peft_files.load_adapter(tmp_path / "p")
     assert len(adapter.modules) == 6 and {lo.scale for lo in adapter.modules.values()} == {3.0}
     ours = tiny_qwen2()
     lora.inject(ours, targets=("q_proj", "v_proj", "down_proj"))
@@ -168,13 +169,13 @@ def test_peft_trained_adapter_loads_in_ours_with_same_logits(tmp_path):
 
 def test_load_errors_are_clear(tmp_path, tiny_model):
     with pytest.raises(FileNotFoundError, match="missing adapter file .*create it with `python train.py`"):
-        lora.load_adapter(tmp_path / "none", hint="python train.py")
+        peft_files.load_adapter(tmp_path / "none", hint="python train.py")
     lora.inject(tiny_model)
     adapter = random_adapter(tiny_model, 4, 8, torch.Generator().manual_seed(0))
-    lora.save_adapter(adapter, tmp_path / "a")
+    peft_files.save_adapter(adapter, tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt adapter"):
-        lora.load_adapter(tmp_path / "a")
+        peft_files.load_adapter(tmp_path / "a")
     other = tiny_qwen2(hidden=32)
     lora.inject(other)
     with pytest.raises(ValueError, match=r"does not fit module model.layers.0.self_attn.q_proj: A \(4, 64\)"):
@@ -375,8 +376,8 @@ def test_random_like_keeps_each_modules_norms_ranks_and_scales_and_nothing_else(
     gen = torch.Generator().manual_seed(8)
     trained = lora.Adapter({f"m{i}.q_proj": random_lora(40 + i, 30, r, s, gen)
                             for i, (r, s) in enumerate([(3, 2.0), (5, 0.5), (2, 4.0)])}, "tiny")
-    noise = lora.random_like(trained, torch.Generator().manual_seed(1))
-    assert lora.random_like(trained, torch.Generator().manual_seed(1)).modules["m0.q_proj"].A.equal(
+    noise = control.random_like(trained, torch.Generator().manual_seed(1))
+    assert control.random_like(trained, torch.Generator().manual_seed(1)).modules["m0.q_proj"].A.equal(
         noise.modules["m0.q_proj"].A)
     for name, t in trained.modules.items():
         n = noise.modules[name]
@@ -397,7 +398,7 @@ def test_arrow_prototypes_and_gates_against_a_dense_reference():
     d_in, d_out, ranks, scales = 12, 9, (3, 5, 2), (2.0, 0.5, 1.5)
     loras = [random_lora(d_in, d_out, r, s, gen) for r, s in zip(ranks, scales)]
     dense = [(f.scale * f.B @ f.A).numpy() for f in loras]
-    protos = lora.arrow_prototypes([f.A for f in loras], [f.B for f in loras]).numpy()
+    protos = arrow.arrow_prototypes([f.A for f in loras], [f.B for f in loras]).numpy()
     for v, d in zip(protos, dense):
         top = np.linalg.svd(d)[2][0]
         assert min(np.abs(v - top).max(), np.abs(v + top).max()) < 1e-10
@@ -407,7 +408,7 @@ def test_arrow_prototypes_and_gates_against_a_dense_reference():
     x = torch.randn(2, 5, d_in, generator=gen, dtype=torch.float64)
     W, b = layer.base.weight.detach().numpy(), layer.base.bias.detach().numpy()
     for top_k, temperature in ((1, 1.0), (2, 0.3), (3, 4.0)):
-        layer.arrow = lora.Arrow(torch.tensor(protos), top_k, temperature)
+        layer.arrow = arrow.Arrow(torch.tensor(protos), top_k, temperature)
         with torch.no_grad():
             got = layer(x).numpy()
         for token, out in zip(x.reshape(-1, d_in).numpy(), got.reshape(-1, d_out)):
@@ -434,17 +435,17 @@ unit vectors in an entry, so they route some tokens differently), top_k 2, tempe
     adapters = [random_adapter(ours, 4, 8, gen, std=0.3) for _ in range(3)]
     for i, a in enumerate(adapters):
         lora.add_adapter(ours, a)
-        lora.save_adapter(a, tmp_path / f"a{i}")
+        peft_files.save_adapter(a, tmp_path / f"a{i}")
     peft_model = create_arrow_model(tiny_qwen2(), [str(tmp_path / f"a{i}") for i in range(3)],
                                     ArrowConfig(top_k=2, router_temperature=0.7)).eval()
     x = ids()
     with torch.no_grad():
         peft_model(x)  # builds PEFT's own prototypes, then ours replace them
         for name, layer in lora.lora_layers(ours).items():
-            arrow = peft_model.base_model.model.get_submodule(name).lora_arrow["arrow_router"]
-            arrow.prototypes = lora.arrow_prototypes(layer.A, layer.B).float()
+            router = peft_model.base_model.model.get_submodule(name).lora_arrow["arrow_router"]
+            router.prototypes = arrow.arrow_prototypes(layer.A, layer.B).float()
         want = peft_model(x).logits
-        with lora.arrow_routing(ours, top_k=2, temperature=0.7):
+        with arrow.arrow_routing(ours, top_k=2, temperature=0.7):
             got = ours(x).logits
         assert not torch.allclose(got, ours(x).logits)  # routing changed the output (outside: all adapters at 1)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -453,14 +454,14 @@ unit vectors in an entry, so they route some tokens differently), top_k 2, tempe
 def test_arrow_routing_refuses_what_it_cannot_use():
     model = tiny_qwen2()
     with pytest.raises(ValueError, match="Arrow routes between adapters"):
-        with lora.arrow_routing(model, 1, 1.0):
+        with arrow.arrow_routing(model, 1, 1.0):
             pass
     lora.inject(model)
     lora.add_adapter(model, random_adapter(model, 2, 4, torch.Generator().manual_seed(1)))
     for top_k, temperature, message in ((0, 1.0, "top_k=0"), (True, 1.0, "top_k=True"), (1, 0.0, "temperature=0.0"),
                                         (1, float("nan"), "temperature=nan")):
         with pytest.raises(ValueError, match=message):
-            with lora.arrow_routing(model, top_k, temperature):
+            with arrow.arrow_routing(model, top_k, temperature):
                 pass
     assert all(layer.arrow is None for layer in lora.lora_layers(model).values())
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import save_tiny_model
+from src import peft_files
 from src import cli, lora, merge_fit, merges, provenance, registry
 from src.data import load_rows
 from src.models import load_model
@@ -39,7 +40,7 @@ def make_adapter(folder: Path, model, rank: int, seed: int, rslora: bool = False
     modules = {name: lora.Lora(torch.randn(rank, m.in_features, generator=g) * 0.3,
                                torch.randn(m.out_features, rank, generator=g) * 0.3, alpha / rank)
                for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets}
-    lora.save_adapter(lora.Adapter(modules, "tiny"), folder)
+    peft_files.save_adapter(lora.Adapter(modules, "tiny"), folder)
     if rslora:
         config = json.loads((folder / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
@@ -52,7 +53,7 @@ def adapters(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("adapters")
     folders = [make_adapter(root / "a", model[0], 4, 1), make_adapter(root / "b", model[0], 2, 2, rslora=True),
                make_adapter(root / "c", model[0], 4, 3)]
-    b = lora.load_adapter(folders[1])
+    b = peft_files.load_adapter(folders[1])
     assert all(f.scale == pytest.approx(8.0 / 2 ** 0.5) for f in b.modules.values())  # rsLoRA read as such
     return folders
 
@@ -113,7 +114,7 @@ def test_the_grid_is_chosen_on_the_users_rows(tiny_dir, model, adapters, tmp_pat
                                                        "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
     # each candidate's loss is the mean over the files of the target-token loss, as computed here independently
     # (float32 forwards, batched there and one row at a time here: agreement to 1e-5 relative)
-    loaded = [lora.load_adapter(a) for a in adapters[:2]]
+    loaded = [peft_files.load_adapter(a) for a in adapters[:2]]
     rows = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
     m, tokenizer = model
     for c in candidates:
@@ -126,7 +127,7 @@ def test_the_grid_is_chosen_on_the_users_rows(tiny_dir, model, adapters, tmp_pat
     _, info = merge_fit.build("task_arithmetic", loaded, data, ROWS)
     assert info["params"] == record["params"]
     assert [c["params"] for c in info["selection"]["candidates"]] == [c["params"] for c in candidates]
-    written, want = lora.load_adapter(out), merges.merge(loaded, "task_arithmetic", **record["params"])
+    written, want = peft_files.load_adapter(out), merges.merge(loaded, "task_arithmetic", **record["params"])
     assert all(torch.allclose(written.modules[n].delta(), want.modules[n].delta(), atol=1e-6) for n in want.modules)
     printed = capsys.readouterr().out
     assert f"lam={record['params']['lam']:g}: {min(c['val_loss'] for c in candidates):.6f}  <- chosen" in printed
@@ -143,7 +144,7 @@ def test_the_grid_is_chosen_on_the_users_rows(tiny_dir, model, adapters, tmp_pat
     _, info = merge_fit.build("ties", loaded, data, 2, {"density": 0.5}, options={"weights": [1.0, 0.5]})
     assert [c["val_loss"] for c in info["selection"]["candidates"]] == \
            [c["val_loss"] for c in record["selection"]["candidates"]]
-    written, want = lora.load_adapter(tmp_path / "ties"), merges.merge(loaded, "ties", weights=[1, 0.5], **record["params"])
+    written, want = peft_files.load_adapter(tmp_path / "ties"), merges.merge(loaded, "ties", weights=[1, 0.5], **record["params"])
     assert all(torch.allclose(written.modules[n].delta(), want.modules[n].delta(), atol=1e-6) for n in want.modules)
 
 
@@ -188,7 +189,7 @@ def test_cat_and_lorahub_learn_on_the_users_rows(tiny_dir, adapters, tmp_path):
     record = json.loads((tmp_path / "cat" / "merge.json").read_text())
     assert record["params"]["rows"] == 4 and record["rows_per_task"] == {str(f): 4 for f in files}
     assert _mean(record["loss_after"]) < _mean(record["loss_before"])
-    loaded, written = [lora.load_adapter(a) for a in adapters[:2]], lora.load_adapter(tmp_path / "cat")
+    loaded, written = [peft_files.load_adapter(a) for a in adapters[:2]], peft_files.load_adapter(tmp_path / "cat")
     for name, alphas in record["alphas"].items():  # the concatenation with the learned weights
         want = lora.concat([a.modules[name] for a in loaded], weights=alphas)
         assert written.modules[name].A.shape[0] == 6 and torch.allclose(written.modules[name].delta(), want.delta(),
@@ -198,8 +199,8 @@ def test_cat_and_lorahub_learn_on_the_users_rows(tiny_dir, adapters, tmp_path):
     record = json.loads((tmp_path / "hub" / "merge.json").read_text())
     assert record["evaluations"] == 7 and record["objective_best"] <= record["objective_start"]
     assert record["params"]["rows"] == 4  # every row of the files (LoraHub's own default would be 5)
-    want = merges.merge([loaded[0], lora.load_adapter(adapters[2])], "weight_sum", weights=record["weights"])
-    written = lora.load_adapter(tmp_path / "hub")
+    want = merges.merge([loaded[0], peft_files.load_adapter(adapters[2])], "weight_sum", weights=record["weights"])
+    written = peft_files.load_adapter(tmp_path / "hub")
     assert all(torch.allclose(written.modules[n].delta(), want.modules[n].delta(), atol=1e-6) for n in want.modules)
 
 
@@ -213,8 +214,8 @@ def test_cat_merges_adapters_of_different_modules_over_their_union(tiny_dir, mod
     merge_adapters.main(["--method", "cat", "--model", str(tiny_dir), "--rows", ",".join(map(str, files)),
                          "--lr", "0.05", "--out", str(tmp_path / "cat"), str(q_only), str(adapters[0])])
     assert "note: the adapters adapt different modules (2 adapted by all, 4 by any)" in capsys.readouterr().out
-    record, written = json.loads((tmp_path / "cat" / "merge.json").read_text()), lora.load_adapter(tmp_path / "cat")
-    a = lora.load_adapter(adapters[0])
+    record, written = json.loads((tmp_path / "cat" / "merge.json").read_text()), peft_files.load_adapter(tmp_path / "cat")
+    a = peft_files.load_adapter(adapters[0])
     assert set(written.modules) == set(a.modules)
     for name, alphas in record["alphas"].items():
         if name.endswith("v_proj"):
@@ -246,7 +247,7 @@ def test_the_merged_model_loads_in_transformers_alone_with_the_merge_folded_in(t
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full")
     ids = torch.tensor([tokenizer("The merged model, served as it is: ### Sentiment:\n").input_ids])
     m = model[0]
-    merged = merges.merge([lora.load_adapter(a) for a in adapters], "ties")
+    merged = merges.merge([peft_files.load_adapter(a) for a in adapters], "ties")
     with torch.no_grad(), lora.folded(m, merged):
         want = m(ids).logits
         same = {n: torch.equal(p, served.state_dict()[n]) for n, p in m.state_dict().items()}
@@ -384,9 +385,9 @@ def test_peft_adapters_of_unequal_ranks_and_targets_merged_on_rows_load_in_peft_
 def test_incompatible_adapters_are_refused_in_one_line(tiny_dir, model, adapters, tmp_path, capsys):
     """Adapters whose modules have other shapes (made for another base model): against each other, and against the
     --model their rows are run on; exit 2, nothing written."""
-    names = lora.load_adapter(adapters[0]).modules
+    names = peft_files.load_adapter(adapters[0]).modules
     other = tmp_path / "other"
-    lora.save_adapter(lora.Adapter({n: lora.Lora(torch.randn(2, 16), torch.randn(24, 2), 1.0) for n in names},
+    peft_files.save_adapter(lora.Adapter({n: lora.Lora(torch.randn(2, 16), torch.randn(24, 2), 1.0) for n in names},
                                    "other"), other)
     err = run_error(["--method", "ties", "--out", str(tmp_path / "o1"), str(adapters[0]), str(other)], capsys)
     assert "different (d_in, d_out) shapes" in err
@@ -418,10 +419,10 @@ def test_regmean_from_the_command_on_the_users_rows(tiny_dir, model, adapters, t
     assert "for the Gram statistics of one input" in err and "raise --memory GB" in err
     assert not (tmp_path / "small").exists()
     m, tokenizer = model
-    loaded = [lora.load_adapter(a) for a in adapters[:2]]
+    loaded = [peft_files.load_adapter(a) for a in adapters[:2]]
     rows = [merge_fit.FileRows.read(f).examples(4, tokenizer, 512)[0] for f in files]
     grams = [merge_fit.gram_matrices(m, a, r, 8, tokenizer.eos_token_id) for a, r in zip(loaded, rows)]
-    written = lora.load_adapter(tmp_path / "rm")
+    written = peft_files.load_adapter(tmp_path / "rm")
     for name, got in written.modules.items():
         want = merges.regmean([a.modules[name] for a in loaded], [g[name] for g in grams], record["params"]["alpha"])
         assert got.A.shape[0] == 6 and torch.allclose(got.delta(), want.delta(), rtol=1e-4, atol=1e-6), name

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
+from src import peft_files
 from src import lora
 from src import merge_fit, provenance, registry
 from src.errors import BadInput
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
         train_lora(cfg, model, tokenizer, root / "adapters" / t)
         (root / "data" / t).mkdir(parents=True)
         shutil.copy(REPO / "data" / t / "train.jsonl", root / "data" / t / "train.jsonl")  # no test.jsonl
-    return model, tokenizer, [lora.load_adapter(root / "adapters" / t) for t in TASKS], root / "data", root / "adapters"
+    return model, tokenizer, [peft_files.load_adapter(root / "adapters" / t) for t in TASKS], root / "data", root / "adapters"
 
 
 @pytest.fixture

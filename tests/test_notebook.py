@@ -6,6 +6,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from src import peft_files
 from src import lora
 from src.reporting import seed_runs, seed_spread
 from src.tasks import SEVEN_TASKS
@@ -22,7 +23,7 @@ def write_random_adapters(folder: Path, layers: int = 3, d: int = 48, r: int = 4
         modules = {f"model.layers.{i}.self_attn.{p}": lora.Lora(torch.randn(r, d, generator=gen) * 0.1,
                                                              torch.randn(d, r, generator=gen) * 0.1, 2.0)
                    for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        lora.save_adapter(lora.Adapter(modules, "smollm2-135m"), folder / "smollm2-135m" / task)
+        peft_files.save_adapter(lora.Adapter(modules, "smollm2-135m"), folder / "smollm2-135m" / task)
 
 
 def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):

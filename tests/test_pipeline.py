@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import save_tiny_model, tiny_qwen2
+from src import peft_files  # noqa: E402
 from src import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,7 +195,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
         modules = {name: lora.Lora(torch.randn(4, m.base.in_features, generator=gen) * 0.05,
                                 torch.randn(m.base.out_features, 4, generator=gen) * 0.05, 2.0)
                    for name, m in layers.items()}
-        lora.save_adapter(lora.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
+        peft_files.save_adapter(lora.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
     train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
                     "--router-epochs", "1", "--root", str(tmp_path)])
 
@@ -203,7 +204,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     assert meta["layers"] == list(layers) and len(meta["heldout_accuracy"]["per_layer"]) == 12
     assert meta["heldout_accuracy"]["n_prompts"] == 4 and len(meta["log"]) == 1  # 8 prompts, one batch of 8
     for task in tasks:
-        lora.add_adapter(model, lora.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
+        lora.add_adapter(model, peft_files.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
     lora.load_routers(model, out, tasks)
     assert [m.router.in_features for m in layers.values()] == ([32] * 5 + [64]) * 2
     x = torch.randint(3, 1000, (3, 9), generator=gen)
@@ -309,15 +310,14 @@ def test_merge_adapters_script_writes_a_peft_adapter(tiny_dir, tmp_path, capsys)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from src import lora
     from src import merges
 
     train_individual_loras.main(["--task", TASKS, "--model", str(tiny_dir), "--max-steps", "3", "--train-rows", "24",
                                  "--val-rows", "4", "--lr", "0.05", "--root", str(tmp_path)])
     folders = [str(tmp_path / "adapters" / "tiny" / t) for t in TASKS.split(",")]
     merge_adapters.main(["--method", "svd", "--rank", "4", "--out", str(tmp_path / "merged"), *folders])
-    merged = lora.load_adapter(tmp_path / "merged")
-    want = merges.merge([lora.load_adapter(f) for f in folders], "svd", rank=4)
+    merged = peft_files.load_adapter(tmp_path / "merged")
+    want = merges.merge([peft_files.load_adapter(f) for f in folders], "svd", rank=4)
     assert all(torch.allclose(merged.modules[n].delta(), want.modules[n].delta()) for n in want.modules)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "merged")
     assert model.peft_config["default"].r == 4

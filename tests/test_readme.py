@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from src import lora
+from src import peft_files
 from src.models import load_model
 from test_merge_adapters import make_adapter, task_rows, write_rows
 
@@ -57,9 +57,9 @@ def test_merge_your_own_adapters_runs_as_written(tiny, tmp_path):
     record = json.loads((tmp_path / "merged-regmean" / "merge.json").read_text())
     assert record["method"] == "regmean" and record["params"]["rows"] == 128   # --select-rows: all 12 of each file
     assert record["gram_rows"]["rows_a.jsonl"]["rows"] == 12
-    merged = lora.load_adapter(tmp_path / "merged-regmean")
+    merged = peft_files.load_adapter(tmp_path / "merged-regmean")
     assert {f.A.shape[0] for f in merged.modules.values()} == {6}   # rank 4 + 2: an exact LoRA
-    small = lora.load_adapter(tmp_path / "merged-regmean-r8")   # rank 8 >= 6: RegMean itself, as the exact LoRA
+    small = peft_files.load_adapter(tmp_path / "merged-regmean-r8")   # rank 8 >= 6: RegMean itself, as the exact LoRA
     assert {f.A.shape[0] for f in small.modules.values()} == {6}
     assert json.loads((tmp_path / "merged-regmean-r8" / "merge.json").read_text())["params"]["rank"] == 8
     fixed = json.loads((tmp_path / "merged-regmean-fixed" / "merge.json").read_text())
@@ -76,7 +76,7 @@ def test_the_python_example_runs_as_written(tiny, tmp_path, monkeypatch):
     assert '"path/to/lora_a", "path/to/lora_b"' in code
     monkeypatch.chdir(tmp_path)
     exec(code.replace("path/to/lora_a", str(a)).replace("path/to/lora_b", str(b)), {})
-    merged, want = lora.load_adapter(tmp_path / "merged-iso-cts"), [lora.load_adapter(p) for p in (a, b)]
+    merged, want = peft_files.load_adapter(tmp_path / "merged-iso-cts"), [peft_files.load_adapter(p) for p in (a, b)]
     from src import merges
 
     expected = merges.merge(want, "iso_cts")
