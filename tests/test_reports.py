@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from src import reporting
+from src.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,3 +165,30 @@ def test_the_seed_table_is_each_seeds_own_normalized_score_with_its_mean_spread_
     fig = plots.fig_seeds(tmp_path)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == sorted(
         ["moa *", "svd", "regmean", "iso_cts *"], key=lambda label: -reporting.seed_spread(tmp_path)[label.split()[0]]["mean"])
+
+
+def test_the_normalized_score_figure_shows_the_committed_scores():
+    """The front page's figure (plots.fig_normalized), read back from its bars: one bar per method scored on every
+    task, in table order, as high as the method's normalized score recomputed here from its per-task metrics and
+    single's (the mean over tasks of metric / single's), and the paper's bar beside it."""
+    from src import plots
+    from src.metrics import normalized_score
+
+    results = plots.load_results(ROOT / "results", "smollm2-135m")
+    fig = plots.fig_normalized(results)
+    for ax, n in zip(fig.axes, sorted(results)):
+        methods = [t.get_text() for t in ax.get_xticklabels()]
+        found = results[n]
+        tasks = found["single"]["tasks"]
+        assert methods == [m for m in found if set(found[m]["metrics"]) == set(tasks)] and "regmean" in methods
+        ours, paper = [c for c in ax.containers if type(c).__name__ == "BarContainer"]   # ours, then the paper's
+        for bar, m in zip(ours.patches, methods):
+            ratios = [found[m]["primary"][t] / found["single"]["primary"][t] for t in tasks
+                      if found["single"]["primary"][t]]
+            want = normalized_score(found[m]["metrics"], found["single"]["metrics"],
+                                    {t: get_task(t).primary for t in tasks})["mean"]
+            assert bar.get_height() == pytest.approx(want, rel=1e-12) and want == pytest.approx(
+                sum(ratios) / len(ratios), rel=1e-9), (n, m)
+        paper_scores = reporting.paper_normalized(tasks)["Qwen2-1.5B"]
+        for bar, m in zip(paper.patches, methods):
+            assert bar.get_height() == pytest.approx(paper_scores.get(m) or 0, rel=1e-12), (n, m)
