@@ -309,7 +309,7 @@ def run_method(method: str, run: Run) -> dict:
         if method in ("single", "moa", "arrow"):
             lora.inject(model, sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules}))
             for t in tasks:
-                lora.add_adapter(model, adapters[t])
+                lora.add_adapter(model, adapters[t], name=t)
             if method == "moa":
                 lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
                                   hint=moa_command(cfg.model, cfg.preset, tasks))
@@ -331,7 +331,7 @@ def run_method(method: str, run: Run) -> dict:
                 label = majority_class(task, cfg.data)
                 texts, task_routes = [task.answer(r, label) for r in rows[t]], None
             else:
-                gate = F.one_hot(torch.tensor(k), len(tasks)).float().to(model.device) if method == "single" else None
+                gate = lora.one_hot(model, t) if method == "single" else None
                 with lora.gated(model, gate):
                     texts, task_routes = generate(model, tokenizer, prompts[t],
                                                   min(task.max_new_tokens, cfg.max_new_tokens), cfg.batch_size,

@@ -70,6 +70,7 @@ class LoraLinear(nn.Module):
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         self.scales: list[float] = []
+        self.names: list[str] = []                  # each adapter's name (its task): gates and routers index them
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.gate: torch.Tensor | None = None      # (N,) or (batch, N); None means every adapter with weight 1
         self.router: nn.Linear | None = None        # MoA: logits over the N adapters from this layer's input
@@ -85,7 +86,8 @@ class LoraLinear(nn.Module):
         """float32, or float64 on a float64 base: never below float32 (see the module docstring)."""
         return torch.promote_types(self.base.weight.dtype, torch.float32)
 
-    def add(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool):
+    def add(self, A: torch.Tensor, B: torch.Tensor, scale: float, trainable: bool, name: str | None = None):
+        self.names.append(str(len(self.names)) if name is None else name)
         where = dict(device=self.base.weight.device, dtype=self.factor_dtype)
         self.A.append(nn.Parameter(A.to(**where), requires_grad=trainable))
         self.B.append(nn.Parameter(B.to(**where), requires_grad=trainable))
@@ -213,23 +215,43 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, alpha: float = 16,
-                trainable: bool = False, generator: torch.Generator | None = None) -> int:
-    """Add `adapter` to every LoRA layer (or a fresh one: A Kaiming-uniform drawn from `generator`, B zeros);
-    returns its index."""
+                trainable: bool = False, generator: torch.Generator | None = None, name: str | None = None) -> str:
+    """Add `adapter` to every LoRA layer (or a fresh one: A Kaiming-uniform drawn from `generator`, B zeros) under
+    `name` (its task; default: its position, "0", "1", ...); returns the name, by which gates, routers and
+    `get_adapter` address it."""
     layers = lora_layers(model)
     if not layers:
         raise BadInput("the model has no LoRA layers: call inject(model, targets) first")
     if adapter is not None:
         check_fits(model, adapter)
-    for name, layer in layers.items():
+    held = adapter_names(model)
+    name = str(len(held)) if name is None else name
+    if name in held:
+        raise BadInput(f"the model already holds an adapter named {name!r}: give each adapter its own name")
+    for module, layer in layers.items():
         if adapter is None:
             A = torch.empty(r, layer.base.in_features, dtype=layer.factor_dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as loralib and PEFT
-            layer.add(A, torch.zeros(layer.base.out_features, r), alpha / r, trainable)
+            layer.add(A, torch.zeros(layer.base.out_features, r), alpha / r, trainable, name)
         else:
-            lora = adapter.modules[name]
-            layer.add(lora.A, lora.B, lora.scale, trainable)
-    return len(next(iter(layers.values())).A) - 1
+            lora = adapter.modules[module]
+            layer.add(lora.A, lora.B, lora.scale, trainable, name)
+    return name
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters the LoRA layers hold, in the order of the gates' and routers' columns."""
+    layers = lora_layers(model)
+    return list(next(iter(layers.values())).names) if layers else []
+
+
+def one_hot(model: nn.Module, name: str) -> torch.Tensor:
+    """The gate that runs adapter `name` alone (single): 1 in its column, 0 elsewhere."""
+    names = adapter_names(model)
+    if name not in names:
+        raise BadInput(f"no adapter named {name!r} in the model: it holds {', '.join(names) or 'none'}")
+    device = next(iter(lora_layers(model).values())).base.weight.device
+    return F.one_hot(torch.tensor(names.index(name)), len(names)).float().to(device)
 
 
 def check_fits(model: nn.Module, adapter: Adapter):
@@ -247,9 +269,14 @@ def check_fits(model: nn.Module, adapter: Adapter):
                            f"for a Linear of in {base.in_features}, out {base.out_features}")
 
 
-def get_adapter(model: nn.Module, index: int = -1, base_model: str = "") -> Adapter:
-    return Adapter({name: Lora(layer.A[index].detach().clone(), layer.B[index].detach().clone(), layer.scales[index])
-                    for name, layer in lora_layers(model).items()}, base_model)
+def get_adapter(model: nn.Module, name: str, base_model: str = "") -> Adapter:
+    """A copy of adapter `name`'s factors in every LoRA layer."""
+    names = adapter_names(model)
+    if name not in names:
+        raise BadInput(f"no adapter named {name!r} in the model: it holds {', '.join(names) or 'none'}")
+    i = names.index(name)
+    return Adapter({module: Lora(layer.A[i].detach().clone(), layer.B[i].detach().clone(), layer.scales[i])
+                    for module, layer in lora_layers(model).items()}, base_model)
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -486,6 +513,9 @@ def router_loss(routers: nn.ModuleList, features: list[torch.Tensor], where: lis
 
 
 def save_routers(model: nn.Module, folder, tasks: list[str], base_model: str, extra: dict | None = None):
+    """The routers of every LoRA layer, over the adapters the model holds, which are `tasks` (in that order)."""
+    if adapter_names(model) != list(tasks):
+        raise ValueError(f"routers over adapters {adapter_names(model)} saved as routers over {list(tasks)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = lora_layers(model)
@@ -497,7 +527,8 @@ def save_routers(model: nn.Module, folder, tasks: list[str], base_model: str, ex
 
 
 def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> dict:
-    """Load routers trained over `tasks` (in that order) into a model holding those tasks' adapters."""
+    """Load routers trained over `tasks` into a model holding those tasks' adapters (by name, in any order: each
+    router's logits are put in the order the model holds the adapters)."""
     folder = Path(folder)
     for p in (folder / "routers.json", folder / "routers.safetensors"):
         if not p.exists():
@@ -512,6 +543,11 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
     layers = lora_layers(model)
     if meta["layers"] != list(layers):
         raise BadInput(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")
+    held = adapter_names(model)
+    if sorted(held) != sorted(meta["tasks"]):
+        raise BadInput(f"routers in {folder} route between adapters {meta['tasks']}, the model holds {held}: "
+                       "add_adapter each of them, named by its task")
+    order = [meta["tasks"].index(n) for n in held]   # a router's logit per adapter, in the order the model holds them
     routers = make_routers(model, len(tasks))
     for name, router in zip(layers, routers):
         saved = tensors.get(f"{name}.router.weight")
@@ -521,7 +557,7 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
                            f"{tuple(router.weight.shape)}): train them again for this model")
     with torch.no_grad():
         for name, router in zip(layers, routers):
-            router.weight.copy_(tensors[f"{name}.router.weight"])
-            router.bias.copy_(tensors[f"{name}.router.bias"])
+            router.weight.copy_(tensors[f"{name}.router.weight"][order])
+            router.bias.copy_(tensors[f"{name}.router.bias"][order])
     attach_routers(model, routers)
     return meta

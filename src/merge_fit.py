@@ -194,8 +194,8 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
     started = time.perf_counter()
     lora.inject(model, _targets(adapters))
     try:
-        for a in adapters:
-            lora.add_adapter(model, a)
+        for t, a in zip(data.tasks, adapters):
+            lora.add_adapter(model, a, name=t)
         layers = lora.lora_layers(model)
         alphas = {}
         for name, layer in layers.items():  # a plain tensor gate: rank_weights reads it, autograd follows it

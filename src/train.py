@@ -294,7 +294,8 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
     torch.manual_seed(seed)
     lora.inject(model, cfg.targets)
     try:
-        lora.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True, generator=torch.Generator().manual_seed(seed))
+        lora.add_adapter(model, r=cfg.r, alpha=cfg.alpha, trainable=True, generator=torch.Generator().manual_seed(seed),
+                         name=cfg.task)
         model.train()
         optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=cfg.lr)
         state = {"step": 0, "best_val": None, "bad": 0, "log": [], "stopped": False, "config": asdict(cfg)}
@@ -348,7 +349,7 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
         with torch.no_grad():
             for i, p in enumerate(lora.adapter_parameters(model)):
                 p.copy_(best[str(i)])
-        adapter = lora.get_adapter(model, 0, base_model=cfg.model)
+        adapter = lora.get_adapter(model, cfg.task, base_model=cfg.model)
     finally:
         acc.free_memory()
         lora.remove(model)
@@ -523,7 +524,7 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     lora.inject(model, targets)
     try:
         for t in union:
-            lora.add_adapter(model, adapters[t])
+            lora.add_adapter(model, adapters[t], name=t)
         features, where = router_features(model, items, tokenizer.eos_token_id, cfg.router_batch_size, acc)
         if heldout_items:
             heldout_features, _ = router_features(model, heldout_items, tokenizer.eos_token_id, cfg.router_batch_size,
@@ -543,7 +544,7 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
             lora.inject(model, targets)
             try:
                 for t in tasks:
-                    lora.add_adapter(model, adapters[t])
+                    lora.add_adapter(model, adapters[t], name=t)
                 routers = lora.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
                 log = train_router_set(cfg, rows_of(tasks, items, features), routers, f"routers {len(tasks)} tasks",
                                        rows_of(tasks, heldout_items, heldout_features) if heldout_items else None)

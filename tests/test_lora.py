@@ -12,6 +12,7 @@ from conftest import tiny_qwen2
 from src import arrow, control, peft_files
 from src import lora
 from src import merges
+from src.errors import BadInput
 
 
 def random_lora(d_in, d_out, r, scale, gen, dtype=torch.float64):
@@ -201,8 +202,8 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     model = tiny_qwen2()
     lora.inject(model)
     adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
-    for a in adapters:
-        lora.add_adapter(model, a)
+    for name, a in zip("abc", adapters):
+        lora.add_adapter(model, a, name=name)
     routers = lora.make_routers(model, 3)
     lora.attach_routers(model, routers)
     opt = torch.optim.AdamW(routers.parameters(), lr=1e-2)
@@ -237,8 +238,8 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
     lora.save_routers(model, tmp_path / "moa", ["a", "b", "c"], "tiny")
     fresh = tiny_qwen2()
     lora.inject(fresh)
-    for a in adapters:
-        lora.add_adapter(fresh, a)
+    for name, a in zip("abc", adapters):
+        lora.add_adapter(fresh, a, name=name)
     with pytest.raises(ValueError, match=r"trained for tasks \['a', 'b', 'c'\], not \['a', 'c', 'b'\]"):
         lora.load_routers(fresh, tmp_path / "moa", ["a", "c", "b"])
     lora.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
@@ -246,8 +247,8 @@ def test_moa_router_learns_tasks_and_routes_each_sample_on_its_own(tmp_path):
         assert torch.allclose(fresh(x).logits, mixed, atol=1e-6)
     narrow = tiny_qwen2(hidden=32)  # the same layer names, another width: one line, not a copy_ error
     lora.inject(narrow)
-    for _ in adapters:
-        lora.add_adapter(narrow, random_adapter(narrow, 2, 4, torch.Generator().manual_seed(3)))
+    for name in "abc":
+        lora.add_adapter(narrow, random_adapter(narrow, 2, 4, torch.Generator().manual_seed(3)), name=name)
     with pytest.raises(ValueError, match=r"do not fit layer model.layers.0.self_attn.q_proj \(router weight \(3, 64\), "
                                          r"the layer needs \(3, 32\)\)"):
         lora.load_routers(narrow, tmp_path / "moa", ["a", "b", "c"])
@@ -261,8 +262,8 @@ def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
     model = tiny_qwen2()  # hidden 64, intermediate 128
     lora.inject(model, targets=lora.ORIGINAL_CODE_TARGETS)
     adapters = [random_adapter(model, 4, 8, gen, std=0.2) for _ in range(3)]
-    for a in adapters:
-        lora.add_adapter(model, a)
+    for name, a in zip("abc", adapters):
+        lora.add_adapter(model, a, name=name)
     widths = [layer.base.in_features for layer in lora.lora_layers(model).values()]
     assert widths == ([64] * 5 + [128]) * 2  # q, k, v, gate, up, down per decoder layer
     routers = lora.make_routers(model, 3, generator=gen)
@@ -293,11 +294,24 @@ def test_moa_on_attention_and_mlp_targets_reads_each_layers_own_width(tmp_path):
     assert saved["model.layers.0.mlp.up_proj.router.weight"].shape == (3, 64)
     fresh = tiny_qwen2()
     lora.inject(fresh, targets=lora.ORIGINAL_CODE_TARGETS)
-    for a in adapters:
-        lora.add_adapter(fresh, a)
+    for name, a in zip("abc", adapters):
+        lora.add_adapter(fresh, a, name=name)
     lora.load_routers(fresh, tmp_path / "moa", ["a", "b", "c"])
     with torch.no_grad(), lora.routing(fresh):
         assert torch.equal(fresh(x).logits, logits)
+    # adapters are addressed by name: held in another order, the routers' logits follow them and route alike
+    shuffled = tiny_qwen2()
+    lora.inject(shuffled, targets=lora.ORIGINAL_CODE_TARGETS)
+    for k in (2, 0, 1):
+        lora.add_adapter(shuffled, adapters[k], name="abc"[k])
+    lora.load_routers(shuffled, tmp_path / "moa", ["a", "b", "c"])
+    with torch.no_grad(), lora.routing(shuffled):
+        assert torch.allclose(shuffled(x).logits, logits, rtol=1e-5, atol=1e-6)
+        names = lora.adapter_names(shuffled)
+        routed = [[names[i] for i in row] for row in lora.route_decisions(shuffled).tolist()]
+    with torch.no_grad(), lora.routing(fresh):
+        fresh(x)
+        assert routed == [["abc"[i] for i in row] for row in lora.route_decisions(fresh).tolist()]
         assert torch.equal(lora.route_decisions(fresh), decisions)
 
 
@@ -502,3 +516,24 @@ def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
                      train, stopped, "test")
     for a, b in zip(chosen.parameters(), stopped.parameters()):
         assert torch.equal(a, b)
+
+
+def test_adapters_are_addressed_by_name():
+    """add_adapter names an adapter (its task); get_adapter and the single gate take the name, not a position; a
+    name twice or an unknown name is a one-line error."""
+    model = tiny_qwen2()
+    lora.inject(model)
+    gen = torch.Generator().manual_seed(4)
+    adapters = {t: random_adapter(model, r, 8, gen) for t, r in (("qa", 2), ("nli", 4))}
+    for t, a in adapters.items():
+        assert lora.add_adapter(model, a, name=t) == t
+    assert lora.adapter_names(model) == ["qa", "nli"]
+    for t, a in adapters.items():
+        got = lora.get_adapter(model, t)
+        assert all(torch.equal(got.modules[m].A, a.modules[m].A) for m in a.modules)
+    assert lora.one_hot(model, "nli").tolist() == [0.0, 1.0]
+    with pytest.raises(BadInput, match="already holds an adapter named 'qa'"):
+        lora.add_adapter(model, adapters["qa"], name="qa")
+    for call in (lambda: lora.get_adapter(model, "sentiment"), lambda: lora.one_hot(model, "sentiment")):
+        with pytest.raises(BadInput, match="no adapter named 'sentiment' in the model: it holds qa, nli"):
+            call()

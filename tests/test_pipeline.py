@@ -204,7 +204,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     assert meta["layers"] == list(layers) and len(meta["heldout_accuracy"]["per_layer"]) == 12
     assert meta["heldout_accuracy"]["n_prompts"] == 4 and len(meta["log"]) == 1  # 8 prompts, one batch of 8
     for task in tasks:
-        lora.add_adapter(model, peft_files.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)))
+        lora.add_adapter(model, peft_files.load_adapter(adapter_dir(tmp_path, str(tiny_dir), task)), name=task)
     lora.load_routers(model, out, tasks)
     assert [m.router.in_features for m in layers.values()] == ([32] * 5 + [64]) * 2
     x = torch.randint(3, 1000, (3, 9), generator=gen)
@@ -457,8 +457,8 @@ def test_each_task_starts_from_its_own_draw_and_a_rerun_is_bit_identical(tiny_di
     fresh = {}
     for t in ("sentiment", "nli"):
         lora.inject(model)
-        lora.add_adapter(model, r=8, alpha=16, generator=torch.Generator().manual_seed(task_seed(0, t)))
-        fresh[t] = lora.get_adapter(model).modules["model.layers.0.self_attn.q_proj"].A
+        lora.add_adapter(model, r=8, alpha=16, generator=torch.Generator().manual_seed(task_seed(0, t)), name=t)
+        fresh[t] = lora.get_adapter(model, t).modules["model.layers.0.self_attn.q_proj"].A
         lora.remove(model)
     cosine = F.cosine_similarity(fresh["sentiment"].flatten(), fresh["nli"].flatten(), dim=0)
     assert abs(cosine) < 0.2  # independent draws (the same seed would give 1.0)
