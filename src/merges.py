@@ -633,8 +633,3 @@ def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:
     """RegMean of one module from each task's Gram matrix G_i (the formula: regmean_solve)."""
     stats, projected = regmean_statistics(loras, grams)
     return regmean_solve(loras, stats, projected, alpha)
-
-
-def merge_loras(loras: list[Lora], method: str, **kwargs) -> Lora:
-    """`merge` for one module: the task LoRAs of that module in, the merged LoRA out."""
-    return merge([Adapter({"m": factors}) for factors in loras], method, **kwargs).modules["m"]
