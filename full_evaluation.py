@@ -43,9 +43,10 @@ def main(argv=None):
     p.add_argument("--no-reuse", action="store_true",
                    help="recompute base/single even where another task set's run with the same settings has them")
     args = p.parse_args(argv)
-    task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods, args.rank)
+    merge_params = parse_merge_params(args.set)
+    task_list, methods = parse_tasks(args.tasks), parse_methods(args.methods, args.rank, merge_params)
     cfg = make_eval_config(args.preset, {**cli.config_flags(args, "tasks", "methods", "set", "no_reuse", "rank"),
-                                         "merge_params": parse_merge_params(args.set)})
+                                         "merge_params": {m: p for m, p in merge_params.items() if p}})
     accelerator = make_accelerator()
     evaluate(cfg, task_list, methods, root=args.root, reuse=not args.no_reuse, accelerator=accelerator)
     if accelerator.is_main_process:

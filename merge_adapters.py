@@ -154,7 +154,7 @@ def rows_per_adapter(args: argparse.Namespace, sources: dict) -> int | None:
 
 def describe(name: str, info: dict) -> list[str]:
     """What was chosen or learned, and on which rows, for the terminal."""
-    lines = []
+    lines = [f"{name}: one LoRA of rank {info['rank']} (truncated)"] if info.get("rank") else []
     if "selection" in info:
         grid = [k for k in info["params"] if any(c["params"][k] != info["selection"]["candidates"][0]["params"][k]
                                                  for c in info["selection"]["candidates"])]
@@ -173,7 +173,7 @@ def describe(name: str, info: dict) -> list[str]:
                      f"{info['loss_best']:.6f}")
         where = info["rows"]
     else:
-        return [f"{name}: {', '.join(f'{k}={v}' for k, v in info['params'].items()) or 'no parameters'}"]
+        return lines + [f"{name}: {', '.join(f'{k}={v}' for k, v in info['params'].items()) or 'no parameters'}"]
     lines.append(f"{'chosen' if 'selection' in info else 'parameters'}: "
                  f"{', '.join(f'{k}={v}' for k, v in info['params'].items())}")
     lines += [f"  rows of {n}: " + (f"{w['rows']} of {w['of']} (lines {w['lines'][0]}-{w['lines'][1]}, sha256 "

@@ -100,33 +100,43 @@ def parse_merge_params(items) -> dict:
         method, dot, param = key.partition(".")
         if not sep or not dot:
             raise BadInput(f"--set {item!r}: write method.param=value, e.g. --set ties.density=0.5")
-        if param == "rank" and "rank" not in registry.get_method(method).params:   # any merge can be truncated
-            out.setdefault(method, {})["rank"] = registry.Param(None, "rank", low=1, kind=int).check(method, param, value)
-            continue
-        if param not in registry.get_method(method).params:
+        known = registry.get_method(method).params
+        if param not in known and param != "rank":   # any merge can be truncated to a rank (parse_methods)
             raise BadInput(f"--set {item!r}: {method} has no parameter {param!r} (it takes "
-                           f"{', '.join(registry.get_method(method).params) or 'none'})")
+                           f"{', '.join(known) or 'none'}, or rank)")
         if param in out.get(method, {}):
             raise BadInput(f"--set {item!r}: {method}.{param} is set twice: give it once")
-        out.setdefault(method, {})[param] = registry.get_method(method).params[param].check(method, param, value)
+        spec = known.get(param) or registry.Param(None, "rank", low=1, kind=int)
+        out.setdefault(method, {})[param] = spec.check(method, param, value)
     return out
 
 
-def parse_methods(names, rank: int | None = None) -> list[str]:
+def parse_methods(names, rank: int | None = None, merge_params: dict | None = None) -> list[str]:
     """--methods: names of ALL_METHODS, `paper` for the thesis's, and rank variants of the merges (`regmean_r8`: the
-    merge truncated to rank 8, merge_fit.build); `rank`: every merge of the list as its rank variant (--rank)."""
+    merge as one LoRA of rank 8, merge_fit.build). A rank given otherwise makes the variant, so that its results
+    are never written under the exact merge's name: `rank` (--rank: every merge of the list) and a `rank` in
+    `merge_params` (--set ties.rank=8, taken out of them). Two different ranks for one merge are refused."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     names = [m for n in names for m in (PAPER_METHODS if n == "paper" else [n])]
     for n in names:
         if n not in ALL_METHODS and not registry.is_merge(n):
             raise BadInput(f"unknown method {n!r}: choose from paper, {', '.join(ALL_METHODS)} (a merge truncated to "
                            "rank k: <merge>_r<k>, e.g. regmean_r8)")
-    if rank is not None:
-        registry.check_rank(rank)
-        if not any(registry.is_merge(n) for n in names):
-            raise BadInput(f"--rank {rank} truncates merges: --methods has none")
-        names = [f"{registry.split_rank(n)[0]}_r{rank}" if registry.is_merge(n) else n for n in names]
-    return list(dict.fromkeys(names))
+    registry.check_rank(rank)
+    if rank is not None and not any(registry.is_merge(n) for n in names):
+        raise BadInput(f"--rank {rank} truncates merges: --methods has none")
+    out = []
+    for n in names:
+        base, suffix = registry.split_rank(n) if registry.is_merge(n) else (n, None)
+        given = {f"--methods {n}": suffix, f"--rank {rank}": rank if registry.is_merge(n) else None,
+                 f"--set {base}.rank": (merge_params or {}).get(base, {}).get("rank")}
+        ranks = {k: r for k, r in given.items() if r is not None}
+        if len(set(ranks.values())) > 1:
+            raise BadInput(f"{base}: two ranks ({', '.join(f'{k}: {r}' for k, r in ranks.items())}): give one")
+        out.append(f"{base}_r{next(iter(ranks.values()))}" if ranks else n)
+    for params in (merge_params or {}).values():
+        params.pop("rank", None)
+    return list(dict.fromkeys(out))
 
 
 def check_routers(root: Path, cfg: EvalConfig, tasks: list[str]):
@@ -262,7 +272,8 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     # needs no record; one that does fails here, before any work, for an adapter without one)
     records = {t: provenance.find_record(adapter_dir(root, cfg.model, t)) for t in adapters}
     for m in methods:
-        if (registry.is_merge(m) and merge_fit.needs_rows(m, cfg.select_rows, (cfg.merge_params or {}).get(m))
+        if (registry.is_merge(m) and merge_fit.needs_rows(m, cfg.select_rows,
+                                                          (cfg.merge_params or {}).get(registry.split_rank(m)[0]))
                 or m == "arrow" and cfg.select_rows > 0):
             for t in tasks:
                 provenance.read_record(adapter_dir(root, cfg.model, t), hint=train_command(cfg.model, cfg.preset, t))

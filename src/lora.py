@@ -225,7 +225,7 @@ def add_adapter(model: nn.Module, adapter: Adapter | None = None, r: int = 8, al
     if adapter is not None:
         check_fits(model, adapter)
     held = adapter_names(model)
-    name = str(len(held)) if name is None else name
+    name = next(str(i) for i in range(len(held), 2 * len(held) + 1) if str(i) not in held) if name is None else name
     if name in held:
         raise BadInput(f"the model already holds an adapter named {name!r}: give each adapter its own name")
     for module, layer in layers.items():
@@ -538,8 +538,9 @@ def load_routers(model: nn.Module, folder, tasks: list[str], hint: str = "") -> 
         tensors = load_file(str(folder / "routers.safetensors"))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise BadInput(f"corrupt routers in {folder} ({str(e).splitlines()[0]}): train them again") from e
-    if meta["tasks"] != list(tasks):
-        raise BadInput(f"routers in {folder} were trained for tasks {meta['tasks']}, not {list(tasks)}")
+    if sorted(meta["tasks"]) != sorted(tasks):
+        raise BadInput(f"routers in {folder} were trained for tasks {meta['tasks']}, not {list(tasks)}: train them "
+                       f"for these tasks (train_moa.py --tasks {','.join(tasks)})")
     layers = lora_layers(model)
     if meta["layers"] != list(layers):
         raise BadInput(f"routers in {folder} do not match the model's LoRA layers (other targets or model?)")

@@ -194,6 +194,8 @@ def cat(adapters: list, data: FitData, rows: int, epochs: int, lr: float, init: 
     started = time.perf_counter()
     lora.inject(model, _targets(adapters))
     try:
+        if len(data.tasks) != len(adapters):
+            raise BadInput(f"{len(adapters)} adapters for the rows of {len(data.tasks)} tasks: give one adapter per task")
         for t, a in zip(data.tasks, adapters):
             lora.add_adapter(model, a, name=t)
         layers = lora.lora_layers(model)

@@ -216,7 +216,7 @@ def tucker2(M, rank: int, tol: float = 1e-6, max_iter: int = 1000):
     U0 (m, p, k) and U1 (m, q, k) maximising sum_i ||U0^T M_i U1||_F^2. Start from the top-k left singular vectors
     of [M_1 ... M_n] and of [M_1^T ... M_n^T]; then alternately U0 <- top-k left singular vectors of
     [M_1 U1 ... M_n U1], U1 <- those of [M_1^T U0 ... M_n^T U0], until the relative reconstruction error,
-    sqrt(| ||M||^2 - ||core||^2 |) / ||M||, changes by less than `tol` (from the second iteration on). Each module
+    sqrt(| ||M||^2 - ||core||^2 |) / ||M||, changes by less than `tol` (compared from the third iteration on). Each module
     iterates on its own (one that has converged stops changing), so the batch does not change any module's result."""
     m, n, p, q = M.shape
     k0, k1 = min(rank, p), min(rank, q)
@@ -227,7 +227,7 @@ def tucker2(M, rank: int, tol: float = 1e-6, max_iter: int = 1000):
     U0 = top(M.transpose(1, 2).reshape(m, p, n * q), k0)
     U1 = top(M.transpose(-1, -2).transpose(1, 2).reshape(m, q, n * p), k1)
     total = M.flatten(1).norm(dim=-1).clamp(min=torch.finfo(M.dtype).tiny)
-    running = torch.ones(m, dtype=torch.bool)
+    running = torch.ones(m, dtype=torch.bool, device=M.device)
     previous = None
     for iteration in range(max_iter):
         new0 = top((M @ U1[:, None]).transpose(1, 2).reshape(m, p, n * k1), k0)
@@ -236,7 +236,7 @@ def tucker2(M, rank: int, tol: float = 1e-6, max_iter: int = 1000):
         U1 = torch.where(running[:, None, None], new1, U1)
         core = (U0.mT[:, None] @ M @ U1[:, None]).flatten(1).norm(dim=-1)
         error = (total ** 2 - core ** 2).abs().sqrt() / total
-        if previous is not None:
+        if iteration > 1:   # as tensorly: the change is first compared at the third iteration
             running &= (previous - error).abs() >= tol
             if not running.any():
                 break

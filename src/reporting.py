@@ -544,7 +544,7 @@ def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
             sets[n] = ({}, {}, {})
     seeds = len(seed_runs(model_dir))
     others = [m for m, v in spread.items() if m not in ROUTED + ("regmean", "svd", "concat", "weight_sum")
-              and len(v["points"]) == seeds]
+              and registry.split_rank(m)[1] is None and len(v["points"]) == seeds]   # exact merges, not rank variants
     best = max(others, key=lambda m: spread[m]["mean"]) if others else None
     rows = [f"| method | 7 tasks, seed 0 [95%] | 7 tasks, mean (SD) over {seeds} seeds | 5 tasks, seed 0 [95%] | "
             "paper Qwen2-1.5B, 7 tasks / 5 tasks |", "|---|---|---|---|---|"]

@@ -91,7 +91,8 @@ class TrainConfig:
     router_heldout: int = setting(200, POSITIVE_COUNT, "MoA routers: rows per task after those, for the routing "
                                                         "accuracy (and the epoch, with heldout)")
     router_select: str = setting("last", Setting(str, choices=("last", "heldout")),
-                                 "MoA routers kept: the last epoch's, or those with the lowest held-out loss")
+                                 "MoA routers kept: the last epoch's, or those with the lowest loss on the "
+                                 "router_heldout rows after the accuracy's")
     max_prompt: int = setting(400, POSITIVE_COUNT, "prompt tokens for the routers (the content field is cut)")
 
 
@@ -302,7 +303,9 @@ def train_lora(cfg: TrainConfig, model, tokenizer, out_dir, resume: bool = False
         best = _snapshot(model)
         if resume and ckpt_path.exists():
             state, best = _load_checkpoint(ckpt_path, model, optimizer)
-            if state["config"] != json.loads(json.dumps(asdict(cfg))):
+            # a setting added since the checkpoint was written had the value its default gives now
+            written = {**json.loads(json.dumps(asdict(TrainConfig()))), **state["config"]}
+            if written != json.loads(json.dumps(asdict(cfg))):
                 raise BadInput(f"{ckpt_path} was written with other settings: delete it or drop --resume")
         loss_module = acc.prepare_model(TargetLoss(model))  # DDP under several processes, itself under one
         bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.task}", unit="step",
@@ -520,7 +523,10 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
     rows = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_rows) for t in union}
     heldout = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t])) for t in union}
     items = prompt_items(union, rows, tokenizer, cfg.max_prompt)
-    heldout_items = prompt_items(union, heldout, tokenizer, cfg.max_prompt) if cfg.router_select == "heldout" else []
+    # the epoch is chosen on the next router_heldout rows, so the accuracy reported on `heldout` stays unbiased
+    choosing = {t: load_rows(get_task(t), "train", cfg.data, n=cfg.router_heldout, offset=len(rows[t]) + len(heldout[t]))
+                for t in union} if cfg.router_select == "heldout" else {}
+    heldout_items = prompt_items(union, choosing, tokenizer, cfg.max_prompt) if choosing else []
     lora.inject(model, targets)
     try:
         for t in union:

@@ -98,12 +98,12 @@ def dense_ctm(Ds, k, beta, density, lam, tol=1e-6):
     U0 = np.linalg.svd(np.hstack(X))[0][:, :k]
     U1 = np.linalg.svd(np.hstack([x.T for x in X]))[0][:, :k]
     total, previous = np.sqrt(sum(np.sum(x ** 2) for x in X)), None
-    for _ in range(1000):
+    for iteration in range(1000):
         U0 = np.linalg.svd(np.hstack([x @ U1 for x in X]))[0][:, :k]
         U1 = np.linalg.svd(np.hstack([x.T @ U0 for x in X]))[0][:, :k]
         core = np.sqrt(sum(np.sum((U0.T @ x @ U1) ** 2) for x in X))
         error = np.sqrt(abs(total ** 2 - core ** 2)) / total
-        if previous is not None and abs(previous - error) < tol:
+        if iteration > 1 and abs(previous - error) < tol:   # tensorly's partial_tucker: from the third iteration
             break
         previous = error
     trimmed = []
@@ -153,6 +153,17 @@ def test_rank_variants_are_named_parsed_and_refused_clearly():
     assert parse_merge_params(["ties.rank=8", "regmean.rank=4"]) == {"ties": {"rank": 8}, "regmean": {"rank": 4}}
     with pytest.raises(BadInput, match="ties.rank='0' is out of range"):
         parse_merge_params(["ties.rank=0"])
+    with pytest.raises(BadInput, match="ties.rank is set twice"):
+        parse_merge_params(["ties.rank=8", "ties.rank=16"])
+    # a rank from --set makes the variant (its results never under the exact merge's name), and leaves the params
+    params = parse_merge_params(["ties.rank=8", "ties.density=0.5", "regmean.rank=4"])
+    assert parse_methods("single,ties,regmean,iso_c", merge_params=params) == ["single", "ties_r8", "regmean_r4", "iso_c"]
+    assert params == {"ties": {"density": 0.5}, "regmean": {}}
+    for names, rank, sets, message in (("ties_r16", 8, [], "--methods ties_r16: 16, --rank 8: 8"),
+                                       ("ties_r16", None, ["ties.rank=8"], "--methods ties_r16: 16, --set ties.rank: 8"),
+                                       ("ties", 4, ["ties.rank=8"], "--rank 4: 4, --set ties.rank: 8")):
+        with pytest.raises(BadInput, match=f"ties: two ranks \\({message}\\): give one"):
+            parse_methods(names, rank, parse_merge_params(sets))
 
 
 def test_build_takes_the_rank_from_the_name_the_settings_or_the_options():
