@@ -634,10 +634,13 @@ def write_regmean_report(results: dict, out: Path):
                          f"{old_s} | {new['seconds']:.1f} |")
     big = by.get(("summed", "qwen2-1.5b", "all-linear", 7))
     if big:
+        total = big["model_bytes"] + big["peak_beyond_model_bytes"]
         lines += ["", f"Qwen2-1.5B shape, all 28 layers, all-linear targets, 7 adapters, summed statistics in "
-                      f"{big['passes']} passes: model {big['model_bytes'] / gb:.2f} GB (RSS before the merge), peak "
-                      f"{(big['model_bytes'] + big['peak_beyond_model_bytes']) / gb:.2f} GB in all, "
-                      f"{big['seconds']:.0f} s."]
+                      f"{big['passes']} passes" + (f" (budget --memory {big['memory_gb']:g} GB" if big.get("memory_gb")
+                                                   else " (") +
+                      f"; {big.get('threads', results['threads'])} threads, commit {big.get('commit', results['commit'])}"
+                      f"): model {big['model_bytes'] / gb:.2f} GB (RSS before the merge), peak "
+                      f"{total / gb:.2f} GB in all ({total / 2 ** 30:.2f} GiB), {big['seconds']:.0f} s."]
     for targets, layers in REGMEAN_GRID:
         new = [by[("summed", "qwen2-0.5b", targets, n)]["peak_beyond_model_bytes"] for n in REGMEAN_NS]
         lines += ["", f"{targets}: summed peak at n = 14 is {new[-1] / new[0]:.3f} of n = 2's."]
@@ -769,8 +772,9 @@ def main():
                    help="one RegMean memory case in this process, printed as JSON")
     p.add_argument("--regmean-precision", action="store_true",
                    help="what float32 Gram products would change in RegMean on the embedded model, printed as JSON")
-    p.add_argument("--regmean-big-budget", type=float, default=8.0,
-                   help="GB for the Qwen2-1.5B case's statistics (its model takes about 6.2 GB of the 16)")
+    p.add_argument("--regmean-big-budget", type=float, default=9.5,
+                   help="GB for the Qwen2-1.5B case's statistics, the solve and the folded weights' copy (its model "
+                        "took 7.0 GB of RSS; 9.5 gave a peak of 15.15 GiB in all, 10 passes)")
     p.add_argument("--keep", action="store_true",
                    help="keep the existing report's rows of the cases not in --cases (each row names its commit)")
     args = p.parse_args()
