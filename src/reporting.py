@@ -48,7 +48,10 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     (a result file written before intervals existed has no per-row statistics: no interval for it)."""
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
     stats = {m: r["stats"] for m, r in found.items() if "stats" in r}
-    ci = paired_bootstrap(tasks, stats, reference="single", n_boot=n_boot, compare=PAIRED_WITH) if stats else {}
+    # each rank variant is also compared with its exact merge, on the same resamples (rank_gaps)
+    exact = tuple(sorted({registry.split_rank(m)[0] for m in found if registry.split_rank(m)[1]} & set(found)))
+    ci = paired_bootstrap(tasks, stats, reference="single", n_boot=n_boot,
+                          compare=PAIRED_WITH + tuple(m for m in exact if m not in PAIRED_WITH)) if stats else {}
     empty = {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None, "normalized_diff": {}}
     return {m: ci.get(m, empty) for m in found}
 
@@ -93,6 +96,27 @@ def paired_gaps(found: dict, ci: dict) -> str:
     return ("\n**Paired differences of the normalized score** (method - other on the same resampled rows, 95%)\n\n"
             "| method | " + " | ".join(f"- {o}" for o in others) + " |\n|---|" + "---|" * len(others) + "\n"
             + "\n".join(rows) + "\n")
+
+
+def rank_gaps(found: dict, ci: dict) -> str:
+    """Each rank variant (`<merge>_r<k>`: one LoRA of rank k) against its exact merge: both normalized scores and the
+    paired difference with its 95% interval (the same resampled rows), whether the rank budget costs anything
+    measurable on these rows. Empty without variants."""
+    points = normalized_points(found)
+    rows = []
+    for m in found:
+        base, rank = registry.split_rank(m)
+        if rank is None or base not in found or points[m] is None or points[base] is None:
+            continue
+        lo_hi, own = ci[m]["normalized_diff"].get(base), ci[m]["normalized"]
+        gap = f"{points[m] - points[base]:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else "")
+        rows.append(f"| {m} | {rank} | {_fmt((points[m], own))} | {base} | {_fmt((points[base], ci[base]['normalized']))} "
+                    f"| {gap} |")
+    if not rows:
+        return ""
+    return ("\n**One LoRA of rank k** (each rank variant against its exact merge; paired difference on the same "
+            "resampled rows, 95%)\n\n| variant | rank | normalized [95%] | exact merge | its normalized [95%] | "
+            "variant - exact [95%] |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def single_check(found: dict, ci: dict) -> str:
@@ -229,7 +253,7 @@ def summary_files(out: Path, analyses: Analyses | None = None) -> tuple[str, str
             + "".join(f"\n**Left out of this table** (computed on {why}; rerun them): "
                       f"{', '.join(m for m, w in left_out.items() if w == why)}.\n"
                       for why in dict.fromkeys(left_out.values())))
-    text = ("\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + merge_table(found)
+    text = ("\n".join(lines) + "\n" + note + single_check(found, ci) + paired_gaps(found, ci) + rank_gaps(found, ci) + merge_table(found)
             + routing_table(found) + control_table(out, found))
     return text, buf.getvalue()
 

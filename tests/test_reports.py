@@ -192,3 +192,30 @@ def test_the_normalized_score_figure_shows_the_committed_scores():
         paper_scores = reporting.paper_normalized(tasks)["Qwen2-1.5B"]
         for bar, m in zip(paper.patches, methods):
             assert bar.get_height() == pytest.approx(paper_scores.get(m) or 0, rel=1e-12), (n, m)
+
+
+def test_a_rank_variant_is_compared_with_its_exact_merge_on_the_same_rows(tmp_path):
+    """The summary's rank-budget table: a variant's normalized score beside its exact merge's, and their paired
+    difference. Here the variant is RegMean's own file under the variant's name, with one task's rows scored as
+    TIES scored them: the gap is that task's change, over 7 tasks, and its interval comes from the same resamples."""
+    import json
+    import shutil
+
+    folder = tmp_path / "7-task"
+    shutil.copytree(ROOT / "results" / "smollm2-135m" / "7-task", folder)
+    regmean, ties = (json.loads((folder / f"{m}.json").read_text()) for m in ("regmean", "ties"))
+    variant = {**regmean, "method": "regmean_r8",
+               "metrics": {**regmean["metrics"], "nli": ties["metrics"]["nli"]},
+               "primary": {**regmean["primary"], "nli": ties["primary"]["nli"]},
+               "stats": {**regmean["stats"], "nli": ties["stats"]["nli"]}}
+    (folder / "regmean_r8.json").write_text(json.dumps(variant))
+    shutil.copy(folder / "regmean.predictions.jsonl", folder / "regmean_r8.predictions.jsonl")
+    text = reporting.summary_files(folder)[0]
+    row = next(line for line in text.splitlines() if line.startswith("| regmean_r8 | 8 |"))
+    single = json.loads((folder / "single.json").read_text())   # the gap: nli's change / single's nli, over 7 tasks
+    want = (ties["primary"]["nli"] - regmean["primary"]["nli"]) / single["primary"]["nli"] / 7
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "regmean" and cells[5].startswith(f"{want:+.3f} [")
+    lo, hi = (float(x) for x in cells[5].split("[")[1].rstrip("]").split(","))
+    assert lo <= want <= hi and lo < hi
+    assert "| regmean_r8 |" not in reporting.summary_files(ROOT / "results" / "smollm2-135m" / "7-task")[0]
