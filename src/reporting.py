@@ -622,7 +622,8 @@ def fill(text: str, root: Path, analyses: Analyses | None = None) -> str:
 def main(root: Path = ROOT):
     """Rebuild every results folder's summary, then the generated parts of the README and REPORT.md."""
     analyses = Analyses()
-    for folder in sorted(Path(root).glob("results/*/*-task")) + sorted(Path(root).glob("results/*/seeds/*/*-task")):
+    for folder in (sorted(Path(root).glob("results/*/*-task")) + sorted(Path(root).glob("results/*/seeds/*/*-task"))
+                   + sorted(Path(root).glob("results/*/retrained-*/*-task"))):
         write_summary(folder, analyses)
     for name in REPORTS:
         path = Path(root) / name
