@@ -12,9 +12,10 @@ matplotlib.use("Agg")  # headless: the notebook shows the saved figures inline a
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import peft_files
 from . import lora  # noqa: E402
 from . import merges  # noqa: E402
+from . import peft_files  # noqa: E402
+from . import registry  # noqa: E402
 from .layout import ordered  # noqa: E402
 from .reporting import intervals, load_method_results, paper_normalized, same_inputs, seed_spread  # noqa: E402
 from .metrics import normalized_score  # noqa: E402
@@ -69,6 +70,38 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
         ax.set_title(f"{n}-task set")
         ax.legend()
     fig.suptitle("Normalized score per method")
+    return fig
+
+
+def fig_rank(folder: Path):
+    """Normalized score against the merge's rank, for every merge with rank variants in a results folder
+    (`<merge>_r<k>`: one LoRA of rank k): each variant at its k and the exact merge at the right end, with their 95%
+    paired bootstrap intervals; the paper's SVD merge (rank 8) for reference. None without variants."""
+    found = same_inputs(load_method_results(folder))[0]
+    norm = normalized(found)
+    families = {}
+    for m in norm:
+        base, k = registry.split_rank(m)
+        if k is not None:
+            families.setdefault(base, {})[k] = m
+    if not families:
+        return None
+    ranks = sorted({k for variants in families.values() for k in variants})
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    for shift, (base, variants) in zip(np.linspace(-0.1, 0.1, len(families)), sorted(families.items())):
+        points = [(i, variants[k]) for i, k in enumerate(ranks) if k in variants]
+        points += [(len(ranks), base)] if base in norm else []
+        x = np.array([i for i, _ in points]) + shift
+        y = np.array([norm[m]["mean"] for _, m in points])
+        ci = np.array([norm[m]["ci"] or (norm[m]["mean"],) * 2 for _, m in points])
+        ax.errorbar(x, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]), fmt="o-", capsize=3, label=base)
+    if "svd" in norm and 8 in ranks:
+        ax.plot([ranks.index(8)], [norm["svd"]["mean"]], "k*", markersize=10, label="svd (the paper's, rank 8)")
+    ax.set_xticks(range(len(ranks) + 1), [str(k) for k in ranks] + ["exact"])
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="rank of the merged LoRA (exact: RegMean's is the sum of the task ranks)",
+           ylabel="normalized score (method / single)", title=f"One LoRA of a chosen rank ({folder.parent.name})")
+    ax.legend(fontsize=8)
     return fig
 
 

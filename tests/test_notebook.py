@@ -40,8 +40,9 @@ def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):
     seeds = ("training_seeds",) if len(seed_runs(model_dir)) > 1 and seed_spread(model_dir) else ()
     assert bool(seeds) != ("Only seed 0 has results" in outputs)
     assert "5-task set: concat" in outputs and "7-task set: concat" in outputs  # the update-norm ratios
+    ranked = ("rank_budget",) if (model_dir / "retrained-seed0" / "7-task").exists() else ()
     for name in ("normalized_score", "method_task_heatmap", "moa_router", "training_loss", "adapter_spectra",
-                 "adapter_interference", "merge_selection") + seeds:
+                 "adapter_interference", "merge_selection") + seeds + ranked:
         png = tmp_path / "figures" / f"{name}.png"
         assert png.exists() and png.stat().st_size > 10_000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -219,3 +219,33 @@ def test_a_rank_variant_is_compared_with_its_exact_merge_on_the_same_rows(tmp_pa
     lo, hi = (float(x) for x in cells[5].split("[")[1].rstrip("]").split(","))
     assert lo <= want <= hi and lo < hi
     assert "| regmean_r8 |" not in reporting.summary_files(ROOT / "results" / "smollm2-135m" / "7-task")[0]
+
+
+def test_the_rank_figure_shows_each_variant_at_its_rank_and_the_exact_merge_last(tmp_path):
+    """plots.fig_rank read back: for RegMean, its rank variants at their ranks then the exact merge, each point at
+    the normalized score the summary gives; a folder without variants has no figure."""
+    import json
+    import shutil
+
+    from src import plots
+    from src.metrics import normalized_score
+
+    folder = tmp_path / "7-task"
+    shutil.copytree(ROOT / "results" / "smollm2-135m" / "7-task", folder)
+    assert plots.fig_rank(folder) is None
+    regmean = json.loads((folder / "regmean.json").read_text())
+    for k, task in ((16, "nli"), (8, "qa")):   # variants: RegMean's file with one task scored as TIES scored it
+        ties = json.loads((folder / "ties.json").read_text())
+        variant = {**regmean, "method": f"regmean_r{k}", "metrics": {**regmean["metrics"], task: ties["metrics"][task]},
+                   "primary": {**regmean["primary"], task: ties["primary"][task]},
+                   "stats": {**regmean["stats"], task: ties["stats"][task]}}
+        (folder / f"regmean_r{k}.json").write_text(json.dumps(variant))
+    fig = plots.fig_rank(folder)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "exact"]
+    line = next(c for c in ax.containers if c.get_label() == "regmean").lines[0]   # the errorbar's data line
+    single = json.loads((folder / "single.json").read_text())
+    primary = {t: get_task(t).primary for t in single["tasks"]}
+    want = [normalized_score(json.loads((folder / f"{m}.json").read_text())["metrics"], single["metrics"],
+                             primary)["mean"] for m in ("regmean_r8", "regmean_r16", "regmean")]
+    assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12) and len(set(want)) == 3
