@@ -245,13 +245,19 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(next(iter(layers.values())).names) if layers else []
 
 
-def one_hot(model: nn.Module, name: str) -> torch.Tensor:
-    """The gate that runs adapter `name` alone (single): 1 in its column, 0 elsewhere."""
+def adapter_index(model: nn.Module, name: str) -> int:
+    """The column of adapter `name` in the gates and routers; a one-line error naming what the model holds."""
     names = adapter_names(model)
     if name not in names:
         raise BadInput(f"no adapter named {name!r} in the model: it holds {', '.join(names) or 'none'}")
+    return names.index(name)
+
+
+def one_hot(model: nn.Module, name: str) -> torch.Tensor:
+    """The gate that runs adapter `name` alone (single): 1 in its column, 0 elsewhere."""
+    index = adapter_index(model, name)   # first: a model without LoRA layers is a one-line error too
     device = next(iter(lora_layers(model).values())).base.weight.device
-    return F.one_hot(torch.tensor(names.index(name)), len(names)).float().to(device)
+    return F.one_hot(torch.tensor(index), len(adapter_names(model))).float().to(device)
 
 
 def check_fits(model: nn.Module, adapter: Adapter):
@@ -271,10 +277,7 @@ def check_fits(model: nn.Module, adapter: Adapter):
 
 def get_adapter(model: nn.Module, name: str, base_model: str = "") -> Adapter:
     """A copy of adapter `name`'s factors in every LoRA layer."""
-    names = adapter_names(model)
-    if name not in names:
-        raise BadInput(f"no adapter named {name!r} in the model: it holds {', '.join(names) or 'none'}")
-    i = names.index(name)
+    i = adapter_index(model, name)
     return Adapter({module: Lora(layer.A[i].detach().clone(), layer.B[i].detach().clone(), layer.scales[i])
                     for module, layer in lora_layers(model).items()}, base_model)
 
