@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import BadInput
 from .lora import lora_layers
+from .lowrank import truncated_svd
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,9 @@ class Arrow:
 
 
 def arrow_prototypes(A: list, B: list) -> torch.Tensor:
-    """(N, d_in) in float64: the top right singular vector of each B_i A_i, without forming it. With the thin QR
-    A_i^T = Q R, B_i A_i = (B_i R^T) Q^T; if B_i R^T = U S V^T (d_out x r_i, small), B_i A_i = U S (Q V)^T, so its
-    right singular vectors are the columns of Q V: v_1 = Q V[:, 0]."""
-    rows = []
-    for a, b in zip(A, B):
-        Q, R = torch.linalg.qr(a.detach().double().T)
-        _, _, Vh = torch.linalg.svd(b.detach().double() @ R.T, full_matrices=False)
-        rows.append(Q @ Vh[0])
-    return torch.stack(rows)
+    """(N, d_in) in float64: the top right singular vector v_1 of each B_i A_i (`lowrank.truncated_svd` at rank 1,
+    without forming it)."""
+    return torch.stack([truncated_svd(b.detach(), a.detach(), 1)[2][0] for a, b in zip(A, B)])
 
 
 def model_prototypes(model: nn.Module) -> list:

@@ -38,6 +38,7 @@ from torch import nn
 
 from .files import atomic_write
 from .errors import BadInput, MissingFile
+from .lowrank import truncated_svd
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")                      # the original README
 ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -381,32 +382,14 @@ def weighted_avg(loras: list[Lora], weights=None) -> Lora:
     return weight_sum(loras, merge_weights(len(loras), weights, 1.0 / len(loras)))
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor):
-    """Thin SVD (U, S, Vh) of the update B @ A (d_out x R times R x d_in) in float64, without forming it:
-    with B = Q_b R_b and A^T = Q_a R_a (thin QR), B A = Q_b (R_b R_a^T) Q_a^T, so the SVD of the small R x R core
-    gives the singular values, and Q_b, Q_a carry its singular vectors back to full size."""
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    return Qb @ U, S, (Qa @ Vh.T).T
-
-
 def svd_merge(loras: list[Lora], weights=None, rank: int = 8) -> Lora:
     """The thesis's SVD merge: the rank-k truncated SVD U_k S_k V_k^T of the mean update
-    sum_i w_i s_i B_i A_i (w_i = 1/N), as B = U_k S_k, A = V_k^T, scale 1. From the stacked factors B A
-    (`concat`), as `factored_svd` does, with the QRs' Q factors kept as Householder reflectors and applied to the k
-    kept columns only (ormqr): U_k S_k = Q_b (U'_k S_k), V_k = Q_a V'_k, so no d x R matrix Q is ever formed."""
+    sum_i w_i s_i B_i A_i (w_i = 1/N), as B = U_k S_k, A = V_k^T, scale 1. Computed from the stacked factors B A
+    (`concat`) by `lowrank.truncated_svd`, never forming the d_out x d_in update."""
     stacked = concat(loras, merge_weights(len(loras), weights, 1.0 / len(loras)))
-    B, At = stacked.B.double(), stacked.A.double().T
-    hb, tau_b = torch.geqrf(B)           # B = Q_b R_b, R_b on and above the diagonal of hb
-    ha, tau_a = torch.geqrf(At)          # A^T = Q_a R_a
-    kb, ka = tau_b.shape[0], tau_a.shape[0]
-    U, S, Vh = torch.linalg.svd(hb[:kb].triu() @ ha[:ka].triu().T)
-    k = min(rank, S.shape[0])
-    Bk = torch.ormqr(hb, tau_b, torch.cat([U[:, :k] * S[:k], B.new_zeros(B.shape[0] - kb, k)]))
-    Ak = torch.ormqr(ha, tau_a, torch.cat([Vh[:k].T, At.new_zeros(At.shape[0] - ka, k)]))
+    Bk, _, Ak = truncated_svd(stacked.B, stacked.A, rank)
     dtype = loras[0].A.dtype
-    return Lora(Ak.T.to(dtype).contiguous(), Bk.to(dtype).contiguous(), 1.0)
+    return Lora(Ak.to(dtype).contiguous(), Bk.to(dtype).contiguous(), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------- MoA

@@ -13,10 +13,10 @@ orthonormal bases of their column spaces, B = P_b C_b, A^T = P_a C_a. Then, exac
 
 A method maps the n cores M_i to one R x R core M; the merged LoRA is B = P_b M, A = P_a^T (rank R, exact), or its
 rank-k truncation from the SVD of M. The bases are the left singular vectors of the stacked B and A^T (a thin QR,
-then the SVD of its small triangular factor: `svd_basis`), so they do not depend on the order of the tasks, and no
-method does; methods that do not act on entries (`Method.entrywise` false) take the cheaper QR bases, in which
-their merged update is the same. Cost O(d R^2 + R^3) per module, never a d_out x d_in matrix, and the modules that share a shape are
-processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs, orthogonalisation:
+then the SVD of its small triangular factor: `lowrank.svd_basis`), so they do not depend on the order of the tasks,
+and no method does; methods that do not act on entries (`Method.entrywise` false) take the cheaper QR bases, in
+which their merged update is the same. Cost O(d R^2 + R^3) per module, never a d_out x d_in matrix, and the modules
+that share a shape are processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs, orthogonalisation:
 task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the dense one exactly;
 entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i in that basis, the variant the
 core-space paper evaluates, and differ from their dense definition by design (`ties_dense` runs TIES on the dense
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadInput
-from . import lora
+from .lowrank import Basis, qr_basis, svd_basis, truncated_svd
 from .lora import Adapter, Lora, merge_weights
 from .registry import METHODS, Method, check_rank, get_method, resolve_params
 
@@ -313,61 +313,23 @@ def _groups(adapters: list[Adapter]) -> dict:
     return groups
 
 
-@dataclass(frozen=True)
-class Basis:
-    """Orthonormal bases P = Q U (m, d, K), K = min(d, R), of a batch of d x R matrices: Q kept as LAPACK's
-    Householder reflectors (geqrf), U (m, K, K) an optional rotation inside its span. `P @ X` applies them (ormqr)
-    in O(d K k) for a k-column X, and P itself is formed only when asked (`matrix()`). A rank-k merge needs P times
-    k columns only, so forming the d x K matrix would cost more than the rest of the merge."""
-    h: torch.Tensor           # (m, d, R): the triangular factor on and above the diagonal, the reflectors below
-    tau: torch.Tensor         # (m, K)
-    rotation: torch.Tensor | None = None   # (m, K, K); None: the QR basis itself
-
-    def __matmul__(self, X):
-        """P @ X for X (m, K, k)."""
-        X = X if self.rotation is None else self.rotation @ X
-        pad = X.new_zeros(*X.shape[:-2], self.h.shape[-2] - X.shape[-2], X.shape[-1])
-        return torch.ormqr(self.h, self.tau, torch.cat([X, pad], dim=-2))
-
-    def matrix(self):
-        Q = torch.linalg.householder_product(self.h[..., :self.tau.shape[-1]], self.tau)
-        return Q if self.rotation is None else Q @ self.rotation
-
-    def triangle(self):
-        """The QR's R factor, (m, K, R): the matrix is Q @ triangle() (of the QR basis, before any rotation)."""
-        return self.h[..., :self.tau.shape[-1], :].triu()
-
-
-def qr_basis(X) -> Basis:
-    """Thin QR of a batch X (m, d, R); column-major input saves LAPACK a transposing copy."""
-    return Basis(*torch.geqrf(X))
-
-
-def svd_basis(X) -> tuple[Basis, torch.Tensor]:
-    """The left singular vectors of a batch X (m, d, R) as a Basis, and X's coordinates in it, (m, K, R): X = P C.
-    A thin QR X = Q T, then the SVD of the small K x R factor T = U S V^T: P = Q U, C = S V^T. O(d R^2 + R^3).
-
-    Why this basis and not Q: entry-wise merges (trim, sign election, DARE masks) act on the entries of the cores,
-    and entries depend on the basis. In Q's basis T is upper triangular, so the first task's core fills only its
-    leading r_1 x r_1 block and the last task's the whole R x R: TIES would weigh tasks by their place in the list.
-    Singular vectors of the stacked factors do not depend on the order of the stacked columns (up to the sign of
-    each vector, which every merge here is indifferent to, and for distinct singular values: within a repeated
-    one any basis of its space is a singular basis, which random or trained factors do not meet), so neither does
-    the merge. It is the basis the core-space paper's code uses (Panariello et al., NeurIPS 2025)."""
-    Q = qr_basis(X)
-    U, S, Vh = torch.linalg.svd(Q.triangle(), full_matrices=False)
-    return Basis(Q.h, Q.tau, U), S[..., :, None] * Vh
-
-
 def core_project(loras_by_module: list[list[Lora]], aligned: bool = True):
     """The core space of a batch of modules (same shapes and ranks): bases P_b (d_out) and P_a (d_in) of the stacked
     B = [s_1 B_1 ... s_n B_n] and A^T = [A_1; ...; A_n]^T, and the cores M (m, n, K_b, K_a), float64, with
     D_i = P_b M_i P_a^T for every module and task, M_i = C_b[:, cols_i] C_a[:, cols_i]^T.
 
-    aligned: the bases are the stacked factors' left singular vectors (`svd_basis`), which entry-wise methods need;
-    else their thin QR bases, enough for a method that commutes with orthogonal changes of basis (sums, SVDs): its
-    merged update is the same in any basis, and the QR bases cost less (on Qwen2-1.5B shapes the SVDs of the
-    triangular factors take about a third of an SVD merge's time)."""
+    aligned: the bases are the stacked factors' left singular vectors (`lowrank.svd_basis`), which entry-wise
+    methods need; else their thin QR bases, enough for a method that commutes with orthogonal changes of basis
+    (sums, SVDs): its merged update is the same in any basis, and the QR bases cost less (on Qwen2-1.5B shapes the
+    SVDs of the triangular factors take about a third of an SVD merge's time).
+
+    Why singular vectors and not Q for the entry-wise methods: trim, sign election and DARE masks act on the entries
+    of the cores, and entries depend on the basis. In Q's basis the triangular factor makes the first task's core
+    fill only its leading r_1 x r_1 block and the last task's the whole R x R: TIES would weigh tasks by their place
+    in the list. Singular vectors of the stacked factors do not depend on the order of the stacked columns (up to
+    the sign of each vector, which every merge here is indifferent to, and for distinct singular values: within a
+    repeated one any basis of its space is a singular basis, which random or trained factors do not meet), so
+    neither does the merge. It is the basis the core-space paper's code uses (Panariello et al., NeurIPS 2025)."""
     n = len(loras_by_module[0])
     scales = [torch.tensor([mod[i].scale for mod in loras_by_module], dtype=torch.float64)[:, None, None]
               for i in range(n)]
@@ -461,7 +423,7 @@ def check_arguments(m: Method, seed: int | None = None, rank: int | None = None,
 
 def truncate(adapter: Adapter, rank: int) -> Adapter:
     """Each module's update s B A replaced by its best approximation of rank <= k in the Frobenius norm (Eckart-Young:
-    the truncated SVD U_k S_k V_k^T, computed from the factors by `lora.factored_svd`), as B = U_k S_k, A = V_k^T,
+    the truncated SVD U_k S_k V_k^T, computed from the factors by `lowrank.truncated_svd`), as B = U_k S_k, A = V_k^T,
     scale 1. A module of rank <= k is kept as it is. The rank budget of the factor merges (concat, weight_sum), whose
     exact result is larger, and of the learned ones whose objective is a loss on rows rather than a norm (CAT,
     LoraHub); the core methods truncate their merged core the same way (`_to_lora`), RegMean in its own metric
@@ -472,9 +434,8 @@ def truncate(adapter: Adapter, rank: int) -> Adapter:
         if f.A.shape[0] <= rank:
             out[name] = f
             continue
-        U, S, Vh = lora.factored_svd(f.scale * f.B.double(), f.A)
-        k = min(rank, S.shape[0])
-        out[name] = Lora(Vh[:k].to(f.A.dtype).contiguous(), (U[:, :k] * S[:k]).to(f.B.dtype).contiguous(), 1.0)
+        Bk, _, Ak = truncated_svd(f.scale * f.B.double(), f.A, rank)
+        out[name] = Lora(Ak.to(f.A.dtype).contiguous(), Bk.to(f.B.dtype).contiguous(), 1.0)
     return Adapter(out, adapter.base_model)
 
 
@@ -623,10 +584,8 @@ def regmean_truncate(B, A, factor, rank: int) -> tuple:
     It is the Frobenius truncation of B A only where G' is a multiple of the identity: in general it keeps the
     directions that matter on the tasks' inputs, measured by G'. Cost O(R d_in^2) for A L, besides the SVD of the
     factors."""
-    U, S, Vh = lora.factored_svd(B, A @ factor)
-    k = min(rank, S.shape[0])
-    Ak = torch.linalg.solve_triangular(factor, Vh[:k], upper=False, left=False)   # X L = V_k^T
-    return U[:, :k] * S[:k], Ak
+    Bk, _, Vh = truncated_svd(B, A @ factor, rank)
+    return Bk, torch.linalg.solve_triangular(factor, Vh, upper=False, left=False)   # A_k L = V_k^T
 
 
 def regmean(loras: list[Lora], grams: list[torch.Tensor], alpha: float) -> Lora:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import lora  # noqa: E402
+from .lowrank import truncated_svd  # noqa: E402
 from . import merges  # noqa: E402
 from . import peft_files  # noqa: E402
 from . import registry  # noqa: E402
@@ -229,13 +230,11 @@ def fig_spectra(adapters: dict, rank: int = 8):
     merged = merges.merge([adapters[t] for t in tasks], "svd", rank=rank)
     for ax, target in zip(axes[0], targets):
         names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
+        def mean_spectrum(adapter):
+            return np.mean([truncated_svd(f.scale * f.B, f.A)[1].numpy() for f in map(adapter.modules.get, names)], 0)
         for t in tasks:
-            spectra = [lora.factored_svd(adapters[t].modules[n].scale * adapters[t].modules[n].B, adapters[t].modules[n].A)[1]
-                       for n in names]
-            ax.plot(np.mean([s.numpy() for s in spectra], 0), marker=".", label=t)
-        merged_s = [lora.factored_svd(merged.modules[n].scale * merged.modules[n].B, merged.modules[n].A)[1].numpy()
-                    for n in names]
-        ax.plot(np.mean(merged_s, 0), "k--", marker="x", label="SVD merge")
+            ax.plot(mean_spectrum(adapters[t]), marker=".", label=t)
+        ax.plot(mean_spectrum(merged), "k--", marker="x", label="SVD merge")
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")
         ax.set_ylabel("singular value (mean over layers)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from src import lora
-from src import merges, registry
+from src import lowrank, merges, registry
 from src.errors import BadInput
 
 RANKS, SCALES = (3, 5, 2), (2.0, 0.5, 1.5)
@@ -162,13 +162,17 @@ def test_svd_merge_unequal_ranks_weights_and_ranks():
     assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
 
 
-def test_factored_svd_is_the_svd_of_the_update():
+@pytest.mark.parametrize("d_out,rank", [(9, None), (9, 2), (3, None)])
+def test_truncated_svd_is_the_svd_of_the_update(d_out, rank):
+    """Against numpy's SVD of the dense product, on a wide and a narrow B (d_out < R: fewer reflectors than columns)."""
     gen = torch.Generator().manual_seed(3)
-    B, A = torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen, dtype=torch.float64)
-    U, S, Vh = lora.factored_svd(B, A)
+    B, A = torch.randn(d_out, 4, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen, dtype=torch.float64)
+    Bk, S, Ak = lowrank.truncated_svd(B, A, rank)
     D = (B @ A).numpy()
-    assert np.allclose(S.numpy(), np.linalg.svd(D, compute_uv=False)[:4], rtol=1e-12)
-    assert rel(((U * S) @ Vh).numpy(), D) <= 1e-12 and np.allclose(U.T @ U, np.eye(4)) and np.allclose(Vh @ Vh.T, np.eye(4))
+    k = min(d_out, 4) if rank is None else rank
+    assert S.shape == (k,) and np.allclose(S.numpy(), np.linalg.svd(D, compute_uv=False)[:k], rtol=1e-12)
+    assert rel((Bk @ Ak).numpy(), truncated(D, k)) <= 1e-12
+    assert np.allclose(Ak @ Ak.T, np.eye(k), atol=1e-12) and np.allclose(Bk.T @ Bk, np.diag(S.numpy() ** 2), atol=1e-10)
 
 
 def test_core_space_on_modules_narrower_than_the_stacked_rank():
