@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+from collections import defaultdict
 from pathlib import Path
 
 from . import registry
@@ -326,21 +327,27 @@ def control_table(out: Path, found: dict) -> str:
 
 
 SEED_FOLDER = re.compile(r"seed([1-9][0-9]*)")   # scripts/seeds.sh writes seeds/seed<N>, N >= 1 (0 is the committed run)
+# adapters retrained on another machine (other rounding, other bytes): <model>/retrained-seed<N>, and the same
+# adapters under other router settings, <model>/retrained-seed<N>-<label> (their README says which)
+RETRAINED_FOLDER = re.compile(r"retrained-seed([0-9]+)(?:-([a-z0-9]+))?")
 
 
-def seed_runs(model_dir: Path, n_tasks: int = 7) -> dict:
+def seed_runs(model_dir: Path, n_tasks: int = 7, retrained: bool = False) -> dict:
     """{training seed: results folder} of one model, for the seeds with a single result: the committed run is seed 0
     (`<model>/<n>-task`), each other seed's run is `<model>/seeds/seed<N>/<n>-task` (scripts/seeds.sh,
-    layout.seed_dir); other folders under seeds/ are not seeds' runs and are skipped."""
-    runs = {0: Path(model_dir) / f"{n_tasks}-task"}
-    for folder in Path(model_dir).glob(f"seeds/*/{n_tasks}-task"):
-        match = SEED_FOLDER.fullmatch(folder.parent.name)
-        if match:
+    layout.seed_dir); other folders under seeds/ are not seeds' runs and are skipped. retrained: the retrained
+    seeds instead, `<model>/retrained-seed<N>/<n>-task`, which compare with each other and not with the committed
+    ones."""
+    runs = {} if retrained else {0: Path(model_dir) / f"{n_tasks}-task"}
+    pattern, glob = (RETRAINED_FOLDER, "retrained-seed*") if retrained else (SEED_FOLDER, "seeds/*")
+    for folder in Path(model_dir).glob(f"{glob}/{n_tasks}-task"):
+        match = pattern.fullmatch(folder.parent.name)
+        if match and not (retrained and match.group(2)):
             runs[int(match.group(1))] = folder
     return {seed: runs[seed] for seed in sorted(runs) if (runs[seed] / "single.json").exists()}
 
 
-def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> dict:
+def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7, retrained: bool = False) -> dict:
     """Per method evaluated on the adapters of at least two training seeds, each seed normalized to its own single:
     {"points": {seed: normalized score, for the seeds it ran on}, "ci": {seed: its 95% row-bootstrap interval or
     None}, "gap": {seed: (method - MoA, its paired 95% interval or None)}, "mean", "sd" (sample standard deviation
@@ -349,7 +356,7 @@ def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     different fields}}."""
     analyses = analyses or Analyses()
     per_seed = {}
-    for seed, folder in seed_runs(model_dir, n_tasks).items():
+    for seed, folder in seed_runs(model_dir, n_tasks, retrained).items():
         found, _, ci = analyses(folder)
         per_seed[seed] = (normalized_points(found), ci)
     out = {}
@@ -372,14 +379,18 @@ def seed_spread(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     return out
 
 
-def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7) -> str:
+def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int = 7, retrained: bool = False) -> str:
     """The normalized score of each method on every training seed, with the mean, spread and places, the paired gap
-    to MoA per seed, whether the order of the routing-free merges holds, and single's own scores per seed."""
+    to MoA per seed, each rank variant's paired gap to its exact merge per seed, whether the order of the
+    routing-free merges holds, and single's own scores per seed; for the retrained seeds (`seed_runs`), also MoA
+    under each other router setting of the same adapters (`router_settings`)."""
     analyses = analyses or Analyses()
-    runs = seed_runs(model_dir, n_tasks)
-    spread = seed_spread(model_dir, analyses, n_tasks)
+    runs = seed_runs(model_dir, n_tasks, retrained)
+    spread = seed_spread(model_dir, analyses, n_tasks, retrained)
     if len(runs) < 2:
-        return f"Only seed 0 has results on {n_tasks} tasks: `make seeds` trains and evaluates seeds 1 and 2."
+        return (f"Only retrained seed{'s' * (len(runs) != 1)} {', '.join(map(str, runs)) or 'none'} "
+                f"{'has' if len(runs) == 1 else 'have'} results on {n_tasks} tasks." if retrained else
+                f"Only seed 0 has results on {n_tasks} tasks: `make seeds` trains and evaluates seeds 1 and 2.")
     if not spread:
         return (f"Seeds {', '.join(map(str, runs))} have results on {n_tasks} tasks, but no method has a normalized "
                 "score on two of them (a single that scores 0 on every task leaves no ratio).")
@@ -427,8 +438,28 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         leaders = {s: o[0] for s, o in orders.items()}
         verdict += (f" The leader among them is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
                     else " The leader among them changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
-    singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
     found_ci = {s: analyses(runs[s]) for s in seeds}
+    variants = ["| variant | exact merge | " + " | ".join(f"seed {s}: variant - exact [95%]" for s in seeds)
+                + " | mean | seeds whose interval includes 0 |", "|" + "---|" * (len(seeds) + 4)]
+    for m in rows:
+        base, rank = registry.split_rank(m)
+        if rank is None or base not in rows:
+            continue
+        cells, diffs, holds, with_ci = [], [], 0, 0
+        for s in seeds:
+            found, _, ci = found_ci[s]
+            points = normalized_points(found)
+            if points.get(m) is None or points.get(base) is None:
+                cells.append("no score")
+                continue
+            lo_hi = ci[m]["normalized_diff"].get(base)
+            diffs.append(points[m] - points[base])
+            with_ci += bool(lo_hi)
+            holds += bool(lo_hi and lo_hi[0] <= 0 <= lo_hi[1])
+            cells.append(f"{diffs[-1]:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
+        variants.append(f"| {m} | {base} | " + " | ".join(cells) + f" | {sum(diffs) / len(diffs):+.3f} | "
+                        f"{holds} of {with_ci} |")
+    singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
     for t in found_ci[seeds[0]][0]["single"]["tasks"]:
         values = {s: (f["single"]["primary"][t], ci["single"]["per_task"].get(t)) for s, (f, _, ci) in found_ci.items()}
         big = any(_big(v) for v in values.values())
@@ -443,8 +474,41 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             + (f" Scored on one seed only, so not here: {', '.join(one_seed)}." if one_seed else "")
             + ("\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%; an interval that "
                "includes 0: not distinguishable from MoA on that seed's test rows)\n\n" + "\n".join(gaps)
-               if len(gaps) > 2 else "") + verdict + "\n\n**The single-task LoRAs per seed** (the denominators: "
-            "primary metric on the test rows)\n\n" + "\n".join(singles))
+               if len(gaps) > 2 else "")
+            + ("\n\n**Each rank variant against its exact merge, per seed** (one LoRA of rank k; variant - exact on "
+               "the same resampled rows, 95%)\n\n" + "\n".join(variants) if len(variants) > 2 else "")
+            + verdict + (router_settings(model_dir, analyses, n_tasks) if retrained else "")
+            + "\n\n**The single-task LoRAs per seed** (the denominators: primary metric on the test rows)\n\n"
+            + "\n".join(singles))
+
+
+def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> str:
+    """MoA on each retrained seed's adapters with the cpu preset's routers (`retrained-seed<N>`) and with each other
+    router setting of the same adapters (`retrained-seed<N>-<label>`): normalized score with its 95% row interval,
+    and the routing accuracy on the test prompts with its weakest task. Empty without another setting."""
+    settings = defaultdict(dict)   # {seed: {label ("" for the cpu preset's routers): results folder}}
+    for folder in Path(model_dir).glob(f"retrained-seed*/{n_tasks}-task"):
+        match = RETRAINED_FOLDER.fullmatch(folder.parent.name)
+        if match:
+            settings[int(match.group(1))][match.group(2) or ""] = folder
+    rows = []
+    for seed, by_label in sorted(settings.items()):
+        for label, folder in sorted(by_label.items()) if len(by_label) > 1 else ():
+            analysis = analyses(folder)
+            if not analysis or "moa" not in analysis[0]:
+                continue
+            found, _, ci = analysis
+            point, router = normalized_points(found)["moa"], found["moa"]["router"]
+            weakest = min(router["per_task"], key=router["per_task"].get)
+            rows.append(f"| {seed} | {label or 'cpu preset'} | "
+                        + (_fmt((point, ci["moa"]["normalized"])) if point is not None else "n/a")
+                        + f" | {router['accuracy']:.3f} | {weakest} {router['per_task'][weakest]:.2f} |")
+    if not rows:
+        return ""
+    return ("\n\n**MoA per router setting, on the same adapters** (the folder's README gives the setting; routing "
+            "accuracy: the gold task's adapter chosen per (test prompt, layer) at the prompt's last position)\n\n"
+            "| seed | routers | moa normalized [95%] | routing accuracy | least-routed task |\n|---|---|---|---|---|\n"
+            + "\n".join(rows))
 
 
 def routing_table(found: dict) -> str:
@@ -602,8 +666,8 @@ def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
         return summary_files(root / arg, analyses)[0].rstrip("\n")
     if kind == "methods":
         return method_table()
-    if kind == "seeds":
-        return seeds_table(root / arg, analyses)
+    if kind in ("seeds", "retrained"):
+        return seeds_table(root / arg, analyses, retrained=kind == "retrained")
     if kind == "file":  # its own title line, if any, becomes bold text under the document's heading
         text = (root / arg).read_text()
         if text.startswith("# "):

@@ -249,3 +249,45 @@ def test_the_rank_figure_shows_each_variant_at_its_rank_and_the_exact_merge_last
     want = [normalized_score(json.loads((folder / f"{m}.json").read_text())["metrics"], single["metrics"],
                              primary)["mean"] for m in ("regmean_r8", "regmean_r16", "regmean")]
     assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12) and len(set(want)) == 3
+
+
+def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa_per_router_setting(tmp_path):
+    """Retrained seeds (`retrained-seed<N>`) make a seed table of their own; a labelled sibling
+    (`retrained-seed<N>-<label>`, the same adapters under other routers) is no seed. Seed 2 here is seed 0's files
+    with RegMean's rank-8 variant scored on NLI as TIES scored it; each variant's gap to its exact merge per seed is
+    recomputed from the per-task metrics, and MoA is listed per router setting with its routing accuracy."""
+    import json
+    import shutil
+    import statistics
+
+    source = ROOT / "results" / "smollm2-135m" / "retrained-seed0"
+    for name in ("retrained-seed0", "retrained-seed2"):
+        shutil.copytree(source, tmp_path / name)
+    shutil.copytree(ROOT / "results" / "smollm2-135m" / "retrained-seed0-routers400", tmp_path / "retrained-seed0-routers400")
+    seed2 = tmp_path / "retrained-seed2" / "7-task"
+    variant = json.loads((seed2 / "regmean_r8.json").read_text())
+    ties = json.loads((ROOT / "results" / "smollm2-135m" / "7-task" / "ties.json").read_text())
+    for key in ("metrics", "primary"):
+        variant[key]["nli"] = ties[key]["nli"]
+    del variant["stats"]   # no per-row statistics: no interval on seed 2
+    (seed2 / "regmean_r8.json").write_text(json.dumps(variant))
+    assert reporting.seed_runs(tmp_path, retrained=True) == {0: tmp_path / "retrained-seed0" / "7-task", 2: seed2}
+    assert reporting.seed_runs(tmp_path) == {}   # no committed run here
+
+    def norm(folder, m):
+        load = lambda name: json.loads((folder / f"{name}.json").read_text())["metrics"]  # noqa: E731
+        mine, single = load(m), load("single")
+        return statistics.mean(mine[t][get_task(t).primary] / single[t][get_task(t).primary] for t in single)
+
+    table = reporting.seeds_table(tmp_path, retrained=True)
+    row = next(line for line in table.split("against its exact merge, per seed")[1].splitlines()
+               if line.startswith("| regmean_r8 |")).split(" | ")
+    gaps = [norm(f, "regmean_r8") - norm(f, "regmean") for f in (tmp_path / "retrained-seed0" / "7-task", seed2)]
+    assert row[1] == "regmean" and row[2].startswith(f"{gaps[0]:+.3f} [") and row[3] == f"{gaps[1]:+.3f}"
+    assert row[4:] == [f"{statistics.mean(gaps):+.3f}", "1 of 1 |"]   # seed 0: -0.031 [-0.072, +0.021]
+    routers = table.split("**MoA per router setting")[1].split("\n\n")[1].splitlines()[2:]
+    accuracy = {label: json.loads((tmp_path / f"retrained-seed0{label}" / "7-task" / "moa.json").read_text())["router"]["accuracy"]
+                for label in ("", "-routers400")}
+    assert [r.split(" | ")[:2] + [r.split(" | ")[3]] for r in routers] == [
+        ["| 0", "cpu preset", f"{accuracy['']:.3f}"], ["| 0", "routers400", f"{accuracy['-routers400']:.3f}"]]
+    assert "| 2 |" not in "\n".join(routers)   # seed 2 has one router setting: nothing to compare
