@@ -74,34 +74,45 @@ def fig_normalized(results: dict, paper_model: str = "Qwen2-1.5B"):
     return fig
 
 
-def fig_rank(folder: Path):
-    """Normalized score against the merge's rank, for every merge with rank variants in a results folder
-    (`<merge>_r<k>`: one LoRA of rank k): each variant at its k and the exact merge at the right end, with their 95%
-    paired bootstrap intervals; the paper's SVD merge (rank 8) for reference. None without variants."""
-    found = same_inputs(load_method_results(folder))[0]
-    norm = normalized(found)
+def fig_rank(folders):
+    """Normalized score against the merge's rank, for every merge with rank variants (`<merge>_r<k>`: one LoRA of
+    rank k): each variant at its k and the exact merge at the right end; the paper's SVD merge (rank 8) for
+    reference. `folders`: one results folder, whose points carry their 95% paired bootstrap intervals, or one per
+    training seed, each seed's points drawn faint and the mean over the seeds joined by a line (a point is drawn
+    where every seed scored it). None without variants."""
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    norms = [normalized(same_inputs(load_method_results(f))[0]) for f in folders]
     families = {}
-    for m in norm:
-        base, k = registry.split_rank(m)
-        if k is not None:
-            families.setdefault(base, {})[k] = m
+    for norm in norms:
+        for m in norm:
+            base, k = registry.split_rank(m)
+            if k is not None and all(m in n for n in norms):
+                families.setdefault(base, set()).add(k)
     if not families:
         return None
-    ranks = sorted({k for variants in families.values() for k in variants})
+    ranks = sorted(set().union(*families.values()))
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
-    for shift, (base, variants) in zip(np.linspace(-0.1, 0.1, len(families)), sorted(families.items())):
-        points = [(i, variants[k]) for i, k in enumerate(ranks) if k in variants]
-        points += [(len(ranks), base)] if base in norm else []
+    for shift, (base, ks) in zip(np.linspace(-0.1, 0.1, len(families)), sorted(families.items())):
+        points = [(i, f"{base}_r{k}") for i, k in enumerate(ranks) if k in ks]
+        points += [(len(ranks), base)] if all(base in n for n in norms) else []
         x = np.array([i for i, _ in points]) + shift
-        y = np.array([norm[m]["mean"] for _, m in points])
-        ci = np.array([norm[m]["ci"] or (norm[m]["mean"],) * 2 for _, m in points])
-        ax.errorbar(x, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]), fmt="o-", capsize=3, label=base)
-    if "svd" in norm and 8 in ranks:
-        ax.plot([ranks.index(8)], [norm["svd"]["mean"]], "k*", markersize=10, label="svd (the paper's, rank 8)")
+        y = np.array([[n[m]["mean"] for _, m in points] for n in norms])   # (seeds, points)
+        if len(norms) == 1:
+            ci = np.array([norms[0][m]["ci"] or (norms[0][m]["mean"],) * 2 for _, m in points])
+            ax.errorbar(x, y[0], yerr=np.stack([y[0] - ci[:, 0], ci[:, 1] - y[0]]), fmt="o-", capsize=3, label=base)
+            continue
+        line, = ax.plot(x, y.mean(0), "o-", label=f"{base} (mean of {len(norms)} seeds)")
+        for seed_points in y:
+            ax.plot(x, seed_points, ".", color=line.get_color(), alpha=0.45)
+    if 8 in ranks and all("svd" in n for n in norms):
+        ax.plot([ranks.index(8)], [np.mean([n["svd"]["mean"] for n in norms])], "k*", markersize=10,
+                label="svd (the paper's, rank 8)" + (f", mean of {len(norms)} seeds" if len(norms) > 1 else ""))
     ax.set_xticks(range(len(ranks) + 1), [str(k) for k in ranks] + ["exact"])
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    label = folders[0].parent.name if len(folders) == 1 else f"{len(folders)} seeds: " + ", ".join(
+        f.parent.name for f in folders)
     ax.set(xlabel="rank of the merged LoRA (exact: RegMean's is the sum of the task ranks)",
-           ylabel="normalized score (method / single)", title=f"One LoRA of a chosen rank ({folder.parent.name})")
+           ylabel="normalized score (method / single)", title=f"One LoRA of a chosen rank ({label})")
     ax.legend(fontsize=8)
     return fig
 

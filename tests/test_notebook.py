@@ -40,7 +40,7 @@ def test_notebook_executes_and_writes_every_figure(tmp_path, monkeypatch):
     seeds = ("training_seeds",) if len(seed_runs(model_dir)) > 1 and seed_spread(model_dir) else ()
     assert bool(seeds) != ("Only seed 0 has results" in outputs)
     assert "5-task set: concat" in outputs and "7-task set: concat" in outputs  # the update-norm ratios
-    ranked = ("rank_budget",) if (model_dir / "retrained-seed0" / "7-task").exists() else ()
+    ranked = ("rank_budget",) if seed_runs(model_dir, retrained=True) else ()
     for name in ("normalized_score", "method_task_heatmap", "moa_router", "training_loss", "adapter_spectra",
                  "adapter_interference", "merge_selection") + seeds + ranked:
         png = tmp_path / "figures" / f"{name}.png"

@@ -291,3 +291,37 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
     assert [r.split(" | ")[:2] + [r.split(" | ")[3]] for r in routers] == [
         ["| 0", "cpu preset", f"{accuracy['']:.3f}"], ["| 0", "routers400", f"{accuracy['-routers400']:.3f}"]]
     assert "| 2 |" not in "\n".join(routers)   # seed 2 has one router setting: nothing to compare
+
+
+def test_the_rank_figure_over_seeds_joins_the_means_of_the_seeds(tmp_path):
+    """plots.fig_rank on two seeds' folders: per merge, the line through the mean over the seeds of each point,
+    and each seed's own points beside it; a variant missing on one seed is not drawn."""
+    import json
+    import shutil
+    import statistics
+
+    from src import plots
+    from src.metrics import normalized_score
+
+    folders = [tmp_path / "retrained-seed0" / "7-task", tmp_path / "retrained-seed2" / "7-task"]
+    for f in folders:
+        shutil.copytree(ROOT / "results" / "smollm2-135m" / "retrained-seed0" / "7-task", f)
+    variant = json.loads((folders[1] / "regmean_r8.json").read_text())   # seed 2: rank 8 scores QA as TIES did
+    ties = json.loads((ROOT / "results" / "smollm2-135m" / "7-task" / "ties.json").read_text())
+    for key in ("metrics", "primary", "stats"):
+        variant[key]["qa"] = ties[key]["qa"]
+    (folders[1] / "regmean_r8.json").write_text(json.dumps(variant))
+    (folders[1] / "regmean_r32.json").unlink()
+    fig = plots.fig_rank(folders)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "exact"]   # r32 lacks seed 2
+    line = next(ln for ln in ax.lines if ln.get_label() == "regmean (mean of 2 seeds)")
+
+    def norm(folder, m):
+        single = json.loads((folder / "single.json").read_text())
+        primary = {t: get_task(t).primary for t in single["tasks"]}
+        return normalized_score(json.loads((folder / f"{m}.json").read_text())["metrics"], single["metrics"],
+                                primary)["mean"]
+    want = [statistics.mean(norm(f, m) for f in folders) for m in ("regmean_r8", "regmean_r16", "regmean")]
+    assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12)
+    assert norm(folders[0], "regmean_r8") != norm(folders[1], "regmean_r8")
