@@ -128,12 +128,9 @@ def parse_methods(names, rank: int | None = None, merge_params: dict | None = No
     out = []
     for n in names:
         base, suffix = registry.split_rank(n) if registry.is_merge(n) else (n, None)
-        given = {f"--methods {n}": suffix, f"--rank {rank}": rank if registry.is_merge(n) else None,
-                 f"--set {base}.rank": (merge_params or {}).get(base, {}).get("rank")}
-        ranks = {k: r for k, r in given.items() if r is not None}
-        if len(set(ranks.values())) > 1:
-            raise BadInput(f"{base}: two ranks ({', '.join(f'{k}: {r}' for k, r in ranks.items())}): give one")
-        out.append(f"{base}_r{next(iter(ranks.values()))}" if ranks else n)
+        k = registry.one_rank(base, {f"--methods {n}": suffix, f"--rank {rank}": rank if registry.is_merge(n) else None,
+                                     f"--set {base}.rank": (merge_params or {}).get(base, {}).get("rank")})
+        out.append(n if k is None else f"{base}_r{k}")
     for params in (merge_params or {}).values():
         params.pop("rank", None)
     return list(dict.fromkeys(out))

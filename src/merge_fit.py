@@ -570,15 +570,11 @@ def merge_rank(method: registry.Method, suffix: int | None, fixed: dict, options
     """The rank a merge is truncated to, from wherever it was given: the name's suffix (`ties_r8`), `--set
     ties.rank=8` (in `fixed`) or merge_adapters.py's --rank (in `options`), taken out of `fixed` and `options`
     unless it is the method's own parameter (svd, regmean). Two different ranks for one merge are refused."""
-    given = {r for r in (suffix, options.pop("rank", None),
-                         None if "rank" in method.params else fixed.pop("rank", None)) if r is not None}
-    if "rank" in method.params and fixed.get("rank") is not None:
-        given.add(fixed["rank"])
-    if len(given) > 1:
-        raise BadInput(f"{method.name}: ranks {sorted(given)} given for one merge: give one")
-    rank = given.pop() if given else None
-    registry.check_rank(rank)
-    if rank is not None and "rank" in method.params:
+    own = "rank" in method.params
+    rank = registry.one_rank(method.name, {
+        f"the name's suffix _r{suffix}": suffix, "the options' rank": options.pop("rank", None),
+        "the parameters' rank": fixed.get("rank") if own else fixed.pop("rank", None)})
+    if rank is not None and own:
         fixed["rank"] = rank
         return None   # the method's own parameter does it
     return rank

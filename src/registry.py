@@ -120,6 +120,18 @@ def check_rank(rank):
         raise BadInput(f"rank={rank!r}: give a whole number >= 1")
 
 
+def one_rank(name: str, given: dict) -> int | None:
+    """The one rank merge `name` is truncated to, from wherever ranks were given ({where: rank or None}, e.g.
+    {"--methods ties_r16": 16, "--rank 8": 8}); None when none was. Two different ranks are refused, naming where
+    each came from, before any work."""
+    ranks = {where: r for where, r in given.items() if r is not None}
+    for r in ranks.values():
+        check_rank(r)
+    if len(set(ranks.values())) > 1:
+        raise BadInput(f"{name}: two ranks ({', '.join(f'{where}: {r}' for where, r in ranks.items())}): give one")
+    return next(iter(ranks.values()), None)
+
+
 # ------------------------------------------------------------------------------------------------ the methods
 LAMBDA_SUM = (0.125, 0.25, 0.5, 1.0)      # methods that add n updates: a good lambda can be near 1/n
 LAMBDA_ONE = (0.5, 1.0, 1.5, 2.0)         # methods that average (disjoint means): lambda near 1

@@ -178,5 +178,5 @@ def test_build_takes_the_rank_from_the_name_the_settings_or_the_options():
     assert merged.modules["m"].A.shape[0] == 3
     merged, info = merge_fit.build("ctm_r5", adapters, None, 0)
     assert merged.modules["m"].A.shape[0] == 5 and info["params"]["rank"] == 5
-    with pytest.raises(BadInput, match=r"ranks \[4, 8\] given for one merge"):
+    with pytest.raises(BadInput, match=r"ties: two ranks \(the name's suffix _r4: 4, the parameters' rank: 8\): give one"):
         merge_fit.build("ties_r4", adapters, None, 0, {"rank": 8})
