@@ -6,10 +6,12 @@ Both rest on one step, a thin QR then the SVD of its small triangular factor:
     X = Q T (thin QR, Q kept as LAPACK's reflectors),  T = U S V^T  =>  X = (Q U) S V^T
 
 For a product, B = Q_b T_b and A^T = Q_a T_a give B A = Q_b (T_b T_a^T) Q_a^T, so the SVD of the R x R core
-T_b T_a^T gives the singular values of B A, and Q_b, Q_a carry its singular vectors to full size. The reflectors are
-applied to the k kept columns only (ormqr), O(d R k), so no d x R matrix Q is formed unless asked for (`matrix()`).
-Used by the SVD merge (`lora.svd_merge`), Arrow's prototypes (`arrow.arrow_prototypes`), every rank budget
-(`merges.truncate`, `merges.regmean_truncate`), the core space of the merges since (`merges.core_project`), and the
+T_b T_a^T gives the singular values of B A, and Q_b, Q_a carry its singular vectors to full size (`truncate_core`,
+which also truncates the merged cores of the core-space merges). The reflectors are applied to the k kept columns
+only (ormqr), O(d R k): a rank-k merge needs P times k columns, so forming the d x R matrix Q would cost more than
+the rest of the merge; it is formed only when asked for (`matrix()`). Used by the SVD merge (`lora.svd_merge`),
+Arrow's prototypes (`arrow.arrow_prototypes`), every rank budget (`merges.truncate`, `merges.regmean_truncate`,
+`merges._to_lora`), the core space of the merges published since the paper (`merges.core_project`), and the
 spectra figure.
 """
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import torch
 class Basis:
     """Orthonormal bases P = Q U (m, d, K), K = min(d, R), of a batch of d x R matrices (or one, without the batch
     axis): Q kept as LAPACK's Householder reflectors (geqrf), U (m, K, K) an optional rotation inside its span.
-    `P @ X` applies them (ormqr) in O(d K k) for a k-column X, and P itself is formed only when asked (`matrix()`)."""
+    `P @ X` applies them (ormqr) in O(d K k) for a k-column X, and P itself is formed only when asked (`matrix()`),
+    since a rank-k merge needs P times k columns only."""
     h: torch.Tensor           # (m, d, R): the triangular factor on and above the diagonal, the reflectors below
     tau: torch.Tensor         # (m, K)
     rotation: torch.Tensor | None = None   # (m, K, K); None: the QR basis itself
@@ -60,6 +63,13 @@ def truncated_svd(B, A, rank: int | None = None) -> tuple:
     of them when rank is None). By Eckart-Young B_k A_k is the best approximation of B A of rank <= k in the
     Frobenius norm; the rows of A_k are orthonormal, the columns of B_k orthogonal with norms S_k."""
     Pb, Pa = qr_basis(B.double()), qr_basis(A.double().mT)
-    U, S, Vh = torch.linalg.svd(Pb.triangle() @ Pa.triangle().mT, full_matrices=False)
+    return truncate_core(Pb, Pb.triangle() @ Pa.triangle().mT, Pa, rank)
+
+
+def truncate_core(Pb: Basis, M, Pa: Basis, rank: int | None = None) -> tuple:
+    """The rank-k truncated SVD of P_b M P_a^T (M (..., K_b, K_a) a core between two orthonormal bases) as LoRA
+    factors (B_k, S_k, A_k): M = U S V^T gives P_b M P_a^T = (P_b U) S (P_a V)^T, whose singular vectors are P_b U
+    and P_a V, so B_k = P_b U_k S_k and A_k = (P_a V_k)^T; k = min(rank, K_b, K_a), all when rank is None."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     k = S.shape[-1] if rank is None else min(rank, S.shape[-1])
     return Pb @ (U[..., :k] * S[..., None, :k]), S[..., :k], (Pa @ Vh[..., :k, :].mT).mT

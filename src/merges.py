@@ -16,12 +16,12 @@ rank-k truncation from the SVD of M. The bases are the left singular vectors of 
 then the SVD of its small triangular factor: `lowrank.svd_basis`), so they do not depend on the order of the tasks,
 and no method does; methods that do not act on entries (`Method.entrywise` false) take the cheaper QR bases, in
 which their merged update is the same. Cost O(d R^2 + R^3) per module, never a d_out x d_in matrix, and the modules
-that share a shape are processed as one batch. For methods that commute with orthogonal changes of basis (sums, SVDs, orthogonalisation:
-task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result is the dense one exactly;
-entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i in that basis, the variant the
-core-space paper evaluates, and differ from their dense definition by design (`ties_dense` runs TIES on the dense
-D_i for comparison). DARE draws each adapter's mask from a generator seeded by the seed and that adapter's A factors.
-Inside, everything is float64; the merged factors come back in the adapters' dtype.
+that share a shape are processed as one batch. For methods that commute with orthogonal changes of basis (sums,
+SVDs, orthogonalisation: task arithmetic, the SVD merge, TSV-M, Iso-C, Iso-CTS, KnOTS with a plain sum) the result
+is the dense one exactly; entry-wise methods (TIES, DARE, magnitude pruning) act on the entries of M_i in that
+basis, the variant the core-space paper evaluates, and differ from their dense definition by design (`ties_dense`
+runs TIES on the dense D_i for comparison). DARE draws each adapter's mask from a generator seeded by the seed
+and that adapter's A factors. Inside, everything is float64; the merged factors come back in the adapters' dtype.
 
 Ranks: TSV-M and Iso-CTS split "the space" between tasks; here its dimension is R, the rank of the space the task
 updates span (for a full fine-tuning update it is the matrix dimension, as in their papers): so the split does
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BadInput
-from .lowrank import Basis, qr_basis, svd_basis, truncated_svd
+from .lowrank import Basis, qr_basis, svd_basis, truncate_core, truncated_svd
 from .lora import Adapter, Lora, merge_weights
 from .registry import METHODS, Method, check_rank, get_method, resolve_params
 
@@ -357,9 +357,7 @@ def _to_lora(Pb: Basis, M, Pa: Basis, rank: int | None, dtype) -> list[Lora]:
     """Merged cores back to factors: B = P_b M, A = P_a^T, or the rank-k truncation from the SVD of M
     (B = P_b U_k S_k, A = (P_a V_k)^T)."""
     if rank is not None:
-        U, S, Vh = svd_parts(M)
-        k = min(rank, S.shape[-1])
-        Bm, Am = Pb @ (U[..., :k] * S[..., None, :k]), (Pa @ Vh[..., :k, :].mT).mT
+        Bm, _, Am = truncate_core(Pb, M, Pa, rank)
     else:
         Bm, Am = Pb @ M, Pa.matrix().mT
     return [Lora(a, b, 1.0) for a, b in zip(Am.to(dtype).contiguous().unbind(), Bm.to(dtype).contiguous().unbind())]

@@ -79,9 +79,12 @@ def fig_rank(folders):
     rank k): each variant at its k and the exact merge at the right end; the paper's SVD merge (rank 8) for
     reference. `folders`: one results folder, whose points carry their 95% paired bootstrap intervals, or one per
     training seed, each seed's points drawn faint and the mean over the seeds joined by a line (a point is drawn
-    where every seed scored it). None without variants."""
+    where every seed with variants scored it; a folder without any is left out). None without variants."""
     folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
     norms = [normalized(same_inputs(load_method_results(f))[0]) for f in folders]
+    # a seed whose variants are not evaluated yet is left out, not made to hide the others'
+    kept = [i for i, n in enumerate(norms) if any(registry.split_rank(m)[1] for m in n)]
+    folders, norms = [folders[i] for i in kept], [norms[i] for i in kept]
     families = {}
     for norm in norms:
         for m in norm:
@@ -234,6 +237,11 @@ def update_norm_ratios(adapters: dict, tasks: list[str], methods=("concat", "wei
     return out
 
 
+def mean_spectrum(adapter, names: list) -> np.ndarray:
+    """The singular values of each named module's update s B A, averaged over the modules."""
+    return np.mean([truncated_svd(f.scale * f.B.double(), f.A)[1].numpy() for f in map(adapter.modules.get, names)], 0)
+
+
 def fig_spectra(adapters: dict, rank: int = 8):
     tasks = list(adapters)
     targets = sorted({n.rpartition(".")[2] for n in adapters[tasks[0]].modules})
@@ -241,11 +249,9 @@ def fig_spectra(adapters: dict, rank: int = 8):
     merged = merges.merge([adapters[t] for t in tasks], "svd", rank=rank)
     for ax, target in zip(axes[0], targets):
         names = [n for n in adapters[tasks[0]].modules if n.endswith("." + target)]
-        def mean_spectrum(adapter):
-            return np.mean([truncated_svd(f.scale * f.B, f.A)[1].numpy() for f in map(adapter.modules.get, names)], 0)
         for t in tasks:
-            ax.plot(mean_spectrum(adapters[t]), marker=".", label=t)
-        ax.plot(mean_spectrum(merged), "k--", marker="x", label="SVD merge")
+            ax.plot(mean_spectrum(adapters[t], names), marker=".", label=t)
+        ax.plot(mean_spectrum(merged, names), "k--", marker="x", label="SVD merge")
         ax.set_yscale("log")
         ax.set_xlabel("singular value index")
         ax.set_ylabel("singular value (mean over layers)")

@@ -329,7 +329,18 @@ def control_table(out: Path, found: dict) -> str:
 SEED_FOLDER = re.compile(r"seed([1-9][0-9]*)")   # scripts/seeds.sh writes seeds/seed<N>, N >= 1 (0 is the committed run)
 # adapters retrained on another machine (other rounding, other bytes): <model>/retrained-seed<N>, and the same
 # adapters under other router settings, <model>/retrained-seed<N>-<label> (their README says which)
-RETRAINED_FOLDER = re.compile(r"retrained-seed([0-9]+)(?:-([a-z0-9]+))?")
+RETRAINED_FOLDER = re.compile(r"retrained-seed(0|[1-9][0-9]*)(?:-([A-Za-z0-9_-]+))?")
+
+
+def retrained_folders(model_dir: Path, n_tasks: int = 7) -> dict:
+    """{seed: {label: results folder}} of the retrained runs: label "" for `retrained-seed<N>/<n>-task` (the cpu
+    preset's routers), the label itself for `retrained-seed<N>-<label>/<n>-task`; other folders are skipped."""
+    out = defaultdict(dict)
+    for folder in Path(model_dir).glob(f"retrained-seed*/{n_tasks}-task"):
+        match = RETRAINED_FOLDER.fullmatch(folder.parent.name)
+        if match:
+            out[int(match.group(1))][match.group(2) or ""] = folder
+    return dict(sorted(out.items()))
 
 
 def seed_runs(model_dir: Path, n_tasks: int = 7, retrained: bool = False) -> dict:
@@ -338,12 +349,14 @@ def seed_runs(model_dir: Path, n_tasks: int = 7, retrained: bool = False) -> dic
     layout.seed_dir); other folders under seeds/ are not seeds' runs and are skipped. retrained: the retrained
     seeds instead, `<model>/retrained-seed<N>/<n>-task`, which compare with each other and not with the committed
     ones."""
-    runs = {} if retrained else {0: Path(model_dir) / f"{n_tasks}-task"}
-    pattern, glob = (RETRAINED_FOLDER, "retrained-seed*") if retrained else (SEED_FOLDER, "seeds/*")
-    for folder in Path(model_dir).glob(f"{glob}/{n_tasks}-task"):
-        match = pattern.fullmatch(folder.parent.name)
-        if match and not (retrained and match.group(2)):
-            runs[int(match.group(1))] = folder
+    if retrained:
+        runs = {seed: by_label[""] for seed, by_label in retrained_folders(model_dir, n_tasks).items() if "" in by_label}
+    else:
+        runs = {0: Path(model_dir) / f"{n_tasks}-task"}
+        for folder in Path(model_dir).glob(f"seeds/*/{n_tasks}-task"):
+            match = SEED_FOLDER.fullmatch(folder.parent.name)
+            if match:
+                runs[int(match.group(1))] = folder
     return {seed: runs[seed] for seed in sorted(runs) if (runs[seed] / "single.json").exists()}
 
 
@@ -388,8 +401,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
     runs = seed_runs(model_dir, n_tasks, retrained)
     spread = seed_spread(model_dir, analyses, n_tasks, retrained)
     if len(runs) < 2:
-        return (f"Only retrained seed{'s' * (len(runs) != 1)} {', '.join(map(str, runs)) or 'none'} "
-                f"{'has' if len(runs) == 1 else 'have'} results on {n_tasks} tasks." if retrained else
+        return ((f"Only retrained seed {next(iter(runs))} has" if runs else "No retrained seed has")
+                + f" results on {n_tasks} tasks." if retrained else
                 f"Only seed 0 has results on {n_tasks} tasks: `make seeds` trains and evaluates seeds 1 and 2.")
     if not spread:
         return (f"Seeds {', '.join(map(str, runs))} have results on {n_tasks} tasks, but no method has a normalized "
@@ -446,9 +459,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         if rank is None or base not in rows:
             continue
         cells, diffs, holds, with_ci = [], [], 0, 0
-        for s in seeds:
-            found, _, ci = found_ci[s]
-            points = normalized_points(found)
+        for s, points in zip(seeds, scored):
+            ci = found_ci[s][2]
             if points.get(m) is None or points.get(base) is None:
                 cells.append("no score")
                 continue
@@ -457,8 +469,9 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             with_ci += bool(lo_hi)
             holds += bool(lo_hi and lo_hi[0] <= 0 <= lo_hi[1])
             cells.append(f"{diffs[-1]:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else ""))
-        variants.append(f"| {m} | {base} | " + " | ".join(cells) + f" | {sum(diffs) / len(diffs):+.3f} | "
-                        f"{holds} of {with_ci} |")
+        mean = (f"{sum(diffs) / len(diffs):+.3f}" + (f" ({len(diffs)} seed{'s' * (len(diffs) > 1)})"
+                                                      if len(diffs) < len(seeds) else "")) if diffs else "n/a"
+        variants.append(f"| {m} | {base} | " + " | ".join(cells) + f" | {mean} | {holds} of {with_ci} |")
     singles = ["| task | " + " | ".join(f"seed {s} [95% rows]" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
     for t in found_ci[seeds[0]][0]["single"]["tasks"]:
         values = {s: (f["single"]["primary"][t], ci["single"]["per_task"].get(t)) for s, (f, _, ci) in found_ci.items()}
@@ -486,13 +499,8 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
     """MoA on each retrained seed's adapters with the cpu preset's routers (`retrained-seed<N>`) and with each other
     router setting of the same adapters (`retrained-seed<N>-<label>`): normalized score with its 95% row interval,
     and the routing accuracy on the test prompts with its weakest task. Empty without another setting."""
-    settings = defaultdict(dict)   # {seed: {label ("" for the cpu preset's routers): results folder}}
-    for folder in Path(model_dir).glob(f"retrained-seed*/{n_tasks}-task"):
-        match = RETRAINED_FOLDER.fullmatch(folder.parent.name)
-        if match:
-            settings[int(match.group(1))][match.group(2) or ""] = folder
     rows = []
-    for seed, by_label in sorted(settings.items()):
+    for seed, by_label in retrained_folders(model_dir, n_tasks).items():
         for label, folder in sorted(by_label.items()) if len(by_label) > 1 else ():
             analysis = analyses(folder)
             if not analysis or "moa" not in analysis[0]:
@@ -655,8 +663,9 @@ def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
 
 
 def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
-    """The text of one generated part: `headline <model folder>`, `summary <results folder>`, `seeds <model
-    folder>` (the training seeds), `methods` (the registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
+    """The text of one generated part: `headline <model folder>`, `front <model folder>`, `summary <results
+    folder>`, `seeds <model folder>` (the training seeds), `retrained <model folder>` (the retrained seeds),
+    `methods` (the registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
     kind, _, arg = key.partition(" ")
     if kind == "headline":
         return headline_table(root / arg, analyses)

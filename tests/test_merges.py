@@ -162,17 +162,23 @@ def test_svd_merge_unequal_ranks_weights_and_ranks():
     assert rel(default.delta().numpy(), truncated(sum(updates(adapters, "c.v_proj")) / 3, 8)) <= 1e-10
 
 
-@pytest.mark.parametrize("d_out,rank", [(9, None), (9, 2), (3, None)])
-def test_truncated_svd_is_the_svd_of_the_update(d_out, rank):
-    """Against numpy's SVD of the dense product, on a wide and a narrow B (d_out < R: fewer reflectors than columns)."""
+@pytest.mark.parametrize("batch,d_out,d_in,rank", [((), 9, 13, None), ((), 9, 13, 2), ((), 3, 13, None),
+                                                  ((5,), 9, 3, 8), ((2,), 3, 2, None)])
+def test_truncated_svd_is_the_svd_of_the_update(batch, d_out, d_in, rank):
+    """Against numpy's SVD of the dense product (R = 4): a tall B, a wide one (d_out < R: fewer reflectors than
+    columns), a narrow A (d_in < R), a batch, and a rank above what the product has (k = min(rank, d_out, d_in, R))."""
     gen = torch.Generator().manual_seed(3)
-    B, A = torch.randn(d_out, 4, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen, dtype=torch.float64)
+    B = torch.randn(*batch, d_out, 4, generator=gen, dtype=torch.float64)
+    A = torch.randn(*batch, 4, d_in, generator=gen, dtype=torch.float64)
     Bk, S, Ak = lowrank.truncated_svd(B, A, rank)
-    D = (B @ A).numpy()
-    k = min(d_out, 4) if rank is None else rank
-    assert S.shape == (k,) and np.allclose(S.numpy(), np.linalg.svd(D, compute_uv=False)[:k], rtol=1e-12)
-    assert rel((Bk @ Ak).numpy(), truncated(D, k)) <= 1e-12
-    assert np.allclose(Ak @ Ak.T, np.eye(k), atol=1e-12) and np.allclose(Bk.T @ Bk, np.diag(S.numpy() ** 2), atol=1e-10)
+    k = min(d_out, d_in, 4, rank or 4)
+    assert S.shape == (*batch, k) and Bk.shape == (*batch, d_out, k) and Ak.shape == (*batch, k, d_in)
+    for b in np.ndindex(*batch):
+        D = (B[b] @ A[b]).numpy()
+        assert np.allclose(S[b].numpy(), np.linalg.svd(D, compute_uv=False)[:k], rtol=1e-12)
+        assert rel((Bk[b] @ Ak[b]).numpy(), truncated(D, k)) <= 1e-12
+        assert np.allclose(Ak[b] @ Ak[b].T, np.eye(k), atol=1e-12)
+        assert np.allclose(Bk[b].T @ Bk[b], np.diag(S[b].numpy() ** 2), atol=1e-10)
 
 
 def test_core_space_on_modules_narrower_than_the_stacked_rank():

@@ -325,3 +325,11 @@ def test_the_rank_figure_over_seeds_joins_the_means_of_the_seeds(tmp_path):
     want = [statistics.mean(norm(f, m) for f in folders) for m in ("regmean_r8", "regmean_r16", "regmean")]
     assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12)
     assert norm(folders[0], "regmean_r8") != norm(folders[1], "regmean_r8")
+    # a seed whose variants are not evaluated yet is left out rather than hiding the others'
+    unfinished = tmp_path / "retrained-seed4" / "7-task"
+    unfinished.mkdir(parents=True)
+    for m in ("single", "regmean"):
+        shutil.copy(folders[0] / f"{m}.json", unfinished / f"{m}.json")
+    line = next(ln for ln in plots.fig_rank(folders + [unfinished]).axes[0].lines
+                if ln.get_label() == "regmean (mean of 2 seeds)")
+    assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12)
