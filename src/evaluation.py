@@ -295,6 +295,16 @@ def evaluate(cfg: EvalConfig, tasks: list[str], methods: list[str], root: Path =
     return results
 
 
+def served_parameters(model, merged: lora.Adapter | None) -> int:
+    """What a method holds besides the base model's weights: the merged LoRA's factors for a merge (folded into W to
+    run, but a LoRA of that size to ship), else every adapter in the LoRA layers (single, MoA, Arrow: all task
+    LoRAs) and MoA's routers; 0 for base and majority."""
+    if merged is not None:
+        return sum(f.A.numel() + f.B.numel() for f in merged.modules.values())
+    return sum(p.numel() for layer in lora.lora_layers(model).values()
+               for p in [*layer.A, *layer.B, *(layer.router.parameters() if layer.router is not None else ())])
+
+
 def run_method(method: str, run: Run) -> dict:
     """One method on every task of the run: its result dict (metrics, per-row statistics, predictions, timing, and
     the merge's choices or MoA's routing)."""
@@ -353,11 +363,12 @@ def run_method(method: str, run: Run) -> dict:
                              **({"routes": task_routes[i]} if task_routes else {})}
                             for i, (p, ref) in enumerate(zip(texts, refs))]
         layer_names = list(lora.lora_layers(model))
+        served = served_parameters(model, merged)
     result = {"method": method, "model": cfg.model, "tasks": tasks, "metrics": metrics,
               "primary": {t: metrics[t][get_task(t).primary] for t in metrics},
               "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 2),
               "rows": {t: len(rows[t]) for t in metrics}, "reused": reused, "settings": run.settings,
-              "stats": stats, "predictions": predictions}
+              "stats": stats, "predictions": predictions, "parameters": served}
     if merge_info is not None:
         result["merge"] = merge_info
     if merge_info is not None or arrow_info is not None:

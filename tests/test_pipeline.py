@@ -95,6 +95,16 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert results["ties"]["rows_used"]["selection"] == {"sentiment": [64, 72], "nli": [64, 72]}  # cpu: 8 rows
     router = results["moa"]["router"]
     assert len(router["per_layer"]) == 8 and sum(map(sum, router["confusion"]["counts"])) == 24 * 8
+    # parameters held besides the base model, counted here from the files: every LoRA (single), plus the routers
+    # (MoA), the merged LoRA's rank times its modules' d_in + d_out (svd: rank 8; concat: the two ranks together)
+    files = {t: load_file(tmp_path / "adapters" / "tiny" / t / "adapter_model.safetensors") for t in ("sentiment", "nli")}
+    loras = sum(v.numel() for f in files.values() for v in f.values())
+    routers = sum(v.numel() for v in load_file(tmp_path / "adapters" / "tiny" / "moa-2" / "routers.safetensors").values())
+    per_rank = sum(v.shape[1] if "lora_A" in k else v.shape[0] for k, v in files["nli"].items())
+    ranks = sum(v.shape[0] for f in files.values() for k, v in f.items() if "lora_A" in k) // (len(files["nli"]) // 2)
+    assert (results["base"]["parameters"], results["single"]["parameters"]) == (0, loras)
+    assert results["moa"]["parameters"] == loras + routers and routers > 0
+    assert results["svd"]["parameters"] == 8 * per_rank and results["concat"]["parameters"] == ranks * per_rank
     with open(out / "summary.csv") as f:
         table = list(csv.reader(f))
     assert table[0][:7] == ["method", "sentiment (accuracy)", "sentiment (accuracy) lo", "sentiment (accuracy) hi",
