@@ -409,16 +409,19 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
                 "score on two of them (a single that scores 0 on every task leaves no ratio).")
     seeds = list(runs)
     rows = {m: sp for m, sp in spread.items() if m != "single"}   # single is 1 on every seed, by definition
+    # parameters held besides the base model, as the result files record them (the same on every seed)
+    held = {m: r["parameters"] for s in seeds for m, r in analyses(runs[s])[0].items() if "parameters" in r}
     lines = ["| method | " + " | ".join(f"seed {s} [95% rows]" for s in seeds)
-             + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |",
-             "|" + "---|" * (len(seeds) + 5)]
+             + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |" + (" parameters |" if held else ""),
+             "|" + "---|" * (len(seeds) + 5 + bool(held))]
     partial = [m for m, sp in rows.items() if len(sp["points"]) < len(seeds)]
     for m, sp in rows.items():
         lines.append(f"| {m} | " + " | ".join(_fmt((sp["points"][s], sp["ci"][s])) if s in sp["points"] else "no score"
                                               for s in seeds)
                      + f" | {sp['mean']:.3f}" + (f" ({len(sp['points'])} seeds)" if m in partial else "")
                      + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
-                     + ("-" if m in partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |")
+                     + ("-" if m in partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |"
+                     + (f" {held[m]:,} |" if m in held else " n/a |" if held else ""))
     scored = [normalized_points(analyses(runs[s])[0]) for s in seeds]
     one_seed = [m for m in ordered(m for p in scored for m in p) if m not in spread
                 and any(p.get(m) is not None for p in scored)]
@@ -481,6 +484,9 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             f"{len(seeds)} training seeds of the seven LoRAs and the router; [95% rows]: the paired row-bootstrap "
             "interval of that seed; SD: sample standard deviation over the seeds; place: rank by normalized score "
             "among the methods run on every seed, on that seed (1 = highest)."
+            + (" Parameters: what the method holds besides the base model (the merged LoRA; single: every task's "
+               "LoRA; MoA: those and its routers), as its result file counts them (files written before the count "
+               "was recorded: n/a)." if held else "")
             + (f" Without a score on every seed: {', '.join(partial)} (no score: not evaluated on that seed, or its "
                "result left out for other adapters or a missing task); their mean, SD and range are over the seeds "
                "they scored on, and they have no place." if partial else "")

@@ -270,6 +270,7 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
     for key in ("metrics", "primary"):
         variant[key]["nli"] = ties[key]["nli"]
     del variant["stats"]   # no per-row statistics: no interval on seed 2
+    variant["parameters"] = 921_600   # only seed 2's file counts its parameters
     (seed2 / "regmean_r8.json").write_text(json.dumps(variant))
     assert reporting.seed_runs(tmp_path, retrained=True) == {0: tmp_path / "retrained-seed0" / "7-task", 2: seed2}
     assert reporting.seed_runs(tmp_path) == {}   # no committed run here
@@ -280,6 +281,9 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
         return statistics.mean(mine[t][get_task(t).primary] / single[t][get_task(t).primary] for t in single)
 
     table = reporting.seeds_table(tmp_path, retrained=True)
+    assert table.splitlines()[0].endswith("| parameters |")
+    assert next(line for line in table.splitlines() if line.startswith("| regmean_r8 |")).endswith("| 921,600 |")
+    assert next(line for line in table.splitlines() if line.startswith("| regmean |")).endswith("| n/a |")
     row = next(line for line in table.split("against its exact merge, per seed")[1].splitlines()
                if line.startswith("| regmean_r8 |")).split(" | ")
     gaps = [norm(f, "regmean_r8") - norm(f, "regmean") for f in (tmp_path / "retrained-seed0" / "7-task", seed2)]
