@@ -409,8 +409,9 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
                 "score on two of them (a single that scores 0 on every task leaves no ratio).")
     seeds = list(runs)
     rows = {m: sp for m, sp in spread.items() if m != "single"}   # single is 1 on every seed, by definition
+    found_ci = {s: analyses(runs[s]) for s in seeds}   # (found, left_out, ci) per seed
     # parameters held besides the base model, as the result files record them (the same on every seed)
-    held = {m: r["parameters"] for s in seeds for m, r in analyses(runs[s])[0].items() if "parameters" in r}
+    held = {m: r["parameters"] for found, _, _ in found_ci.values() for m, r in found.items() if "parameters" in r}
     lines = ["| method | " + " | ".join(f"seed {s} [95% rows]" for s in seeds)
              + f" | mean | SD | min - max | place on seeds {'/'.join(map(str, seeds))} |" + (" parameters |" if held else ""),
              "|" + "---|" * (len(seeds) + 5 + bool(held))]
@@ -422,7 +423,7 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
                      + f" | {sp['sd']:.3f} | {sp['min']:.3f} - {sp['max']:.3f} | "
                      + ("-" if m in partial else "/".join(str(sp["rank"][s]) for s in seeds)) + " |"
                      + (f" {held[m]:,} |" if m in held else " n/a |" if held else ""))
-    scored = [normalized_points(analyses(runs[s])[0]) for s in seeds]
+    scored = [normalized_points(found_ci[s][0]) for s in seeds]
     one_seed = [m for m in ordered(m for p in scored for m in p) if m not in spread
                 and any(p.get(m) is not None for p in scored)]
     gaps = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | seeds whose interval includes 0 |",
@@ -454,7 +455,6 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         leaders = {s: o[0] for s, o in orders.items()}
         verdict += (f" The leader among them is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
                     else " The leader among them changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
-    found_ci = {s: analyses(runs[s]) for s in seeds}
     variants = ["| variant | exact merge | " + " | ".join(f"seed {s}: variant - exact [95%]" for s in seeds)
                 + " | mean | seeds whose interval includes 0 |", "|" + "---|" * (len(seeds) + 4)]
     for m in rows:
