@@ -12,6 +12,10 @@
   `rows` rows its adapter trained on with that adapter folded in; then, for each alpha of its grid, the exact
   LoRA merges.regmean builds from them (no d_out x d_in matrix), alpha chosen on the rows after the training rows.
   Order-invariant (a sum and one solve).
+* `regmean_pp` (RegMean++, Nguyen et al., TMLR 2026): RegMean block by block in forward order, each block's Grams
+  on the inputs the merged earlier blocks give each task's rows (through that task's own block), so a block's
+  merge sees what merging (and truncating) the blocks before it changed. Same rows, solve and truncation as
+  `regmean`; one pass through the blocks per alpha.
 * `build` is what evaluation calls for any merge: a data method is fitted; a data-free method with a grid (lambda,
   alpha) is merged at every candidate and the one with the lowest validation loss is kept; when the best value
   sits at an end of the values tried, the search goes on past that end (halving below, doubling above, within the
@@ -414,38 +418,17 @@ def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size
     ill-conditioned (feature energies spread over orders of magnitude; alpha 1 adds nothing to the diagonal), so the
     merge is kept exact at the cost of float64 products: on datacenter GPUs float64 runs at the float32 rate without
     tensor cores (H100, A100), and the products are a small part of the pass's time next to the forward."""
-    device, n = model.device, len(adapters)
-    key = {m: inp.modules[0] for inp in inputs for m in inp.modules}
-    stats = {inp.modules[0]: merges.RegMeanInput(torch.zeros(inp.d_in, inp.d_in, dtype=torch.float64, device=device),
-                                                 torch.zeros(n, inp.d_in, dtype=torch.float64, device=device))
-             for inp in inputs}
-    projected = {m: [None] * n for m in key}
+    device = model.device
+    stats, projected = _empty_statistics(inputs, adapters, device)
     last = inputs[-1].modules[-1]
     for t, (adapter, rows) in enumerate(zip(adapters, examples)):
         linears = lora.fold_targets(model, adapter)
-        names = list(key)
-        A = {m: adapter.modules[m].A.to(device, dtype) for m in names}
-        for m in names:
-            projected[m][t] = torch.zeros(A[m].shape[1], A[m].shape[0], dtype=torch.float64, device=device)
         cur = {}
-
-        def project(m):
-            projected[m][t] += cur["flat"].T @ (cur["flat"] @ A[m].T)
-
-        def new(i, x):
-            cur["flat"] = flat = x[cur["mask"]].to(dtype)
-            s = stats[key[names[i]]]
-            if dtype == torch.float64:
-                s.summed.addmm_(flat.T, flat)   # in place: no d_in x d_in temporary beside the sum
-            else:
-                s.summed += flat.T @ flat       # a float32 product, summed in float64
-            s.diagonals[t] += (flat * flat).sum(0)
-            project(names[i])
 
         def stop(module, args):
             raise _StopForward
 
-        handles = lora.hook_distinct_inputs([linears[m] for m in names], new, lambda i, j: project(names[i]))
+        handles = _statistics_hooks(linears, inputs, adapter, t, (stats, projected), cur, dtype)
         handles.append(linears[last].register_forward_pre_hook(stop))   # runs after the hook above
         try:
             with torch.no_grad(), lora.folded(model, adapter):
@@ -461,6 +444,44 @@ def regmean_pass(model, adapters: list, examples: list, inputs: list, batch_size
             for h in handles:
                 h.remove()
     return stats, projected
+
+
+def _empty_statistics(inputs: list, adapters: list, device) -> tuple:
+    """Zeroed RegMean statistics for `inputs`: ({first module of each input: RegMeanInput}, {module: [None] * n})."""
+    n = len(adapters)
+    stats = {inp.modules[0]: merges.RegMeanInput(torch.zeros(inp.d_in, inp.d_in, dtype=torch.float64, device=device),
+                                                 torch.zeros(n, inp.d_in, dtype=torch.float64, device=device))
+             for inp in inputs}
+    return stats, {m: [None] * n for inp in inputs for m in inp.modules}
+
+
+def _statistics_hooks(linears: dict, inputs: list, adapter: lora.Adapter, t: int, sums: tuple, cur: dict,
+                      dtype: torch.dtype) -> list:
+    """Forward pre-hooks adding task t's share to the statistics `sums` = (stats, projected) of `inputs` (S,
+    diag(G_t), G_t A_m^T per module) from every input their modules receive, on the tokens of cur["mask"]. Returns
+    the handles, to remove."""
+    stats, projected = sums
+    key = {m: inp.modules[0] for inp in inputs for m in inp.modules}
+    names = list(key)
+    device = next(iter(stats.values())).summed.device
+    A = {m: adapter.modules[m].A.to(device, dtype) for m in names}
+    for m in names:
+        projected[m][t] = torch.zeros(A[m].shape[1], A[m].shape[0], dtype=torch.float64, device=device)
+
+    def project(m):
+        projected[m][t] += cur["flat"].T @ (cur["flat"] @ A[m].T)
+
+    def new(i, x):
+        cur["flat"] = flat = x[cur["mask"]].to(dtype)
+        s = stats[key[names[i]]]
+        if dtype == torch.float64:
+            s.summed.addmm_(flat.T, flat)   # in place: no d_in x d_in temporary beside the sum
+        else:
+            s.summed += flat.T @ flat       # a float32 product, summed in float64
+        s.diagonals[t] += (flat * flat).sum(0)
+        project(names[i])
+
+    return lora.hook_distinct_inputs([linears[m] for m in names], new, lambda i, j: project(names[i]))
 
 
 def reachable(param: registry.Param) -> list:
@@ -538,6 +559,133 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
     return make, {"gram_rows": spans, "gram_tokens": tokens, "gram_seconds": round(time.perf_counter() - started, 1),
                   "gram_memory": {"statistics_bytes": sum(plan.bytes_per_input), "solve_bytes": plan.workspace,
                                   "budget_bytes": plan.budget, "passes": len(plan.passes)}}
+
+
+# ------------------------------------------------------------------------------------------------ RegMean++
+def decoder_blocks(model, inputs: list) -> list:
+    """[(block, [ModelInput of that block])] for every block of the model's layer stack (the nn.ModuleList whose
+    children hold the adapted modules), in forward order: the blocks RegMean++ merges one after another. Refuses in
+    one line a model whose layers take different attention masks (sliding-window layer types): one block's
+    arguments are reused for every block."""
+    names = inputs[0].modules[0].split(".")
+    stack = next((".".join(names[:k]) for k in range(len(names) - 1, 0, -1)
+                  if isinstance(model.get_submodule(".".join(names[:k])), torch.nn.ModuleList)), None)
+    if stack is None:
+        raise BadInput(f"regmean_pp: {inputs[0].modules[0]} is in no stack of layers (nn.ModuleList): use regmean")
+    if len(set(getattr(model.config, "layer_types", None) or ["one"])) > 1:
+        raise BadInput(f"regmean_pp: the model's layers have several attention types ({model.config.layer_types}), "
+                       "whose masks differ: use regmean")
+    layers = model.get_submodule(stack)
+    per_block = {i: [] for i in range(len(layers))}
+    for inp in inputs:
+        index = inp.modules[0][len(stack) + 1:].split(".")[0]
+        per_block[int(index)].append(inp)
+    return [(layers[i], per_block[i]) for i in range(len(layers))]
+
+
+@torch.no_grad()
+def block_inputs(model, first_block, examples: list, batch_size: int, pad_id: int) -> list:
+    """[(hidden states, the block's other arguments, non-pad token mask)] per batch of `examples`: what the first
+    block receives (the embeddings; position embeddings and attention mask as the model builds them), the forward
+    stopped there. use_cache is off, so calling a block again changes no cache."""
+    device, out, seen = model.device, [], {}
+
+    def grab(module, args, kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.eval()
+        for i in range(0, len(examples), batch_size):
+            batch = pad_batch([e["input_ids"] for e in examples[i:i + batch_size]], pad_id, left=False)
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+            except _StopForward:
+                pass
+            args, kwargs = seen["args"], dict(seen["kwargs"])
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            out.append((hidden, kwargs, batch["attention_mask"].bool().to(device)))
+    finally:
+        handle.remove()
+    return out
+
+
+def _run_block(block, states: list) -> list:
+    """The block applied to every batch of `states`, [(its output, the same arguments, the same mask)]."""
+    out = []
+    for hidden, kwargs, mask in states:
+        y = block(hidden, **kwargs)
+        out.append((y[0] if isinstance(y, tuple) else y, kwargs, mask))
+    return out
+
+
+def regmean_pp_merge(model, adapters: list, examples: list, batch_size: int, pad_id: int, alpha: float,
+                     rank: int | None = None) -> dict:
+    """{module: Lora} of RegMean++ (Nguyen et al., 2025): RegMean block by block in forward order, each block's
+    Gram matrices taken on the inputs the merged model gives it. For block l and task i, X_i^(l) is what task i's
+    own block l receives (its adapter folded into that block only) when task i's rows come through the merged
+    blocks 1..l-1; block l is then merged by RegMean's solve on those statistics (at `rank`, its best LoRA of that
+    rank: merges.regmean_truncate), and the rows go on through the merged block l. The first adapted block's
+    Grams are RegMean's; the later ones see what the merge of the earlier ones (and its truncation) changed.
+    Memory: every row's hidden states (tokens x d_model per task) besides one block's statistics."""
+    device = model.device
+    inputs = model_inputs(model, adapters[0])
+    blocks = decoder_blocks(model, inputs)
+    states = [block_inputs(model, blocks[0][0], rows, batch_size, pad_id) for rows in examples]
+    last = max(i for i, (_, block_in) in enumerate(blocks) if block_in)
+    merged = {}
+    for block, block_in in tqdm(blocks[:last + 1], desc="regmean_pp: blocks", unit="block", leave=False):
+        if block_in:
+            names = [m for inp in block_in for m in inp.modules]
+            stats, projected = _empty_statistics(block_in, adapters, device)
+            for t, adapter in enumerate(adapters):
+                own = lora.Adapter({m: adapter.modules[m] for m in names}, adapter.base_model)
+                cur = {}
+                handles = _statistics_hooks(lora.fold_targets(model, own), block_in, own, t, (stats, projected),
+                                            cur, torch.float64)
+                try:
+                    with lora.folded(model, own):
+                        for hidden, kwargs, mask in states[t]:
+                            cur["mask"] = mask
+                            block(hidden, **kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+            for inp in block_in:
+                factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
+                for m in inp.modules:
+                    merged[m] = merges.regmean_solve([a.modules[m] for a in adapters], stats[inp.modules[0]],
+                                                     projected[m], alpha, factor, rank)
+            del stats, projected
+            with lora.folded(model, lora.Adapter({m: merged[m] for m in names}, adapters[0].base_model)):
+                states = [_run_block(block, st) for st in states]
+        else:
+            states = [_run_block(block, st) for st in states]
+    return merged
+
+
+def regmean_pp(adapters: list, data: FitData, rows: int, alpha: float | None = None,
+               rank: int | None = None) -> tuple:
+    """RegMean++'s merge at parameters -> Adapter, and its info: the Gram rows are RegMean's (the first `rows` rows
+    each adapter trained on), but every alpha is a pass of its own through the blocks (the statistics of block l
+    depend on the merge of the blocks before it), so a search over alpha costs one such pass per candidate: fix
+    alpha (`--set regmean_pp.alpha=...`) to pay one."""
+    adapters = merges.over_union(adapters)
+    examples, spans = data.training_examples(rows)
+    examples = [examples[t] for t in data.tasks]
+    seconds = []
+
+    def make(params: dict) -> lora.Adapter:
+        started = time.perf_counter()
+        with torch.no_grad():
+            merged = regmean_pp_merge(data.model, adapters, examples, data.batch_size, data.tokenizer.eos_token_id,
+                                      params["alpha"], rank)
+        seconds.append(round(time.perf_counter() - started, 1))
+        return merges.check_finite(lora.Adapter(dict(sorted(merged.items())), adapters[0].base_model), "regmean_pp")
+
+    tokens = {t: sum(len(e["input_ids"]) for e in ex) for t, ex in zip(data.tasks, examples)}
+    return make, {"gram_rows": spans, "gram_tokens": tokens, "pass_seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------- build a merge

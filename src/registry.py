@@ -149,6 +149,20 @@ def _drop(default=0.9):
     return Param(default, "drop probability", low=0.0, high=1.0, open="high")
 
 
+# RegMean's parameters; RegMean++ shares them but the memory budget (it holds one block's statistics)
+REGMEAN_PARAMS = {
+    "rows": Param(128, "training rows per adapter whose layer inputs make its Gram matrices", low=1, kind=int),
+    "alpha": Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: plain least squares; towards 0: each "
+                        "input feature weighted by its share of the summed energy)", grid=(0.1, 0.5, 0.9, 1.0),
+                   low=0.0, high=1.0, open="low"),
+    "memory": Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory free after the "
+                          "model loads); when they do not fit, they are collected for a group of layers per pass "
+                          "over the rows", low=0.0, open="low", none_ok=True),
+    "rank": Param(None, "rank of the merged LoRA (None: exact, rank R = sum_i r_i): RegMean's best LoRA of that "
+                        "rank, the truncation in the metric of G' (not the plain SVD's)", low=1, kind=int,
+                  none_ok=True)}
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("concat", "the thesis (Lee, UNIST): concatenation", "sum_i s_i B_i A_i (all LoRAs at once)",
                 "factors", "lora.concat", {}, "exact, rank R", identity={}),
@@ -244,19 +258,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("regmean", "Jin et al., ICLR 2023 (RegMean), as an exact LoRA",
                 "sum_i s_i B_i (A_i G_i' G'^-1), G_i: Gram of task i's layer inputs, off-diagonals scaled by alpha",
                 "data", "merge_fit.regmean",
-                {"rows": Param(128, "training rows per adapter whose layer inputs make its Gram matrices",
-                                      low=1, kind=int),
-                 "alpha": Param(0.9, "scale of the Gram matrices' off-diagonal entries (1: plain least "
-                                       "squares; towards 0: each input feature weighted by its share of the summed "
-                                       "energy)", grid=(0.1, 0.5, 0.9, 1.0), low=0.0,
-                                       high=1.0, open="low"),
-                 "memory": Param(None, "GB the summed Gram statistics may hold (default: 80 percent of the memory "
-                                        "free after the model loads); when they do not fit, they are collected for "
-                                        "a group of layers per pass over the rows", low=0.0, open="low",
-                                        none_ok=True),
-                 "rank": Param(None, "rank of the merged LoRA (None: exact, rank R = sum_i r_i): RegMean's "
-                                      "best LoRA of that rank, the truncation in the metric of G' (not the plain "
-                                      "SVD's)", low=1, kind=int, none_ok=True)},
+                REGMEAN_PARAMS,
                 "exact, rank R (or its best rank-k LoRA in RegMean's objective)",
                 exact="equal (dense RegMean); Grams on the first training rows, alpha on the rows after"),
+    Method("regmean_pp", "Nguyen et al., TMLR 2026 (RegMean++), as an exact LoRA",
+                "RegMean block by block, each block's Grams on the inputs the merged earlier blocks give it",
+                "data", "merge_fit.regmean_pp",
+                {k: REGMEAN_PARAMS[k] for k in ("rows", "alpha", "rank")},
+                "exact, rank R (or its best rank-k LoRA in RegMean's objective, block by block)",
+                exact="equal (dense RegMean on the merged model's inputs); one pass through the blocks per alpha",
+                default=False),
 ]}

@@ -4,6 +4,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,3 +303,64 @@ def test_regmean_at_a_rank_is_the_best_rank_k_lora_of_the_tasks_grams(trained, n
         want = merge_fit.merges.regmean_solve(loras, stats, projected, 0.5, rank=4).delta().double()
         assert got.A.shape[0] == 4 and got.B.shape[1] == 4
         assert (got.delta().double() - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+def dense_regmean_block(deltas: list, grams: list, alpha: float, rank: int | None) -> torch.Tensor:
+    """RegMean of one module written from the paper in dense float64: W - W_0 = (sum_i D_i G_i') G'^-1 with
+    G_i' = alpha G_i + (1 - alpha) diag(G_i), G' = sum_i G_i'; at a rank k, the best rank-k update in the metric of
+    G' = L L^T (the truncated SVD of D L, mapped back by L^-1), by numpy's SVD."""
+    reg = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    G = sum(reg)
+    D = sum(d @ g for d, g in zip(deltas, reg)) @ torch.linalg.inv(G)
+    if rank is None:
+        return D
+    L = torch.linalg.cholesky(G)
+    U, S, Vt = np.linalg.svd((D @ L).numpy())
+    return torch.from_numpy(U[:, :rank] * S[:rank] @ Vt[:rank]) @ torch.linalg.inv(L)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_regmean_pp_is_regmean_block_by_block_on_the_merged_models_inputs(trained, no_test_rows, rank):
+    """RegMean++ (build, `regmean_pp` or `regmean_pp_r3`) against a reference written from its definition: for each
+    block in turn, each task's Gram matrices by gram_matrices (the whole model's forward, the reference's merge of
+    the earlier blocks folded in as dense updates, the task's own adapter in this block), then dense RegMean
+    (dense_regmean_block). Unequal ranks (8 and 5); the tasks in the other order merge to the same updates.
+    Tolerance: the factors returned are float32 (u = 2^-24 relative each), and both sides fold their earlier blocks
+    as float32 weights (factors here, dense updates there), so the activations differ by a few u, which the solve
+    can multiply by G''s condition number (asserted below 200; 88 on this model): 8 u * 200 = 1e-4 relative. On
+    AMD EPYC the largest difference was 2.7e-7. A wrong input (RegMean's own, the task model's) is off by more than
+    1e-2 on the second block (0.23 to 0.48 there)."""
+    model, tokenizer, adapters = trained[:3]
+    adapters = [adapters[0], merge_fit.merges.truncate(adapters[1], 5)]
+    data, alpha = fit_data(trained), 0.5
+    name = "regmean_pp" if rank is None else f"regmean_pp_r{rank}"
+    merged, info = merge_fit.build(name, adapters, data, select_rows=0, fixed={"rows": 6, "alpha": alpha})
+    examples, _ = data.training_examples(6)
+    rows = [examples[t] for t in TASKS]
+    block_of = {m: int(m.split(".")[2]) for m in adapters[0].modules}
+    reference, conds = {}, []
+    for block in sorted(set(block_of.values())):
+        names = [m for m in adapters[0].modules if block_of[m] == block]
+        earlier = lora.Adapter({m: lora.Lora(torch.eye(d.shape[1]), d.float(), 1.0) for m, d in reference.items()},
+                               adapters[0].base_model)
+        with lora.folded(model, earlier):
+            grams = [merge_fit.gram_matrices(model, lora.Adapter({m: a.modules[m] for m in names}, a.base_model),
+                                             r, 4, tokenizer.eos_token_id) for a, r in zip(adapters, rows)]
+        for m in names:
+            deltas = [a.modules[m].delta().double() for a in adapters]
+            reference[m] = dense_regmean_block(deltas, [g[m] for g in grams], alpha, rank)
+            conds.append(torch.linalg.cond(sum(alpha * g[m] + (1 - alpha) * torch.diag(torch.diagonal(g[m]))
+                                               for g in grams)).item())
+    assert max(conds) < 200
+    swapped = merge_fit.FitData(model, tokenizer, TASKS[::-1], records(trained), batch_size=4)
+    other, _ = merge_fit.build(name, adapters[::-1], swapped, select_rows=0, fixed={"rows": 6, "alpha": alpha})
+    plain, _ = merge_fit.build("regmean" if rank is None else f"regmean_r{rank}", adapters, data, select_rows=0,
+                               fixed={"rows": 6, "alpha": alpha})
+    last = max(block_of.values())
+    for m, want in reference.items():
+        for got in (merged.modules[m], other.modules[m]):
+            assert rank is None or got.A.shape[0] == rank
+            assert (got.delta().double() - want).abs().max() <= 1e-4 * want.abs().max(), m
+        if block_of[m] == last:   # the last block's inputs went through the merged blocks: not RegMean's
+            assert (plain.modules[m].delta().double() - want).abs().max() > 1e-2 * want.abs().max(), m
+    assert info["gram_rows"] == {"sentiment": [0, 6], "nli": [0, 6]} and len(info["pass_seconds"]) == 1
