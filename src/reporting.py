@@ -455,12 +455,13 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
         leaders = {s: o[0] for s, o in orders.items()}
         verdict += (f" The leader among them is {leaders[seeds[0]]} on every seed." if len(set(leaders.values())) == 1
                     else " The leader among them changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
-    variants = ["| variant | exact merge | " + " | ".join(f"seed {s}: variant - exact [95%]" for s in seeds)
+    variants = ["| variant | against | " + " | ".join(f"seed {s}: variant - against [95%]" for s in seeds)
                 + " | mean | seeds whose interval includes 0 |", "|" + "---|" * (len(seeds) + 4)]
-    for m in rows:
-        base, rank = registry.split_rank(m)
-        if rank is None or base not in rows:
-            continue
+    # each rank variant against its own exact merge, and against full-rank RegMean (the issue's yardstick: a
+    # single LoRA's size at no measurable loss) where its own is another merge
+    pairs = [(m, b) for m in rows for base, rank in [registry.split_rank(m)] if rank is not None
+             for b in dict.fromkeys([base, "regmean"]) if b in rows]
+    for m, base in pairs:
         cells, diffs, holds, with_ci = [], [], 0, 0
         for s, points in zip(seeds, scored):
             ci = found_ci[s][2]
@@ -494,11 +495,21 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             + ("\n\n**Paired gap to MoA per seed** (method - MoA on the same resampled rows, 95%; an interval that "
                "includes 0: not distinguishable from MoA on that seed's test rows)\n\n" + "\n".join(gaps)
                if len(gaps) > 2 else "")
-            + ("\n\n**Each rank variant against its exact merge, per seed** (one LoRA of rank k; variant - exact on "
-               "the same resampled rows, 95%)\n\n" + "\n".join(variants) if len(variants) > 2 else "")
+            + ("\n\n**Each rank variant against its exact merge and full-rank RegMean, per seed** (one LoRA of "
+               "rank k; variant - the other on the same resampled rows, 95%)\n\n" + "\n".join(variants)
+               if len(variants) > 2 else "")
             + verdict + (router_settings(model_dir, analyses, n_tasks) if retrained else "")
             + "\n\n**The single-task LoRAs per seed** (the denominators: primary metric on the test rows)\n\n"
             + "\n".join(singles))
+
+
+def paired_interval(ci: dict, m: str, other: str) -> tuple | None:
+    """The 95% interval of m - other on the same resampled rows, whichever of the two the bootstrap compared with the
+    other (paired_bootstrap's `compare`); None if neither."""
+    if other in ci[m]["normalized_diff"]:
+        return ci[m]["normalized_diff"][other]
+    lo_hi = ci[other]["normalized_diff"].get(m)
+    return None if lo_hi is None else (-lo_hi[1], -lo_hi[0])
 
 
 def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> str:
@@ -512,17 +523,21 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
             if not analysis or "moa" not in analysis[0]:
                 continue
             found, _, ci = analysis
-            point, router = normalized_points(found)["moa"], found["moa"]["router"]
+            points, router = normalized_points(found), found["moa"]["router"]
+            point, other = points["moa"], points.get("regmean")
             weakest = min(router["per_task"], key=router["per_task"].get)
+            gap = paired_interval(ci, "moa", "regmean") if other is not None and point is not None else None
             rows.append(f"| {seed} | {label or 'cpu preset'} | "
                         + (_fmt((point, ci["moa"]["normalized"])) if point is not None else "n/a")
+                        + (f" | {point - other:+.3f} [{gap[0]:+.3f}, {gap[1]:+.3f}]" if gap else " | n/a")
                         + f" | {router['accuracy']:.3f} | {weakest} {router['per_task'][weakest]:.2f} |")
     if not rows:
         return ""
-    return ("\n\n**MoA per router setting, on the same adapters** (the folder's README gives the setting; routing "
-            "accuracy: the gold task's adapter chosen per (test prompt, layer) at the prompt's last position)\n\n"
-            "| seed | routers | moa normalized [95%] | routing accuracy | least-routed task |\n|---|---|---|---|---|\n"
-            + "\n".join(rows))
+    return ("\n\n**MoA per router setting, on the same adapters** (the folder's README gives the setting; MoA - "
+            "RegMean: on the same resampled rows, 95%, where the folder holds RegMean's result on these adapters; "
+            "routing accuracy: the gold task's adapter chosen per (test prompt, layer) at the prompt's last "
+            "position)\n\n| seed | routers | moa normalized [95%] | moa - regmean [95%] | routing accuracy | "
+            "least-routed task |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def routing_table(found: dict) -> str:
