@@ -568,7 +568,7 @@ def decoder_blocks(model, inputs: list) -> list:
     one line a model whose layers take different attention masks (sliding-window layer types): one block's
     arguments are reused for every block."""
     names = inputs[0].modules[0].split(".")
-    stack = next((".".join(names[:k]) for k in range(len(names) - 1, 0, -1)
+    stack = next((".".join(names[:k]) for k in range(1, len(names))   # the outermost list: the layers, not experts
                   if isinstance(model.get_submodule(".".join(names[:k])), torch.nn.ModuleList)), None)
     if stack is None:
         raise BadInput(f"regmean_pp: {inputs[0].modules[0]} is in no stack of layers (nn.ModuleList): use regmean")
@@ -578,7 +578,9 @@ def decoder_blocks(model, inputs: list) -> list:
     layers = model.get_submodule(stack)
     per_block = {i: [] for i in range(len(layers))}
     for inp in inputs:
-        index = inp.modules[0][len(stack) + 1:].split(".")[0]
+        index = inp.modules[0][len(stack) + 1:].split(".")[0] if inp.modules[0].startswith(stack + ".") else ""
+        if not index.isdigit():
+            raise BadInput(f"regmean_pp: {inp.modules[0]} is outside the layer stack {stack}: use regmean")
         per_block[int(index)].append(inp)
     return [(layers[i], per_block[i]) for i in range(len(layers))]
 
@@ -620,6 +622,7 @@ def _run_block(block, states: list) -> list:
     return out
 
 
+@torch.no_grad()
 def regmean_pp_merge(model, adapters: list, examples: list, batch_size: int, pad_id: int, alpha: float,
                      rank: int | None = None) -> dict:
     """{module: Lora} of RegMean++ (Nguyen et al., 2025): RegMean block by block in forward order, each block's
@@ -628,7 +631,8 @@ def regmean_pp_merge(model, adapters: list, examples: list, batch_size: int, pad
     blocks 1..l-1; block l is then merged by RegMean's solve on those statistics (at `rank`, its best LoRA of that
     rank: merges.regmean_truncate), and the rows go on through the merged block l. The first adapted block's
     Grams are RegMean's; the later ones see what the merge of the earlier ones (and its truncation) changed.
-    Memory: every row's hidden states (tokens x d_model per task) besides one block's statistics."""
+    Memory: every row's hidden states (tokens x d_model per task, twice while a block runs) besides one block's
+    statistics; no budget is checked (RegMean's `memory` plans the statistics, which are not what grows here)."""
     device = model.device
     inputs = model_inputs(model, adapters[0])
     blocks = decoder_blocks(model, inputs)
@@ -658,6 +662,8 @@ def regmean_pp_merge(model, adapters: list, examples: list, batch_size: int, pad
                     merged[m] = merges.regmean_solve([a.modules[m] for a in adapters], stats[inp.modules[0]],
                                                      projected[m], alpha, factor, rank)
             del stats, projected
+            if block is blocks[last][0]:
+                break   # nothing after it is merged: its outputs are not needed
             with lora.folded(model, lora.Adapter({m: merged[m] for m in names}, adapters[0].base_model)):
                 states = [_run_block(block, st) for st in states]
         else:
@@ -674,15 +680,17 @@ def regmean_pp(adapters: list, data: FitData, rows: int, alpha: float | None = N
     adapters = merges.over_union(adapters)
     examples, spans = data.training_examples(rows)
     examples = [examples[t] for t in data.tasks]
-    seconds = []
+    seconds, last = [], {}
 
     def make(params: dict) -> lora.Adapter:
-        started = time.perf_counter()
-        with torch.no_grad():
+        if last.get("alpha") != params["alpha"]:   # build asks again for the alpha its search chose: not a new pass
+            started = time.perf_counter()
             merged = regmean_pp_merge(data.model, adapters, examples, data.batch_size, data.tokenizer.eos_token_id,
                                       params["alpha"], rank)
-        seconds.append(round(time.perf_counter() - started, 1))
-        return merges.check_finite(lora.Adapter(dict(sorted(merged.items())), adapters[0].base_model), "regmean_pp")
+            seconds.append(round(time.perf_counter() - started, 1))
+            last.update(alpha=params["alpha"], adapter=merges.check_finite(
+                lora.Adapter(dict(sorted(merged.items())), adapters[0].base_model), "regmean_pp"))
+        return last["adapter"]
 
     tokens = {t: sum(len(e["input_ids"]) for e in ex) for t, ex in zip(data.tasks, examples)}
     return make, {"gram_rows": spans, "gram_tokens": tokens, "pass_seconds": seconds}

@@ -364,3 +364,18 @@ def test_regmean_pp_is_regmean_block_by_block_on_the_merged_models_inputs(traine
         if block_of[m] == last:   # the last block's inputs went through the merged blocks: not RegMean's
             assert (plain.modules[m].delta().double() - want).abs().max() > 1e-2 * want.abs().max(), m
     assert info["gram_rows"] == {"sentiment": [0, 6], "nli": [0, 6]} and len(info["pass_seconds"]) == 1
+
+
+def test_regmean_pp_over_adapters_of_one_block_is_regmean(trained, no_test_rows):
+    """Adapters of the second block only: the first block is the base model's in every task model and in the merge,
+    so the second block's inputs are the same for RegMean and RegMean++ (the unadapted block is run, not merged),
+    and the merges agree to the float32 factors' rounding (the bound of the test above)."""
+    adapters = [lora.Adapter({m: f for m, f in a.modules.items() if m.startswith("model.layers.1.")}, a.base_model)
+                for a in trained[2]]
+    data = fit_data(trained)
+    pp, _ = merge_fit.build("regmean_pp", adapters, data, select_rows=0, fixed={"rows": 6, "alpha": 0.5})
+    plain, _ = merge_fit.build("regmean", adapters, data, select_rows=0, fixed={"rows": 6, "alpha": 0.5})
+    assert sorted(pp.modules) == sorted(plain.modules) and len(pp.modules) == 4
+    for m, want in plain.modules.items():
+        want = want.delta().double()
+        assert (pp.modules[m].delta().double() - want).abs().max() <= 1e-4 * want.abs().max(), m
