@@ -329,8 +329,13 @@ def run_method(method: str, run: Run) -> dict:
             for t in tasks:
                 lora.add_adapter(model, adapters[t], name=t)
             if method == "moa":
-                lora.load_routers(model, moa_dir(root, cfg.model, tasks), tasks,
-                                  hint=moa_command(cfg.model, cfg.preset, tasks))
+                routers = moa_dir(root, cfg.model, tasks)
+                meta = lora.load_routers(model, routers, tasks, hint=moa_command(cfg.model, cfg.preset, tasks))
+                # which routers: the files' hash and how they were trained (a result names its routers, as it
+                # names its adapters, so two router settings on the same adapters are never confused)
+                router_origin = {"fingerprint": hashlib.sha256((routers / "routers.safetensors").read_bytes())
+                                 .hexdigest()[:16], **{k: v for k, v in meta.get("config", {}).items()
+                                                      if k.startswith("router_") or k == "seed"}}
             if method == "arrow":
                 prototypes = arrow.model_prototypes(model)  # once, for the grid and the evaluation
                 arrow_info = choose_arrow(model, data, cfg.select_rows, prototypes)
@@ -383,6 +388,8 @@ def run_method(method: str, run: Run) -> dict:
                                     for t in metrics if get_task(t).metric == "label"}
     if method in ("moa", "arrow"):
         result["router"] = router_report(tasks, routes, layer_names)
+    if method == "moa":
+        result["router"]["trained"] = router_origin
     if arrow_info is not None:
         result["arrow"] = arrow_info
     return result

@@ -1,5 +1,6 @@
 """The three scripts end to end on a tiny random model, kill-and-resume, and bad input."""
 import csv
+import hashlib
 import json
 import os
 import re
@@ -95,6 +96,12 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert results["ties"]["rows_used"]["selection"] == {"sentiment": [64, 72], "nli": [64, 72]}  # cpu: 8 rows
     router = results["moa"]["router"]
     assert len(router["per_layer"]) == 8 and sum(map(sum, router["confusion"]["counts"])) == 24 * 8
+    # MoA names its routers: the file's hash and the settings they were trained with (train_moa's record)
+    routers_file = tmp_path / "adapters" / "tiny" / "moa-2" / "routers.safetensors"
+    trained = json.loads(routers_file.with_name("routers.json").read_text())["config"]
+    assert router["trained"] == {"fingerprint": hashlib.sha256(routers_file.read_bytes()).hexdigest()[:16],
+                                 **{k: v for k, v in trained.items() if k.startswith("router_") or k == "seed"}}
+    assert router["trained"]["router_rows"] == trained["router_rows"] and "router_select" in router["trained"]
     # parameters held besides the base model, counted here from the files: every LoRA (single), plus the routers
     # (MoA), the merged LoRA's rank times its modules' d_in + d_out (svd: rank 8; concat: the two ranks together)
     files = {t: load_file(tmp_path / "adapters" / "tiny" / t / "adapter_model.safetensors") for t in ("sentiment", "nli")}
