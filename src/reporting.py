@@ -50,7 +50,9 @@ def intervals(found: dict, n_boot: int = 1000) -> dict:
     tasks = [get_task(t) for t in next(iter(found.values()))["tasks"]]
     stats = {m: r["stats"] for m, r in found.items() if "stats" in r}
     # each rank variant is also compared with its exact merge, on the same resamples (rank_gaps)
-    exact = tuple(sorted({registry.split_rank(m)[0] for m in found if registry.split_rank(m)[1]} & set(found)))
+    # (and with RegMean's LoRA of the same rank: seeds_table's pairs)
+    ranked = [registry.split_rank(m) for m in found if registry.split_rank(m)[1]]
+    exact = tuple(sorted(({b for b, _ in ranked} | {f"regmean_r{k}" for _, k in ranked}) & set(found)))
     ci = paired_bootstrap(tasks, stats, reference="single", n_boot=n_boot,
                           compare=PAIRED_WITH + tuple(m for m in exact if m not in PAIRED_WITH)) if stats else {}
     empty = {"per_task": {}, "diff": {}, "ratio": {}, "normalized": None, "normalized_diff": {}}
@@ -457,10 +459,10 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
                     else " The leader among them changes: " + ", ".join(f"seed {s} {m}" for s, m in leaders.items()) + ".")
     variants = ["| variant | against | " + " | ".join(f"seed {s}: variant - against [95%]" for s in seeds)
                 + " | mean | seeds whose interval includes 0 |", "|" + "---|" * (len(seeds) + 4)]
-    # each rank variant against its own exact merge, and against full-rank RegMean (the yardstick: a
-    # single LoRA's size at no measurable loss) where its own is another merge
+    # each rank variant against its own exact merge, against full-rank RegMean (the yardstick: a single
+    # LoRA's size at no measurable loss) and against RegMean's LoRA of the same rank, where those are other merges
     pairs = [(m, b) for m in rows for base, rank in [registry.split_rank(m)] if rank is not None
-             for b in dict.fromkeys([base, "regmean"]) if b in rows]
+             for b in dict.fromkeys([base, "regmean", f"regmean_r{rank}"]) if b in rows and b != m]
     for m, base in pairs:
         cells, diffs, holds, with_ci = [], [], 0, 0
         for s, points in zip(seeds, scored):
@@ -468,7 +470,7 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             if points.get(m) is None or points.get(base) is None:
                 cells.append("no score")
                 continue
-            lo_hi = ci[m]["normalized_diff"].get(base)
+            lo_hi = paired_interval(ci, m, base)
             diffs.append(points[m] - points[base])
             with_ci += bool(lo_hi)
             holds += bool(lo_hi and lo_hi[0] <= 0 <= lo_hi[1])
