@@ -284,7 +284,7 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
     assert table.splitlines()[0].endswith("| parameters |")
     assert next(line for line in table.splitlines() if line.startswith("| regmean_r8 |")).endswith("| 921,600 |")
     assert next(line for line in table.splitlines() if line.startswith("| regmean |")).endswith("| n/a |")
-    row = next(line for line in table.split("against its exact merge, per seed")[1].splitlines()
+    row = next(line for line in table.split("against its exact merge and full-rank RegMean, per seed")[1].splitlines()
                if line.startswith("| regmean_r8 |")).split(" | ")
     gaps = [norm(f, "regmean_r8") - norm(f, "regmean") for f in (tmp_path / "retrained-seed0" / "7-task", seed2)]
     assert row[1] == "regmean" and row[2].startswith(f"{gaps[0]:+.3f} [") and row[3] == f"{gaps[1]:+.3f}"
@@ -292,8 +292,12 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
     routers = table.split("**MoA per router setting")[1].split("\n\n")[1].splitlines()[2:]
     accuracy = {label: json.loads((tmp_path / f"retrained-seed0{label}" / "7-task" / "moa.json").read_text())["router"]["accuracy"]
                 for label in ("", "-routers400")}
-    assert [r.split(" | ")[:2] + [r.split(" | ")[3]] for r in routers] == [
+    assert [r.split(" | ")[:2] + [r.split(" | ")[4]] for r in routers] == [
         ["| 0", "cpu preset", f"{accuracy['']:.3f}"], ["| 0", "routers400", f"{accuracy['-routers400']:.3f}"]]
+    # MoA - RegMean on the same rows, where the folder holds RegMean's result (both folders here)
+    moa_gap = [norm(tmp_path / f"retrained-seed0{label}" / "7-task", "moa")
+               - norm(tmp_path / f"retrained-seed0{label}" / "7-task", "regmean") for label in ("", "-routers400")]
+    assert [r.split(" | ")[3].split(" [")[0] for r in routers] == [f"{g:+.3f}" for g in moa_gap]
     assert "| 2 |" not in "\n".join(routers)   # seed 2 has one router setting: nothing to compare
 
 
