@@ -484,6 +484,19 @@ def _statistics_hooks(linears: dict, inputs: list, adapter: lora.Adapter, t: int
     return lora.hook_distinct_inputs([linears[m] for m in names], new, lambda i, j: project(names[i]))
 
 
+def solve_statistics(adapters: list, inputs: list, sums: tuple, alpha: float, rank: int | None) -> dict:
+    """{module: merged Lora} for every module of `inputs` from the statistics `sums` = (stats, projected):
+    merges.regmean_solve at alpha (and rank), one Cholesky factor per input, shared by the modules reading it."""
+    stats, projected = sums
+    out = {}
+    for inp in inputs:
+        factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
+        for m in inp.modules:
+            out[m] = merges.regmean_solve([a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m],
+                                          alpha, factor, rank)
+    return out
+
+
 def reachable(param: registry.Param) -> list:
     """Every value `choose` may try for a parameter searched alone: its grid and the extensions past either end."""
     values = list(param.grid)
@@ -520,11 +533,7 @@ def regmean(adapters: list, data: FitData, rows: int, memory: float | None = Non
     solved = {}   # alpha -> {module: merged Lora}
 
     def solve_inputs(pass_inputs: list, stats: dict, projected: dict, alpha: float):
-        for inp in pass_inputs:   # one Cholesky factor per input, shared by the modules reading it
-            factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
-            for m in inp.modules:
-                solved.setdefault(alpha, {})[m] = merges.regmean_solve(
-                    [a.modules[m] for a in adapters], stats[inp.modules[0]], projected[m], alpha, factor, rank)
+        solved.setdefault(alpha, {}).update(solve_statistics(adapters, pass_inputs, (stats, projected), alpha, rank))
 
     def solve(alphas: list):
         bar = tqdm(total=len(plan.passes) * len(adapters), desc="regmean: Gram statistics", unit="task", leave=False)
@@ -656,11 +665,7 @@ def regmean_pp_merge(model, adapters: list, examples: list, batch_size: int, pad
                 finally:
                     for h in handles:
                         h.remove()
-            for inp in block_in:
-                factor = merges.regmean_factor(stats[inp.modules[0]], alpha)
-                for m in inp.modules:
-                    merged[m] = merges.regmean_solve([a.modules[m] for a in adapters], stats[inp.modules[0]],
-                                                     projected[m], alpha, factor, rank)
+            merged.update(solve_statistics(adapters, block_in, (stats, projected), alpha, rank))
             del stats, projected
             if block is blocks[last][0]:
                 break   # nothing after it is merged: its outputs are not needed
