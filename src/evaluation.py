@@ -40,7 +40,7 @@ from .errors import BadInput, MissingFile
 from .files import atomic_write
 from .layout import (ALL_METHODS, PAPER_METHODS, ROOT, adapter_dir, control_dir, moa_command,
                      moa_dir, results_dir, train_command)
-from .metrics import example_stats, score
+from .metrics import example_stats, grouped_mean_interval, score
 from .models import load_model
 from .reporting import write_summary
 from .settings import DATA, SEED, Setting, check_config, setting, settings_of
@@ -195,7 +195,7 @@ def router_report(tasks: list[str], routes: dict, layer_names: list[str]) -> dic
     right = (decisions == gold[:, None]).float()
     confusion = F.one_hot(decisions, len(tasks)).sum(1)                       # (samples, tasks)
     matrix = torch.stack([confusion[gold == k].sum(0) for k in range(len(tasks))])
-    return {"accuracy": right.mean().item(),
+    return {"accuracy": right.mean().item(), "interval": grouped_mean_interval(right.mean(1), gold),
             "per_task": {t: right[gold == k].mean().item() for k, t in enumerate(tasks)},
             "per_layer": dict(zip(layer_names, right.mean(0).tolist())),
             "confusion": {"rows_true_cols_routed": tasks, "counts": matrix.tolist()}}
@@ -335,7 +335,9 @@ def run_method(method: str, run: Run) -> dict:
                 # names its adapters, so two router settings on the same adapters are never confused)
                 router_origin = {"fingerprint": hashlib.sha256((routers / "routers.safetensors").read_bytes())
                                  .hexdigest()[:16], **{k: v for k, v in meta.get("config", {}).items()
-                                                      if k.startswith("router_") or k == "seed"}}
+                                                      if k.startswith("router_") or k == "seed"},
+                                 **({"router_rows_chosen": meta["router_rows_chosen"]["rows"]}
+                                    if "router_rows_chosen" in meta else {})}
             if method == "arrow":
                 prototypes = arrow.model_prototypes(model)  # once, for the grid and the evaluation
                 arrow_info = choose_arrow(model, data, cfg.select_rows, prototypes)

@@ -240,3 +240,17 @@ def paired_bootstrap(tasks: list, stats: dict, reference: str = "single", n_boot
         entry["normalized_diff"] = {o: tuple(np.nanpercentile(g, q).tolist()) for o, g in gaps.items()
                                     if np.isfinite(g).any()}
     return out
+
+
+def grouped_mean_interval(values, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple:
+    """Percentile interval of the mean of `values` (one per prompt) when each group's (task's) prompts are resampled
+    among themselves, as paired_bootstrap resamples each task's test rows: the routing accuracy's interval, a prompt's
+    value being its share of right decisions over the layers (decisions within a prompt are not independent)."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for g in np.unique(groups):
+        v = values[groups == g]
+        total += v[rng.integers(0, len(v), size=(n_boot, len(v)))].sum(1)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return tuple(np.percentile(total / len(values), q).tolist())

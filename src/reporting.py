@@ -532,26 +532,32 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
             rows.append(f"| {seed} | {label or 'cpu preset'} | "
                         + (_fmt((point, ci["moa"]["normalized"])) if point is not None else "n/a")
                         + (f" | {point - other:+.3f} [{gap[0]:+.3f}, {gap[1]:+.3f}]" if gap else " | n/a")
-                        + f" | {router['accuracy']:.3f} | {weakest} {router['per_task'][weakest]:.2f} |")
+                        + f" | {_accuracy(router)} | {weakest} {router['per_task'][weakest]:.2f} |")
     if not rows:
         return ""
     return ("\n\n**MoA per router setting, on the same adapters** (the folder's README gives the setting; MoA - "
             "RegMean: on the same resampled rows, 95%, where the folder holds RegMean's result on these adapters; "
             "routing accuracy: the gold task's adapter chosen per (test prompt, layer) at the prompt's last "
-            "position)\n\n| seed | routers | moa normalized [95%] | moa - regmean [95%] | routing accuracy | "
+            "position)\n\n| seed | routers | moa normalized [95%] | moa - regmean [95%] | routing accuracy [95%] | "
             "least-routed task |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def _accuracy(router: dict) -> str:
+    """A routing accuracy with its 95% interval over resampled prompts (results written before it had none)."""
+    lo_hi = router.get("interval")
+    return f"{router['accuracy']:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
 
 
 def routing_table(found: dict) -> str:
     """How often the routed methods pick the gold task's adapter: MoA's router and Arrow's top choice, at the
     prompt's last position, over every (test prompt, adapted layer)."""
-    rows = [f"| {m} | {res['router']['accuracy']:.3f} | "
+    rows = [f"| {m} | {_accuracy(res['router'])} | "
             + ", ".join(f"{t} {a:.2f}" for t, a in res["router"]["per_task"].items()) + " |"
             for m, res in found.items() if "router" in res]
     if not rows:
         return ""
     return ("\n**Routing: the gold task's adapter chosen** (per (test prompt, layer), at the prompt's last position)"
-            "\n\n| method | accuracy | per task |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+            "\n\n| method | accuracy [95%] | per task |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def merge_table(found: dict) -> str:

@@ -41,6 +41,7 @@ from . import provenance
 from .data import PromptTooLong, encode_train, fit_prompt, load_rows, pad_batch
 from .errors import BadInput
 from .files import atomic_write
+from .metrics import grouped_mean_interval
 from .settings import DATA, SEED, Setting, check_config, setting, settings_of
 from .tasks import TASKS, get_task
 
@@ -48,10 +49,12 @@ from .tasks import TASKS, get_task
 PRESETS = {
     "paper": {},
     # setting G of scripts/sweep_preset.py, the best on validation rows within the training budget
-    # (results/smollm2-135m/preset_sweep.md)
+    # (results/smollm2-135m/preset_sweep.md); the routers learn on the LoRAs' 400 training rows, or on their first 48
+    # where that gives the lower held-out loss (neither was better on every retrained seed: results/REPORT.md)
     "cpu": dict(lr=2e-3, batch_size=4, epochs=100, max_steps=90, train_rows=400, val_rows=32, max_len=192,
-                max_target=64, eval_every=30, patience=3, save_every=20, router_lr=1e-3, router_epochs=3,
-                router_batch_size=8, router_rows=48, router_heldout=24, max_prompt=192),
+                max_target=64, eval_every=30, patience=3, save_every=20, router_lr=1e-3, router_epochs=10,
+                router_batch_size=8, router_rows=400, router_try_rows=48, router_heldout=24, router_select="heldout",
+                max_prompt=192),
 }
 
 POSITIVE_COUNT = Setting(int, low=1)
@@ -88,6 +91,9 @@ class TrainConfig:
     router_epochs: int = setting(1, POSITIVE_COUNT, "MoA routers: passes over their rows (at most, with heldout)")
     router_batch_size: int = setting(4, POSITIVE_COUNT, "MoA routers: batch size")
     router_rows: int = setting(5000, POSITIVE_COUNT, "MoA routers: train rows per task")
+    router_try_rows: int = setting(0, Setting(int, low=0, note="0: router_rows only"),
+                                   "MoA routers: also train on only the first N of those rows per task and keep the "
+                                   "routers of lower held-out loss (needs router_select heldout; 0: router_rows only)")
     router_heldout: int = setting(200, POSITIVE_COUNT, "MoA routers: rows per task after those, for the routing "
                                                         "accuracy (and the epoch, with heldout)")
     router_select: str = setting("last", Setting(str, choices=("last", "heldout")),
@@ -111,7 +117,14 @@ def make_config(preset: str, overrides: dict | None = None) -> TrainConfig:
     values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None}, "preset": preset}
     if "targets" in values and isinstance(values["targets"], str):
         values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
-    return check_config(TrainConfig(**values), TRAIN_SETTINGS)
+    cfg = check_config(TrainConfig(**values), TRAIN_SETTINGS)
+    if cfg.router_try_rows and cfg.router_select != "heldout":
+        raise BadInput(f"--router-try-rows {cfg.router_try_rows} is chosen against --router-rows on held-out prompts: "
+                       "add --router-select heldout, or give --router-try-rows 0")
+    if cfg.router_try_rows >= cfg.router_rows:
+        raise BadInput(f"--router-try-rows {cfg.router_try_rows} is not fewer than --router-rows {cfg.router_rows}: "
+                       "give fewer rows to try, or 0")
+    return cfg
 
 
 def check_task_sets(task_sets: list[list[str]]):
@@ -406,7 +419,9 @@ def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
         labels.append(gold)
     decisions, labels = torch.cat(decisions), torch.cat(labels)
     right = (decisions == labels[:, None]).float()
-    return {"accuracy": right.mean().item(), "per_layer": right.mean(0).tolist(), "n_prompts": len(labels)}
+    return {"accuracy": right.mean().item(), "interval": grouped_mean_interval(right.mean(1), labels),
+            "per_task": {t: right[labels == k].mean().item() for k, t in enumerate(tasks)},
+            "per_layer": right.mean(0).tolist(), "n_prompts": len(labels)}
 
 
 def gather_items(x: torch.Tensor, n_items: int, accelerator: Accelerator) -> torch.Tensor:
@@ -501,12 +516,39 @@ def train_router_set(cfg: TrainConfig, train: RouterRows, routers: nn.ModuleList
             if heldout is not None:
                 loss, accuracy = router_heldout_loss(routers, heldout, cfg.router_batch_size)
                 log.append({"epoch": epoch, "heldout_loss": loss, "heldout_accuracy": accuracy})
-                if best is None or loss < best[0]:
-                    best = (loss, epoch, {k: v.detach().clone() for k, v in routers.state_dict().items()})
+                if best is None or loss < best["heldout_loss"]:
+                    best = {"chosen_epoch": epoch, "heldout_loss": loss, "heldout_accuracy": accuracy,
+                            "state": {k: v.detach().clone() for k, v in routers.state_dict().items()}}
     if best is not None:
-        routers.load_state_dict(best[2])
-        log.append({"chosen_epoch": best[1], "heldout_loss": best[0]})
+        routers.load_state_dict(best.pop("state"))
+        log.append(best)
     return log
+
+
+def first_rows(rows: RouterRows, n: int) -> RouterRows:
+    """The first n prompts of each task in `rows` (in their row order): the routers' rows cut to n per task."""
+    keep = torch.cat([(rows.labels == k).nonzero()[:n, 0] for k in rows.labels.unique()])
+    return RouterRows(rows.features, rows.where, rows.rows[keep], rows.labels[keep])
+
+
+def train_router_rows(cfg: TrainConfig, train: RouterRows, heldout: RouterRows | None, make_routers, desc: str):
+    """Routers trained on cfg.router_rows prompts per task, and with cfg.router_try_rows also on only the first
+    router_try_rows of them (fresh routers from `make_routers`, the same seed and batch orders): those of lower loss
+    on the held-out prompts (each run's chosen epoch) are kept. Neither count is better on every seed (a router
+    trained on more rows can still collapse one task onto another), so the count is chosen per run like the epoch,
+    never on test rows. Returns (routers, their log, the choice: {"tried": [{rows, chosen_epoch, heldout_loss,
+    heldout_accuracy} per count], "rows": the count kept}, or None with one count)."""
+    counts = [cfg.router_rows] + ([cfg.router_try_rows] if cfg.router_try_rows else [])
+    runs = []
+    for n in counts:
+        routers = make_routers()
+        log = train_router_set(cfg, first_rows(train, n), routers, desc + (f", {n} rows" if len(counts) > 1 else ""),
+                               heldout)
+        runs.append((routers, log, {"rows": n, **log[-1]}))
+    if len(runs) == 1:
+        return runs[0][0], runs[0][1], None
+    routers, log, kept = min(runs, key=lambda run: run[2]["heldout_loss"])
+    return routers, log, {"tried": [tried for _, _, tried in runs], "rows": kept["rows"]}
 
 
 def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer, adapters: dict, out_dirs: list,
@@ -551,13 +593,16 @@ def train_routers(cfg: TrainConfig, task_sets: list[list[str]], model, tokenizer
             try:
                 for t in tasks:
                     lora.add_adapter(model, adapters[t], name=t)
-                routers = lora.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed))
-                log = train_router_set(cfg, rows_of(tasks, items, features), routers, f"routers {len(tasks)} tasks",
-                                       rows_of(tasks, heldout_items, heldout_features) if heldout_items else None)
+                routers, log, choice = train_router_rows(
+                    cfg, rows_of(tasks, items, features),
+                    rows_of(tasks, heldout_items, heldout_features) if heldout_items else None,
+                    lambda: lora.make_routers(model, len(tasks), generator=torch.Generator().manual_seed(cfg.seed)),
+                    f"routers {len(tasks)} tasks")
                 lora.attach_routers(model, routers)
                 accuracy = routing_accuracy(model, tasks, heldout, tokenizer, cfg.max_prompt, 16)
                 lora.save_routers(model, out_dir, tasks, cfg.model,
-                               extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log})
+                                  extra={"heldout_accuracy": accuracy, "config": asdict(cfg), "log": log,
+                                         **({"router_rows_chosen": choice} if choice else {})})
             finally:
                 lora.remove(model)
         acc.wait_for_everyone()

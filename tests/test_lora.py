@@ -506,16 +506,58 @@ def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
     cfg = make_config("cpu", {"router_epochs": 40, "router_lr": 0.05, "router_batch_size": 4, "router_select": "heldout"})
     chosen = routers()
     log = train_router_set(cfg, train, chosen, "test", heldout)
-    epochs = [e for e in log if "heldout_accuracy" in e]
+    epochs = [e for e in log if "heldout_accuracy" in e and "epoch" in e]
     assert len(epochs) == 40 and log[-1]["chosen_epoch"] < 39   # it overfits: the last epoch is not the best
     best = min(epochs, key=lambda e: e["heldout_loss"])
-    assert log[-1] == {"chosen_epoch": best["epoch"], "heldout_loss": best["heldout_loss"]}
+    assert log[-1] == {"chosen_epoch": best["epoch"], "heldout_loss": best["heldout_loss"],
+                       "heldout_accuracy": best["heldout_accuracy"]}
     assert router_heldout_loss(chosen, heldout, 4)[0] == pytest.approx(best["heldout_loss"], rel=1e-6)
     stopped = routers()
     train_router_set(make_config("cpu", {"router_epochs": best["epoch"] + 1, "router_lr": 0.05, "router_batch_size": 4}),
                      train, stopped, "test")
     for a, b in zip(chosen.parameters(), stopped.parameters()):
         assert torch.equal(a, b)
+
+
+def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
+    """router_try_rows: routers trained on all router_rows prompts per task and on the first router_try_rows, the
+    count of lower held-out loss kept, and its routers exactly those of a run given only that count. Two cases, so
+    the choice follows the held-out loss and not the count: the later rows mislabelled (fewer rows win), and the
+    first rows too few to separate the tasks (all rows win)."""
+    from src.train import RouterRows, first_rows, make_config, train_router_rows, train_router_set
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=gen)
+
+    def prompts(n, noise, wrong_after=None):
+        labels = torch.arange(n) % 3
+        x = centers[labels] + noise * torch.randn(n, 16, generator=gen)
+        if wrong_after is not None:   # the rows after the first `wrong_after` per task carry the next task's label
+            rank = torch.arange(n) // 3
+            labels = torch.where(rank >= wrong_after, (labels + 1) % 3, labels)
+        order = torch.argsort(labels * n + torch.arange(n))   # grouped by task, as train_routers gives them
+        return RouterRows([x[order]], [0, 0], torch.arange(n), labels[order])
+
+    def routers():
+        torch.manual_seed(1)
+        return nn.ModuleList([nn.Linear(16, 3), nn.Linear(16, 3)])
+
+    cfg = make_config("cpu", {"router_epochs": 15, "router_lr": 0.05, "router_batch_size": 4, "router_rows": 60,
+                              "router_try_rows": 6})
+    for train, fewer_wins in ((prompts(180, 1.0, wrong_after=6), True), (prompts(180, 4.0), False)):
+        heldout = prompts(90, 1.0 if fewer_wins else 4.0)
+        chosen, log, choice = train_router_rows(cfg, train, heldout, routers, "test")
+        assert [t["rows"] for t in choice["tried"]] == [60, 6]
+        assert choice["rows"] == (6 if fewer_wins else 60)
+        assert choice["rows"] == min(choice["tried"], key=lambda t: t["heldout_loss"])["rows"]
+        alone = routers()
+        alone_log = train_router_set(cfg, first_rows(train, choice["rows"]), alone, "test", heldout)
+        assert log == alone_log
+        for a, b in zip(chosen.parameters(), alone.parameters()):
+            assert torch.equal(a, b)
+    assert len(first_rows(train, 6).labels) == 18 and first_rows(train, 6).rows.tolist() == [
+        i for k in range(3) for i in range(60 * k, 60 * k + 6)]
+    assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, heldout, routers, "test")[2] is None
 
 
 def test_adapters_are_addressed_by_name():

@@ -169,8 +169,8 @@ def test_two_processes_train_route_and_evaluate_as_one(tiny_dir, tmp_path):
         assert [e["loss"] for e in log1] == pytest.approx([e["loss"] for e in log2], rel=5 * 192 * FLOAT32_EPS,
                                                           abs=1e-6)
 
-    moa = ["--tasks", "sentiment,nli", "--model", str(tiny_dir), "--router-rows", "9", "--router-heldout", "4",
-           "--router-batch-size", "4"]
+    moa = ["--tasks", "sentiment,nli", "--model", str(tiny_dir), "--router-rows", "9", "--router-try-rows", "3",
+           "--router-heldout", "4", "--router-batch-size", "4"]
     launch("train_moa.py", *moa, root=one)
     launch("train_moa.py", *moa, root=two, processes=2)
     r1 = load_file(str(one / "adapters/tiny/moa-2/routers.safetensors"))

@@ -45,7 +45,7 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     script("train_individual_loras.py", "--task", TASKS, "--model", str(tiny_dir), "--max-steps", "40", "--lr", "0.03",
            "--batch-size", "8", "--eval-every", "10", "--epochs", "10", "--train-rows", "64", "--val-rows", "8", root=tmp_path)
     script("train_moa.py", "--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "32", "--router-heldout", "16",
-           "--router-lr", "0.01", "--router-epochs", "10", root=tmp_path)
+           "--router-try-rows", "8", "--router-lr", "0.01", "--router-epochs", "10", root=tmp_path)
     # the defaults: Arrow (routing without training) and RegMean among them
     assert {"arrow", "regmean"} <= set(METHODS)
     proc = script("full_evaluation.py", "--tasks", TASKS, "--model", str(tiny_dir), "--rows", "12", root=tmp_path)
@@ -64,8 +64,18 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     # the last token, `:\n` for every task. Routing for real on this random model is not tested here: its std-0.3
     # weights make a wrong adapter move every later feature far from what the routers saw (tests/test_lora.py
     # checks real routing on a model made for it).
-    last_epoch = [e["train_accuracy"] for e in moa["log"] if e["epoch"] == 9]
+    last_epoch = [e["train_accuracy"] for e in moa["log"] if e.get("epoch") == 9 and "train_accuracy" in e]
     assert sum(last_epoch) / len(last_epoch) >= 0.7
+    # the cpu preset's rows: routers on all 32 rows and on the first 8, those of lower held-out loss kept; the log
+    # kept is that run's (its chosen epoch and loss), and the held-out routing accuracy has an interval around it
+    choice = moa["router_rows_chosen"]
+    assert [t["rows"] for t in choice["tried"]] == [32, 8]
+    assert choice["rows"] == min(choice["tried"], key=lambda t: t["heldout_loss"])["rows"]
+    assert moa["log"][-1] == {k: v for k, v in choice["tried"][[t["rows"] for t in choice["tried"]].index(
+        choice["rows"])].items() if k != "rows"}
+    lo, hi = moa["heldout_accuracy"]["interval"]
+    assert lo <= moa["heldout_accuracy"]["accuracy"] <= hi and set(moa["heldout_accuracy"]["per_task"]) == set(
+        moa["tasks"])
 
     out = tmp_path / "results" / "tiny" / "2-task"
     results = {m: json.loads((out / f"{m}.json").read_text()) for m in METHODS}
@@ -100,7 +110,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     routers_file = tmp_path / "adapters" / "tiny" / "moa-2" / "routers.safetensors"
     trained = json.loads(routers_file.with_name("routers.json").read_text())["config"]
     assert router["trained"] == {"fingerprint": hashlib.sha256(routers_file.read_bytes()).hexdigest()[:16],
-                                 **{k: v for k, v in trained.items() if k.startswith("router_") or k == "seed"}}
+                                 **{k: v for k, v in trained.items() if k.startswith("router_") or k == "seed"},
+                                 "router_rows_chosen": moa["router_rows_chosen"]["rows"]}
+    assert router["interval"][0] <= router["accuracy"] <= router["interval"][1]
     assert router["trained"]["router_rows"] == trained["router_rows"] and "router_select" in router["trained"]
     # parameters held besides the base model, counted here from the files: every LoRA (single), plus the routers
     # (MoA), the merged LoRA's rank times its modules' d_in + d_out (svd: rank 8; concat: the two ranks together)
@@ -214,7 +226,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
                    for name, m in layers.items()}
         peft_files.save_adapter(lora.Adapter(modules, "tiny"), adapter_dir(tmp_path, str(tiny_dir), task))
     train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
-                    "--router-epochs", "1", "--root", str(tmp_path)])
+                    "--router-epochs", "1", "--router-select", "last", "--router-try-rows", "0", "--root", str(tmp_path)])
 
     out = moa_dir(tmp_path, str(tiny_dir), tasks)
     meta = json.loads((out / "routers.json").read_text())
@@ -231,7 +243,7 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
     assert decisions.shape == (3, 12) and decisions.max() <= 1
     # the epochs chosen on the held-out prompts: one line per epoch with their loss, then the chosen epoch
     train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
-                    "--router-epochs", "2", "--router-select", "heldout", "--root", str(tmp_path)])
+                    "--router-epochs", "2", "--router-select", "heldout", "--router-try-rows", "0", "--root", str(tmp_path)])
     meta = json.loads((out / "routers.json").read_text())
     epochs = [e for e in meta["log"] if "heldout_loss" in e and "epoch" in e]
     assert meta["config"]["router_select"] == "heldout" and len(epochs) == 2
@@ -369,7 +381,8 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
     env = {**os.environ, "MODEL": str(tiny_dir), "PRESET": "cpu", "PYTHON": sys.executable, "TQDM_DISABLE": "1"}
     small = {"train_all_tasks.sh": ["--max-steps", "1", "--train-rows", "8", "--val-rows", "2", "--max-len", "96",
                                     "--max-target", "16"],
-             "train_moa.sh": ["--router-rows", "4", "--router-heldout", "2", "--router-epochs", "1", "--max-prompt", "64"],
+             "train_moa.sh": ["--router-rows", "4", "--router-try-rows", "2", "--router-heldout", "2", "--router-epochs", "1",
+                              "--max-prompt", "64"],
              "run_all_evaluation.sh": ["--rows", "2", "--max-new-tokens", "2", "--max-prompt", "64"]}
     for wrapper, args in small.items():
         proc = subprocess.run(["bash", str(REPO / wrapper), *args, "--root", str(tmp_path)], env=env,
@@ -677,6 +690,10 @@ def no_model(monkeypatch):
     ("train_individual_loras", ["--task", "qa", "--max-steps", "-5"], "--max-steps -5 is out of range"),
     ("train_individual_loras", ["--task", "qa", "--targets", ","], "--targets () is not accepted"),
     ("train_moa", ["--tasks", "qa,nli", "--router-heldout", "0"], "--router-heldout 0 is out of range"),
+    ("train_moa", ["--tasks", "qa,nli", "--router-try-rows", "400"],
+     "--router-try-rows 400 is not fewer than --router-rows 400: give fewer rows to try, or 0"),
+    ("train_moa", ["--tasks", "qa,nli", "--router-select", "last"],
+     "--router-try-rows 48 is chosen against --router-rows on held-out prompts: add --router-select heldout, or give"),
     ("full_evaluation", ["--tasks", "qa", "--data", "local", "--seed", "-1"], "--seed -1 is out of range"),
     ("full_evaluation", ["--tasks", "qa", "--methods", "single,ties", "--loras", "random"],
      "--loras random is a control for the merges: drop single from --methods"),
