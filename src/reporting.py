@@ -500,7 +500,8 @@ def seeds_table(model_dir: Path, analyses: Analyses | None = None, n_tasks: int 
             + ("\n\n**Each rank variant against its exact merge and full-rank RegMean, per seed** (one LoRA of "
                "rank k; variant - the other on the same resampled rows, 95%)\n\n" + "\n".join(variants)
                if len(variants) > 2 else "")
-            + verdict + (router_settings(model_dir, analyses, n_tasks) if retrained else "")
+            + verdict + ("".join(router_settings(model_dir, analyses, n) for n in (n_tasks, 5) if n <= n_tasks)
+                         if retrained else "")
             + "\n\n**The single-task LoRAs per seed** (the denominators: primary metric on the test rows)\n\n"
             + "\n".join(singles))
 
@@ -516,8 +517,10 @@ def paired_interval(ci: dict, m: str, other: str) -> tuple | None:
 
 def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> str:
     """MoA on each retrained seed's adapters with the cpu preset's routers (`retrained-seed<N>`) and with each other
-    router setting of the same adapters (`retrained-seed<N>-<label>`): normalized score with its 95% row interval,
-    and the routing accuracy on the test prompts with its weakest task. Empty without another setting."""
+    router setting of the same adapters (`retrained-seed<N>-<label>`): the rows per task the routers learned on and
+    their routing accuracy on held-out train-split prompts (the folder's train_logs/moa-<n>.json, where it has one),
+    MoA's normalized score with its 95% row interval, its gap to RegMean, and the routing accuracy on the test
+    prompts with its weakest task. Empty without another setting."""
     rows = []
     for seed, by_label in retrained_folders(model_dir, n_tasks).items():
         for label, folder in sorted(by_label.items()) if len(by_label) > 1 else ():
@@ -529,17 +532,25 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
             point, other = points["moa"], points.get("regmean")
             weakest = min(router["per_task"], key=router["per_task"].get)
             gap = paired_interval(ci, "moa", "regmean") if other is not None and point is not None else None
-            rows.append(f"| {seed} | {label or 'cpu preset'} | "
+            log_path = folder.parent / "train_logs" / f"moa-{n_tasks}.json"
+            log = json.loads(log_path.read_text()) if log_path.exists() else None
+            trained = ("n/a | n/a" if log is None else
+                       f"{log.get('router_rows_chosen', {}).get('rows', log['config']['router_rows'])}"
+                       + (f" of {', '.join(str(t['rows']) for t in log['router_rows_chosen']['tried'])}"
+                          if "router_rows_chosen" in log else "") + f" | {_accuracy(log['heldout_accuracy'])}")
+            rows.append(f"| {seed} | {label or 'cpu preset'} | {trained} | "
                         + (_fmt((point, ci["moa"]["normalized"])) if point is not None else "n/a")
                         + (f" | {point - other:+.3f} [{gap[0]:+.3f}, {gap[1]:+.3f}]" if gap else " | n/a")
                         + f" | {_accuracy(router)} | {weakest} {router['per_task'][weakest]:.2f} |")
     if not rows:
         return ""
-    return ("\n\n**MoA per router setting, on the same adapters** (the folder's README gives the setting; MoA - "
-            "RegMean: on the same resampled rows, 95%, where the folder holds RegMean's result on these adapters; "
-            "routing accuracy: the gold task's adapter chosen per (test prompt, layer) at the prompt's last "
-            "position)\n\n| seed | routers | moa normalized [95%] | moa - regmean [95%] | routing accuracy [95%] | "
-            "least-routed task |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+    return (f"\n\n**MoA per router setting, on the same adapters, {n_tasks} tasks** (the folder's README gives the "
+            "setting; rows: train rows per task the routers learned on, of the counts tried on held-out loss; "
+            "held-out routing: on train-split prompts after those, before any test row; MoA - RegMean: on the same "
+            "resampled rows, 95%, where the folder holds RegMean's result on these adapters; test routing: the gold "
+            "task's adapter chosen per (test prompt, layer) at the prompt's last position, 95% over resampled "
+            "prompts)\n\n| seed | routers | rows | held-out routing [95%] | moa normalized [95%] | moa - regmean [95%] "
+            "| test routing [95%] | least-routed task |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def _accuracy(router: dict) -> str:

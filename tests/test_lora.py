@@ -521,10 +521,11 @@ def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
 
 def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
     """router_try_rows: routers trained on all router_rows prompts per task and on the first router_try_rows, the
-    count of lower held-out loss kept, and its routers exactly those of a run given only that count. Two cases, so
-    the choice follows the held-out loss and not the count: the later rows mislabelled (fewer rows win), and the
-    first rows too few to separate the tasks (all rows win)."""
-    from src.train import RouterRows, first_rows, make_config, train_router_rows, train_router_set
+    count that scores higher kept (here by minus the held-out loss; train_routers scores real routing), and its
+    routers exactly those of a run given only that count. Two cases, so the choice follows the score and not the
+    count: the later rows mislabelled (fewer rows win), and the first rows too few to separate the tasks (all rows
+    win)."""
+    from src.train import RouterRows, first_rows, make_config, router_heldout_loss, train_router_rows, train_router_set
 
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 16, generator=gen)
@@ -546,10 +547,12 @@ def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
                               "router_try_rows": 6})
     for train, fewer_wins in ((prompts(180, 1.0, wrong_after=6), True), (prompts(180, 4.0), False)):
         heldout = prompts(90, 1.0 if fewer_wins else 4.0)
-        chosen, log, choice = train_router_rows(cfg, train, heldout, routers, "test")
+        chosen, log, choice = train_router_rows(cfg, train, heldout, routers, "test",
+                                                lambda r: -router_heldout_loss(r, heldout, 4)[0])
         assert [t["rows"] for t in choice["tried"]] == [60, 6]
         assert choice["rows"] == (6 if fewer_wins else 60)
-        assert choice["rows"] == min(choice["tried"], key=lambda t: t["heldout_loss"])["rows"]
+        assert choice["rows"] == max(choice["tried"], key=lambda t: t["routed"])["rows"]
+        assert [t["routed"] for t in choice["tried"]] == [-t["heldout_loss"] for t in choice["tried"]]
         alone = routers()
         alone_log = train_router_set(cfg, first_rows(train, choice["rows"]), alone, "test", heldout)
         assert log == alone_log
@@ -557,7 +560,7 @@ def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
             assert torch.equal(a, b)
     assert len(first_rows(train, 6).labels) == 18 and first_rows(train, 6).rows.tolist() == [
         i for k in range(3) for i in range(60 * k, 60 * k + 6)]
-    assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, heldout, routers, "test")[2] is None
+    assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, heldout, routers, "test", None)[2] is None
 
 
 def test_adapters_are_addressed_by_name():

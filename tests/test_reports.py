@@ -290,14 +290,24 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
     assert row[1] == "regmean" and row[2].startswith(f"{gaps[0]:+.3f} [") and row[3] == f"{gaps[1]:+.3f}"
     assert row[4:] == [f"{statistics.mean(gaps):+.3f}", "1 of 1 |"]   # seed 0: -0.031 [-0.072, +0.021]
     routers = table.split("**MoA per router setting")[1].split("\n\n")[1].splitlines()[2:]
-    accuracy = {label: json.loads((tmp_path / f"retrained-seed0{label}" / "7-task" / "moa.json").read_text())["router"]["accuracy"]
-                for label in ("", "-routers400")}
-    assert [r.split(" | ")[:2] + [r.split(" | ")[4]] for r in routers] == [
-        ["| 0", "cpu preset", f"{accuracy['']:.3f}"], ["| 0", "routers400", f"{accuracy['-routers400']:.3f}"]]
+    labels = ("", "-routers400")
+    moa = {label: json.loads((tmp_path / f"retrained-seed0{label}" / "7-task" / "moa.json").read_text())["router"]
+           for label in labels}
+    logs = {label: json.loads((tmp_path / f"retrained-seed0{label}" / "train_logs" / "moa-7.json").read_text())
+            for label in labels}
+    cells = [r.split(" | ") for r in routers]
+    assert [c[:2] for c in cells] == [["| 0", "cpu preset"], ["| 0", "routers400"]]
+    for c, label in zip(cells, labels):
+        lo, hi = moa[label]["interval"]
+        assert c[6] == f"{moa[label]['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"   # on the test prompts
+        assert c[3].startswith(f"{logs[label]['heldout_accuracy']['accuracy']:.3f}")   # held-out, at training
+        chosen = logs[label].get("router_rows_chosen")
+        assert c[2] == (f"{chosen['rows']} of " + ", ".join(str(t["rows"]) for t in chosen["tried"]) if chosen
+                        else str(logs[label]["config"]["router_rows"]))
     # MoA - RegMean on the same rows, where the folder holds RegMean's result (both folders here)
     moa_gap = [norm(tmp_path / f"retrained-seed0{label}" / "7-task", "moa")
-               - norm(tmp_path / f"retrained-seed0{label}" / "7-task", "regmean") for label in ("", "-routers400")]
-    assert [r.split(" | ")[3].split(" [")[0] for r in routers] == [f"{g:+.3f}" for g in moa_gap]
+               - norm(tmp_path / f"retrained-seed0{label}" / "7-task", "regmean") for label in labels]
+    assert [c[5].split(" [")[0] for c in cells] == [f"{g:+.3f}" for g in moa_gap]
     assert "| 2 |" not in "\n".join(routers)   # seed 2 has one router setting: nothing to compare
 
 
