@@ -596,7 +596,9 @@ def merge_table(found: dict) -> str:
                    "after the training rows: "
                    f"loss {info['loss_start']:.3f} -> {info['loss_best']:.3f}, w = {weights}")
         else:
-            how = "the method's defaults"
+            given = (res.get("settings", {}).get("merge_params") or {}).get(registry.split_rank(m)[0], {})
+            how = (f"given ({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in given.items())}"
+                   ", by --set), the rest the method's defaults" if given else "the method's defaults")
         rows.append(f"| {m} | {params or '-'} | {how} | {info['seconds']:.1f} |")
     if not rows:
         return ""

@@ -351,3 +351,16 @@ def test_the_rank_figure_over_seeds_joins_the_means_of_the_seeds(tmp_path):
     line = next(ln for ln in plots.fig_rank(folders + [unfinished]).axes[0].lines
                 if ln.get_label() == "regmean (mean of 2 seeds)")
     assert list(line.get_ydata()) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_merge_table_names_parameters_fixed_by_set_as_given():
+    """A merge run with `--set regmean_pp.alpha=1.0` chose nothing: its row says the value was given, not that the
+    method's defaults were used; a merge with neither selection nor --set keeps "the method's defaults"."""
+    import json
+
+    folder = ROOT / "results" / "smollm2-135m" / "retrained-seed1" / "7-task"
+    found = {m: json.loads((folder / f"{m}.json").read_text()) for m in ("regmean_pp_r8", "svd")}
+    assert found["regmean_pp_r8"]["settings"]["merge_params"] == {"regmean_pp": {"alpha": 1.0}}
+    rows = {line.split(" | ")[0]: line for line in reporting.merge_table(found).splitlines() if line.startswith("| ")}
+    assert "| given (alpha=1, by --set), the rest the method's defaults |" in rows["| regmean_pp_r8"]
+    assert "| the method's defaults |" in rows["| svd"]
