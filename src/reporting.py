@@ -111,7 +111,7 @@ def rank_gaps(found: dict, ci: dict) -> str:
         base, rank = registry.split_rank(m)
         if rank is None or base not in found or points[m] is None or points[base] is None:
             continue
-        lo_hi, own = ci[m]["normalized_diff"].get(base), ci[m]["normalized"]
+        lo_hi, own = paired_interval(ci, m, base), ci[m]["normalized"]
         gap = f"{points[m] - points[base]:+.3f}" + (f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else "")
         rows.append(f"| {m} | {rank} | {_fmt((points[m], own))} | {base} | {_fmt((points[base], ci[base]['normalized']))} "
                     f"| {gap} |")
