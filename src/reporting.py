@@ -536,7 +536,7 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
             log = json.loads(log_path.read_text()) if log_path.exists() else None
             trained = ("n/a | n/a" if log is None else
                        f"{log.get('router_rows_chosen', {}).get('rows', log['config']['router_rows'])}"
-                       + (f" of {', '.join(str(t['rows']) for t in log['router_rows_chosen']['tried'])}"
+                       + (f" (of {', '.join(str(t['rows']) for t in log['router_rows_chosen']['tried'])})"
                           if "router_rows_chosen" in log else "") + f" | {_accuracy(log['heldout_accuracy'])}")
             rows.append(f"| {seed} | {label or 'cpu preset'} | {trained} | "
                         + (_fmt((point, ci["moa"]["normalized"])) if point is not None else "n/a")
@@ -545,9 +545,10 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
     if not rows:
         return ""
     return (f"\n\n**MoA per router setting, on the same adapters, {n_tasks} tasks** (the folder's README gives the "
-            "setting; rows: train rows per task the routers learned on, of the counts tried on held-out loss; "
-            "held-out routing: on train-split prompts after those, before any test row; MoA - RegMean: on the same "
-            "resampled rows, 95%, where the folder holds RegMean's result on these adapters; test routing: the gold "
+            "setting; rows: train rows per task the routers learned on, of the counts tried, the one that routed "
+            "held-out prompts better; held-out routing: on other train-split prompts after those, before any test "
+            "row; MoA - RegMean: on the same resampled rows, 95%, where the folder holds RegMean's result on these "
+            "adapters; test routing: the gold "
             "task's adapter chosen per (test prompt, layer) at the prompt's last position, 95% over resampled "
             "prompts)\n\n| seed | routers | rows | held-out routing [95%] | moa normalized [95%] | moa - regmean [95%] "
             "| test routing [95%] | least-routed task |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))

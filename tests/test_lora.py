@@ -480,12 +480,23 @@ def test_arrow_routing_refuses_what_it_cannot_use():
     assert all(layer.arrow is None for layer in lora.lora_layers(model).values())
 
 
+def _minus_loss(heldout):
+    """A score of routers on held-out synthetic features (higher is better), standing in for train_routers' real
+    routing accuracy, which needs a model."""
+    def score(routers) -> float:
+        with torch.no_grad():
+            loss, _ = lora.router_loss(routers, [f[heldout.rows] for f in heldout.features], heldout.where,
+                                       heldout.labels)
+        return -loss.item()
+    return score
+
+
 def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
-    """router_select "heldout": after each epoch the routers are scored on held-out prompts' features and the
-    epoch with the lowest held-out loss is kept. Its routers are exactly those of a run stopped after that epoch
-    (same seeded batch orders), and its logged loss is the lowest of the epochs'. Training rows with half their
-    labels shuffled make later epochs overfit, so the choice is not simply the last epoch."""
-    from src.train import RouterRows, make_config, router_heldout_loss, train_router_set
+    """router_select "heldout": after each epoch the routers are scored on held-out prompts (`routed`) and the epoch
+    of the best score is kept. Its routers are exactly those of a run stopped after that epoch (same seeded batch
+    orders), and its logged score is the best of the epochs'. Training rows with half their labels shuffled make
+    later epochs overfit, so the choice is not simply the last epoch."""
+    from src.train import RouterRows, make_config, train_router_set
 
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 16, generator=gen)
@@ -505,13 +516,12 @@ def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
 
     cfg = make_config("cpu", {"router_epochs": 40, "router_lr": 0.05, "router_batch_size": 4, "router_select": "heldout"})
     chosen = routers()
-    log = train_router_set(cfg, train, chosen, "test", heldout)
-    epochs = [e for e in log if "heldout_accuracy" in e and "epoch" in e]
+    log = train_router_set(cfg, train, chosen, "test", _minus_loss(heldout))
+    epochs = [e for e in log if "routed" in e and "epoch" in e]
     assert len(epochs) == 40 and log[-1]["chosen_epoch"] < 39   # it overfits: the last epoch is not the best
-    best = min(epochs, key=lambda e: e["heldout_loss"])
-    assert log[-1] == {"chosen_epoch": best["epoch"], "heldout_loss": best["heldout_loss"],
-                       "heldout_accuracy": best["heldout_accuracy"]}
-    assert router_heldout_loss(chosen, heldout, 4)[0] == pytest.approx(best["heldout_loss"], rel=1e-6)
+    best = max(epochs, key=lambda e: e["routed"])
+    assert log[-1] == {"chosen_epoch": best["epoch"], "routed": best["routed"]}
+    assert _minus_loss(heldout)(chosen) == best["routed"]
     stopped = routers()
     train_router_set(make_config("cpu", {"router_epochs": best["epoch"] + 1, "router_lr": 0.05, "router_batch_size": 4}),
                      train, stopped, "test")
@@ -521,11 +531,11 @@ def test_router_epochs_chosen_on_held_out_prompts_keep_that_epochs_routers():
 
 def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
     """router_try_rows: routers trained on all router_rows prompts per task and on the first router_try_rows, the
-    count that scores higher kept (here by minus the held-out loss; train_routers scores real routing), and its
-    routers exactly those of a run given only that count. Two cases, so the choice follows the score and not the
-    count: the later rows mislabelled (fewer rows win), and the first rows too few to separate the tasks (all rows
-    win)."""
-    from src.train import RouterRows, first_rows, make_config, router_heldout_loss, train_router_rows, train_router_set
+    count whose chosen epoch scores higher kept (train_routers scores real routing; here minus a held-out loss), and
+    its routers exactly those of a run given only that count. Two cases, so the choice follows the score and not
+    the count: the later rows mislabelled (fewer rows win), and the first rows too few to separate the tasks (all
+    rows win)."""
+    from src.train import RouterRows, first_rows, make_config, train_router_rows, train_router_set
 
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 16, generator=gen)
@@ -547,20 +557,19 @@ def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
                               "router_try_rows": 6})
     for train, fewer_wins in ((prompts(180, 1.0, wrong_after=6), True), (prompts(180, 4.0), False)):
         heldout = prompts(90, 1.0 if fewer_wins else 4.0)
-        chosen, log, choice = train_router_rows(cfg, train, heldout, routers, "test",
-                                                lambda r: -router_heldout_loss(r, heldout, 4)[0])
+        chosen, log, choice = train_router_rows(cfg, train, routers, "test", _minus_loss(heldout))
         assert [t["rows"] for t in choice["tried"]] == [60, 6]
         assert choice["rows"] == (6 if fewer_wins else 60)
         assert choice["rows"] == max(choice["tried"], key=lambda t: t["routed"])["rows"]
-        assert [t["routed"] for t in choice["tried"]] == [-t["heldout_loss"] for t in choice["tried"]]
         alone = routers()
-        alone_log = train_router_set(cfg, first_rows(train, choice["rows"]), alone, "test", heldout)
-        assert log == alone_log
+        alone_log = train_router_set(cfg, first_rows(train, choice["rows"]), alone, "test", _minus_loss(heldout))
+        assert log == alone_log and log[-1] == {k: v for k, v in choice["tried"][
+            [t["rows"] for t in choice["tried"]].index(choice["rows"])].items() if k != "rows"}
         for a, b in zip(chosen.parameters(), alone.parameters()):
             assert torch.equal(a, b)
     assert len(first_rows(train, 6).labels) == 18 and first_rows(train, 6).rows.tolist() == [
         i for k in range(3) for i in range(60 * k, 60 * k + 6)]
-    assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, heldout, routers, "test", None)[2] is None
+    assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, routers, "test")[2] is None
 
 
 def test_adapters_are_addressed_by_name():

@@ -73,7 +73,9 @@ def test_scripts_end_to_end_write_every_output(tiny_dir, tmp_path):
     assert [t["rows"] for t in choice["tried"]] == [32, 8] and all(0 <= t["routed"] <= 1 for t in choice["tried"])
     assert choice["rows"] == max(choice["tried"], key=lambda t: t["routed"])["rows"]
     assert moa["log"][-1] == {k: v for k, v in choice["tried"][[t["rows"] for t in choice["tried"]].index(
-        choice["rows"])].items() if k not in ("rows", "routed")}
+        choice["rows"])].items() if k != "rows"}
+    epochs = [e for e in moa["log"] if "routed" in e and "epoch" in e]   # the kept run's epochs, scored
+    assert len(epochs) == 10 and moa["log"][-1]["routed"] == max(e["routed"] for e in epochs)
     lo, hi = moa["heldout_accuracy"]["interval"]
     assert lo <= moa["heldout_accuracy"]["accuracy"] <= hi and set(moa["heldout_accuracy"]["per_task"]) == set(
         moa["tasks"])
@@ -242,13 +244,13 @@ def test_train_moa_on_attention_and_mlp_targets(tiny_dir, tmp_path):
         model(x)
         decisions = lora.route_decisions(model)
     assert decisions.shape == (3, 12) and decisions.max() <= 1
-    # the epochs chosen on the held-out prompts: one line per epoch with their loss, then the chosen epoch
+    # the epochs chosen on the held-out prompts routed for real: one line per epoch with its accuracy, then the chosen
     train_moa.main(["--tasks", TASKS, "--model", str(tiny_dir), "--router-rows", "4", "--router-heldout", "2",
                     "--router-epochs", "2", "--router-select", "heldout", "--router-try-rows", "0", "--root", str(tmp_path)])
     meta = json.loads((out / "routers.json").read_text())
-    epochs = [e for e in meta["log"] if "heldout_loss" in e and "epoch" in e]
+    epochs = [e for e in meta["log"] if "routed" in e and "epoch" in e]
     assert meta["config"]["router_select"] == "heldout" and len(epochs) == 2
-    assert meta["log"][-1]["chosen_epoch"] == min(epochs, key=lambda e: e["heldout_loss"])["epoch"]
+    assert meta["log"][-1]["chosen_epoch"] == max(epochs, key=lambda e: e["routed"])["epoch"]
 
 # -------------------------------------------------------------------------------------------------- bad input
 MERGES = {m for m in METHODS if m not in ("base", "majority", "single", "moa", "arrow")}

@@ -302,7 +302,7 @@ def test_the_retrained_seeds_table_gives_each_rank_variants_gap_per_seed_and_moa
         assert c[6] == f"{moa[label]['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"   # on the test prompts
         assert c[3].startswith(f"{logs[label]['heldout_accuracy']['accuracy']:.3f}")   # held-out, at training
         chosen = logs[label].get("router_rows_chosen")
-        assert c[2] == (f"{chosen['rows']} of " + ", ".join(str(t["rows"]) for t in chosen["tried"]) if chosen
+        assert c[2] == (f"{chosen['rows']} (of " + ", ".join(str(t["rows"]) for t in chosen["tried"]) + ")" if chosen
                         else str(logs[label]["config"]["router_rows"]))
     # MoA - RegMean on the same rows, where the folder holds RegMean's result (both folders here)
     moa_gap = [norm(tmp_path / f"retrained-seed0{label}" / "7-task", "moa")
