@@ -97,10 +97,11 @@ class TrainConfig:
                                    "routers that route held-out prompts more accurately (needs router_select heldout; "
                                    "0: router_rows only)")
     router_heldout: int = setting(200, POSITIVE_COUNT, "MoA routers: rows per task after those, for the routing "
-                                                        "accuracy (and the epoch, with heldout)")
+                                                        "accuracy (and as many after them for the epoch and row "
+                                                        "count, with heldout)")
     router_select: str = setting("last", Setting(str, choices=("last", "heldout")),
-                                 "MoA routers kept: the last epoch's, or the epoch's that routes the router_heldout "
-                                 "rows after the accuracy's best")
+                                 "MoA routers kept: the last epoch's, or the epoch's whose routers route the next "
+                                 "router_heldout rows (after the accuracy's) best")
     max_prompt: int = setting(400, POSITIVE_COUNT, "prompt tokens for the routers (the content field is cut)")
 
 
@@ -411,8 +412,9 @@ def prompt_batches(items: list, pad_id: int, batch_size: int):
 
 @torch.no_grad()
 def routing_accuracy(model, tasks, rows, tokenizer, budget, batch_size) -> dict:
-    """Route held-out prompts for real (each layer's router picks an adapter at the prompt) and compare with the
-    gold task: overall share of (sample, layer) decisions that are right, and the share per layer."""
+    """Route held-out prompts for real (each layer's router picks an adapter at the prompt, the earlier layers'
+    choices feeding the later layers' inputs) and compare with the gold task: the share of (sample, layer) decisions
+    that are right, with its 95% interval over resampled prompts, per task and per layer."""
     decisions, labels = [], []
     items = sorted(prompt_items(tasks, rows, tokenizer, budget), key=lambda item: len(item[1]))  # less padding
     for batch, gold in prompt_batches(items, tokenizer.eos_token_id, batch_size):
@@ -527,8 +529,8 @@ def train_router_rows(cfg: TrainConfig, train: RouterRows, make_routers, desc: s
     held-out prompts for real, each layer's router choosing at the prompt, the earlier layers' choices feeding the
     later layers' inputs. The routers learn with teacher forcing (every layer's input made with the gold adapter),
     and their loss on held-out prompts under teacher forcing does not see the failure this guards against: on
-    retrained seed 1 that loss fell at every one of 10 epochs, on 400 rows and on 48, while routing for real sent
-    sentiment's prompts elsewhere (results/REPORT.md). Ties keep router_rows and the earlier epoch. Neither count nor
+    retrained seed 1 that loss fell at every one of 10 epochs on 400 rows while routing for real sent sentiment's
+    prompts elsewhere (results/REPORT.md). Ties keep router_rows and the earlier epoch. Neither count nor
     epoch is better on every seed, so both are chosen per run, never on test rows. Returns (routers, their log, the
     choice: {"tried": [{rows, chosen_epoch, routed} per count], "rows": the count kept}, or None with one count)."""
     counts = [cfg.router_rows] + ([cfg.router_try_rows] if cfg.router_try_rows else [])
