@@ -10,6 +10,8 @@ interval has no width (single is 1 by definition; majority has no normalized sco
 every task's primary metric inside the committed interval of that task. The verdict is "reproduced" when every
 method compared lies inside, "reproduced exactly" when every prediction is also the same, "not reproduced"
 otherwise (a method outside, or one asked for but missing from the run); the exit code is 0, 0 and 1.
+MoA is not compared where its routers were trained with other router settings than the committed result's, or where
+the committed side does not record them (train_logs/moa-<n>.json beside each side's results): the verdict names it.
 
 Why an interval and not equality: the same commit trains adapters with other bytes on another CPU (floating-point
 rounding follows the vector width), which moves a few predictions; a score inside the committed row interval is a
@@ -77,13 +79,25 @@ def differing_predictions(committed: Path, ours: Path) -> tuple | None:
     return sum(b.get(key) != pred for key, pred in a.items()), len(a)
 
 
+def router_settings(model_dir: Path, task_set: str) -> dict | None:
+    """The router_* settings MoA's routers for `task_set` were trained with (train_moa's record in the model folder's
+    train_logs/moa-<n>.json), or None without a record."""
+    path = Path(model_dir) / "train_logs" / f"moa-{task_set.split('-')[0]}.json"
+    if not path.exists():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k.startswith("router_")}
+
+
 def check_method(task_set: str, method: str, committed: dict | None, ours: dict | None,
-                 differing: tuple | None) -> Check:
+                 differing: tuple | None, other_settings: str = "") -> Check:
     if ours is None:
         return Check(task_set, method, "not in this run")
     if committed is None:
         return Check(task_set, method, "no committed result", ours=ours.get("normalized"))
     point, lo, hi = committed.get("normalized"), committed.get("normalized lo"), committed.get("normalized hi")
+    if other_settings:   # two settings' results, shown: a difference would say nothing about reproducing either
+        return Check(task_set, method, f"not compared: {other_settings}", ours=ours.get("normalized"),
+                     committed=(point, lo, hi) if point is not None else None, differing=differing)
     check = Check(task_set, method, "", committed=(point, lo, hi) if point is not None else None,
                   ours=ours.get("normalized"), differing=differing)
     if point is not None and lo is not None and hi is not None and hi > lo and check.ours is not None:
@@ -109,10 +123,17 @@ def compare(committed_dir: Path, run_dir: Path, methods: list[str] | None = None
         ours, committed = read_summary(ours_folder), read_summary(committed_folder)
         if not ours and not (methods and committed):   # a task set neither side has, or one the run was not asked for
             continue
+        theirs, mine = router_settings(committed_dir, task_set), router_settings(run_dir, task_set)
+        changed = sorted(k for k in (mine or {}) if theirs is not None and theirs.get(k) != mine[k])
+        routers = ("routers trained with other settings (" + ", ".join(f"{k} {theirs.get(k)} -> {mine[k]}"
+                                                                      for k in changed) + ")" if changed
+                   else "the committed routers' settings are not recorded (no train_logs/moa-<n>.json beside them)"
+                   if theirs is None and mine is not None else "")
         for method in methods or list(ours):
             differing = differing_predictions(committed_folder / f"{method}.predictions.jsonl",
                                               ours_folder / f"{method}.predictions.jsonl")
-            checks.append(check_method(task_set, method, committed.get(method), ours.get(method), differing))
+            other = routers if method == "moa" else ""
+            checks.append(check_method(task_set, method, committed.get(method), ours.get(method), differing, other))
     return checks
 
 
@@ -122,7 +143,10 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
     outside = [f"{c.method} ({c.task_set})" for c in checks if c.status == "OUTSIDE"]
     missing = [f"{c.method} ({c.task_set})" for c in checks if c.status == "not in this run"]
     new = [f"{c.method} ({c.task_set})" for c in checks if c.status == "no committed result"]
-    extra = f"; no committed result to compare for {', '.join(new)}" if new else ""
+    other = [f"{c.method} ({c.task_set})" for c in checks if c.status.startswith("not compared")]
+    extra = ((f"; no committed result to compare for {', '.join(new)}" if new else "")
+             + (f"; not compared (router settings other than, or not recorded beside, the committed result's): "
+                f"{', '.join(other)}" if other else ""))
     if not compared and not missing:
         return False, ("not reproduced: nothing committed to compare with" if new
                        else "not reproduced: nothing to compare (the run has no summary.csv)") + extra

@@ -94,3 +94,32 @@ def test_main_writes_the_report_and_exits_1_when_not_reproduced(committed, tmp_p
     assert "**Verdict: not reproduced" in written and written in capsys.readouterr().out
     write_folder(tmp_path / "run2" / "7-task", COMMITTED, TEXTS)
     assert reproduction.main(["--committed", str(committed), "--run", str(tmp_path / "run2")]) == 0
+
+
+def test_moa_is_not_compared_with_routers_trained_otherwise_or_unrecorded(committed, tmp_path):
+    """MoA's routers trained with other router settings than the committed ones (each side's
+    train_logs/moa-<n>.json), or committed without a record, make two settings' results: MoA is shown, not
+    compared, and named in the verdict, which the other methods still decide. Same recorded settings compare."""
+    scores = {**COMMITTED, "moa": (40.0, 0.30, 0.80)}        # outside [0.90, 1.00]
+    write_folder(tmp_path / "run" / "7-task", scores, TEXTS)
+
+    def record(folder, rows):
+        (folder / "train_logs").mkdir(parents=True, exist_ok=True)
+        (folder / "train_logs" / "moa-7.json").write_text(json.dumps(
+            {"config": {"router_rows": rows, "router_epochs": 3, "seed": 0, "lr": 0.1}}))
+
+    record(tmp_path / "run", 400)
+    for committed_rows, status in ((None, "not compared: the committed routers' settings are not recorded"),
+                                   (48, "not compared: routers trained with other settings (router_rows 48 -> 400)"),
+                                   (400, "OUTSIDE")):
+        if committed_rows is not None:
+            record(committed, committed_rows)
+        checks = {c.method: c for c in reproduction.compare(committed, tmp_path / "run")}
+        assert checks["moa"].status.startswith(status) and checks["svd"].status == "identical"
+        ok, line = reproduction.verdict(list(checks.values()))
+        if status == "OUTSIDE":
+            assert not ok and "outside the committed 95% interval: moa (7-task)" in line
+        else:
+            assert ok and line.endswith("not recorded beside, the committed result's): moa (7-task)")
+            assert "| 7-task | moa | 0.950 [0.900, 1.000] | 0.800 | -0.150 | not compared: " in reproduction.report(
+                list(checks.values()), committed, tmp_path / "run")
