@@ -13,7 +13,7 @@ settings, the rows tried and the loss curve to results/<model>/train_logs/moa-<N
 """
 import full_evaluation
 from src import cli, peft_files, settings
-from src.layout import adapter_dir, model_results_dir, moa_dir, train_command
+from src.layout import adapter_dir, model_results_dir, moa_dir, router_log, train_command
 from src.models import load_model
 from src.tasks import parse_tasks
 from src.train import PRESETS, TrainConfig, check_task_sets, make_accelerator, make_config, publish_log, train_routers
@@ -42,8 +42,7 @@ def main(argv=None):
             lo, hi = accuracy["interval"]
             print(f"routers for {', '.join(tasks)} -> {out}; held-out routing accuracy {accuracy['accuracy']:.3f} "
                   f"[{lo:.3f}, {hi:.3f}] ({accuracy['n_prompts']} prompts, {len(accuracy['per_layer'])} layers)")
-            publish_log(out, model_results_dir(args.root, args.model) / "train_logs" / f"{out.name}.json",
-                        name="routers.json")
+            publish_log(out, router_log(model_results_dir(args.root, args.model), len(tasks)), name="routers.json")
 
 
 if __name__ == "__main__":

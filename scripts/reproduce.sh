@@ -2,7 +2,8 @@
 # The three stages of the paper on $MODEL with $PRESET (and $METHODS, if set), timed, into a folder of their own
 # ($REPRODUCE_ROOT, default runs/reproduce, out of git: its adapters/ and results/), then the reproduction report:
 # this run's normalized scores and predictions against the committed ones under $COMMITTED_ROOT (default: this
-# repository), with a one-line verdict (src/reproduction.py). The committed results are never written; a maintainer
+# repository; retrained seed 0's first where it has the method, then the committed run's), with a one-line verdict
+# (src/reproduction.py). The committed results are never written; a maintainer
 # who wants this run's files committed runs `make update-results` (scripts/update_results.sh) afterwards.
 # TRAIN_FLAGS, MOA_FLAGS and EVAL_FLAGS pass extra flags to the three stages.
 set -euo pipefail
@@ -44,4 +45,9 @@ if [ "$PRESET" = cpu ] && [ -f "$sweep" ]; then echo; echo "## The sweep that ch
 methods=$($PYTHON -c "import sys; from src.evaluation import parse_methods; from src.layout import METHODS
 print(','.join(parse_methods(sys.argv[1]) if sys.argv[1] else METHODS))" "$METHODS")
 echo
-$PYTHON -m src.reproduction --committed "$committed_root/results/$slug" --run "$out" --methods "$methods"
+# retrained seed 0 first (the paper's methods on this repository's machine, MoA's routers with the current preset),
+# then the committed run (every method): each method is checked against the first that has it
+committed=(--committed "$committed_root/results/$slug")
+retrained="$committed_root/results/$slug/retrained-seed0"
+[ -d "$retrained" ] && committed=(--committed "$retrained" "${committed[@]}")
+$PYTHON -m src.reproduction "${committed[@]}" --run "$out" --methods "$methods"

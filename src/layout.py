@@ -49,6 +49,12 @@ def control_dir(root: Path, model: str, tasks: list[str]) -> Path:
     return results_dir(root, model, tasks) / "random-loras"
 
 
+def router_log(model_dir: Path, n_tasks: int) -> Path:
+    """train_moa's record of the routers for n_tasks (settings, rows tried, each epoch's held-out routing), beside a
+    results/<model> folder's results: what the reports and the reproduction check read of them."""
+    return Path(model_dir) / "train_logs" / f"moa-{n_tasks}.json"
+
+
 def seed_dir(root: Path, model: str, seed: int) -> Path:
     """The result files of another training seed (scripts/seeds.sh), beside the committed run's, which is seed 0."""
     return model_results_dir(root, model) / "seeds" / f"seed{seed}"

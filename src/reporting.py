@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import registry
-from .layout import PAPER_RESULTS, ROOT, ordered
+from .layout import PAPER_RESULTS, ROOT, ordered, router_log
 from .files import atomic_write
 from .metrics import normalized_score, paired_bootstrap
 from .tasks import FIVE_TASKS, SEVEN_TASKS, get_task
@@ -532,7 +532,7 @@ def router_settings(model_dir: Path, analyses: Analyses, n_tasks: int = 7) -> st
             point, other = points["moa"], points.get("regmean")
             weakest = min(router["per_task"], key=router["per_task"].get)
             gap = paired_interval(ci, "moa", "regmean") if other is not None and point is not None else None
-            log_path = folder.parent / "train_logs" / f"moa-{n_tasks}.json"
+            log_path = router_log(folder.parent, n_tasks)
             log = json.loads(log_path.read_text()) if log_path.exists() else None
             trained = ("n/a | n/a" if log is None else
                        f"{log.get('router_rows_chosen', {}).get('rows', log['config']['router_rows'])}"
@@ -666,25 +666,28 @@ FRONT_METHODS = ("base", "single", "moa", "regmean", None, "svd", "concat")   # 
 ROUTED = ("base", "majority", "single", "moa", "arrow")                       # not a merge into one LoRA
 
 
-def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
-    """The README's first table: per method, the normalized score on 7 tasks of the committed run (seed 0) with its
-    95% row interval, the mean and SD over the training seeds, the 5-task score, and the paper's. The best other
-    routing-free merge is the one of highest mean over the seeds among those run on every seed (RegMean and the
-    paper's merges aside)."""
+def front_table(model_dir: Path, analyses: Analyses | None = None, retrained: bool = False) -> str:
+    """The README's first table: per method, the normalized score on 7 tasks of seed 0 with its 95% row interval, the
+    mean and SD over the training seeds, the 5-task score of seed 0, and the paper's. retrained: from the retrained
+    seeds (`retrained-seed<N>`, this repository's machine, the current presets) instead of the committed run and its
+    seeds. The best other routing-free merge is the one of highest mean over the committed run's seeds among those
+    run on every one of them (RegMean and the paper's merges aside): they are where every merge was run."""
     analyses = analyses or Analyses()
-    spread = seed_spread(model_dir, analyses)
+    spread = seed_spread(model_dir, analyses, retrained=retrained)
+    committed_spread = seed_spread(model_dir, analyses) if retrained else spread
     sets = {}
     for n in (7, 5):
-        analysis = analyses(model_dir / f"{n}-task")
+        folder = seed_runs(model_dir, n, retrained).get(0)
+        analysis = analyses(folder) if folder else None
         if analysis and "single" in analysis[0]:
             found, _, ci = analysis
             sets[n] = (normalized_points(found), ci, paper_normalized(found["single"]["tasks"]).get("Qwen2-1.5B", {}))
         else:
             sets[n] = ({}, {}, {})
-    seeds = len(seed_runs(model_dir))
-    others = [m for m, v in spread.items() if m not in ROUTED + ("regmean", "svd", "concat", "weight_sum")
-              and registry.split_rank(m)[1] is None and len(v["points"]) == seeds]   # exact merges, not rank variants
-    best = max(others, key=lambda m: spread[m]["mean"]) if others else None
+    seeds, committed_seeds = len(seed_runs(model_dir, 7, retrained)), len(seed_runs(model_dir))
+    others = [m for m, v in committed_spread.items() if m not in ROUTED + ("regmean", "svd", "concat", "weight_sum")
+              and registry.split_rank(m)[1] is None and len(v["points"]) == committed_seeds]   # exact merges only
+    best = max(others, key=lambda m: committed_spread[m]["mean"]) if others else None
     rows = [f"| method | 7 tasks, seed 0 [95%] | 7 tasks, mean (SD) over {seeds} seeds | 5 tasks, seed 0 [95%] | "
             "paper Qwen2-1.5B, 7 tasks / 5 tasks |", "|---|---|---|---|---|"]
     for m in FRONT_METHODS:
@@ -706,14 +709,15 @@ def front_table(model_dir: Path, analyses: Analyses | None = None) -> str:
 
 
 def generated(key: str, root: Path, analyses: Analyses | None = None) -> str:
-    """The text of one generated part: `headline <model folder>`, `front <model folder>`, `summary <results
+    """The text of one generated part: `headline <model folder>`, `front <model folder>` (`front-retrained <model
+    folder>`: from the retrained seeds), `summary <results
     folder>`, `seeds <model folder>` (the training seeds), `retrained <model folder>` (the retrained seeds),
     `methods` (the registry's table), or `file <path>` (a file another tool generates from its own measurements)."""
     kind, _, arg = key.partition(" ")
     if kind == "headline":
         return headline_table(root / arg, analyses)
-    if kind == "front":
-        return front_table(root / arg, analyses)
+    if kind in ("front", "front-retrained"):
+        return front_table(root / arg, analyses, retrained=kind == "front-retrained")
     if kind == "summary":
         return summary_files(root / arg, analyses)[0].rstrip("\n")
     if kind == "methods":

@@ -2,7 +2,12 @@
 (runs/reproduce/ by default, out of git) and then calls this module, which compares that run's results with the
 committed ones, method by method and task set by task set, from the files alone (summary.csv and the predictions):
 
-    python -m src.reproduction --committed results/smollm2-135m --run runs/reproduce/results/smollm2-135m
+    python -m src.reproduction --committed results/smollm2-135m/retrained-seed0 --committed results/smollm2-135m \
+        --run runs/reproduce/results/smollm2-135m
+
+`make reproduce` gives two committed folders: retrained seed 0 (the paper's methods, trained on this repository's
+machine with the current presets, MoA's routers included) first, then the committed run (every method, trained on
+another machine, MoA's routers with the previous preset); each method is compared with the first that has it.
 
 For each method: the committed normalized score and its 95% row interval, this run's score, the difference, whether
 this run's score lies inside the committed interval, and how many test predictions differ. Where the committed
@@ -23,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layout import router_log
+
 TASK_SETS = ("7-task", "5-task")
 REL_TOL = 1e-9   # a score equal to an interval's end up to float rounding counts as inside
 
@@ -37,6 +44,7 @@ class Check:
     ours: float | None = None              # this run's normalized score
     tasks_inside: tuple | None = None      # (inside, of) where the check is per task
     differing: tuple | None = None         # (predictions that differ, committed predictions)
+    committed_in: Path | None = None       # the committed folder compared with, where several were given
 
     @property
     def failed(self) -> bool:
@@ -82,7 +90,7 @@ def differing_predictions(committed: Path, ours: Path) -> tuple | None:
 def router_settings(model_dir: Path, task_set: str) -> dict | None:
     """The router_* settings MoA's routers for `task_set` were trained with (train_moa's record in the model folder's
     train_logs/moa-<n>.json), or None without a record."""
-    path = Path(model_dir) / "train_logs" / f"moa-{task_set.split('-')[0]}.json"
+    path = router_log(model_dir, int(task_set.split("-")[0]))
     if not path.exists():
         return None
     return {k: v for k, v in json.loads(path.read_text()).get("config", {}).items() if k.startswith("router_")}
@@ -113,27 +121,48 @@ def check_method(task_set: str, method: str, committed: dict | None, ours: dict 
     return check
 
 
-def compare(committed_dir: Path, run_dir: Path, methods: list[str] | None = None) -> list[Check]:
+def _folders(dirs: Path | list[Path]) -> list[Path]:
+    return [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+
+
+def _routers_differ(theirs: dict | None, mine: dict | None) -> str:
+    """Why MoA's results on two sides are not comparable ("" where they are): the routers were trained with other
+    settings, or the committed side records none."""
+    changed = sorted(k for k in (mine or {}) if theirs is not None and theirs.get(k) != mine[k])
+    if changed:
+        return "routers trained with other settings (" + ", ".join(f"{k} {theirs.get(k)} -> {mine[k]}"
+                                                                   for k in changed) + ")"
+    if theirs is None and mine is not None:
+        return "the committed routers' settings are not recorded (no train_logs/moa-<n>.json beside them)"
+    return ""
+
+
+def compare(committed_dirs: Path | list[Path], run_dir: Path, methods: list[str] | None = None) -> list[Check]:
     """Every method of `methods` (default: those the run has) on each task set, against the committed results of the
-    same model (`results/<model>` folders). With `methods` given, a task set committed but absent from the run counts
-    its methods as missing; without, only the run's task sets are compared."""
+    same model (`results/<model>` folders). Several committed folders: each method is compared with the first that
+    has it, MoA with the first whose routers were trained with this run's router settings (else the first that has
+    it, not compared). With `methods` given, a task set committed but absent from the run counts its methods as
+    missing; without, only the run's task sets are compared."""
+    committed_dirs = _folders(committed_dirs)
     checks = []
     for task_set in TASK_SETS:
-        ours_folder, committed_folder = Path(run_dir) / task_set, Path(committed_dir) / task_set
-        ours, committed = read_summary(ours_folder), read_summary(committed_folder)
-        if not ours and not (methods and committed):   # a task set neither side has, or one the run was not asked for
+        ours_folder = Path(run_dir) / task_set
+        ours = read_summary(ours_folder)
+        sides = [(d, read_summary(d / task_set)) for d in committed_dirs]
+        if not ours and not (methods and any(c for _, c in sides)):   # neither side has it, or the run was not asked
             continue
-        theirs, mine = router_settings(committed_dir, task_set), router_settings(run_dir, task_set)
-        changed = sorted(k for k in (mine or {}) if theirs is not None and theirs.get(k) != mine[k])
-        routers = ("routers trained with other settings (" + ", ".join(f"{k} {theirs.get(k)} -> {mine[k]}"
-                                                                      for k in changed) + ")" if changed
-                   else "the committed routers' settings are not recorded (no train_logs/moa-<n>.json beside them)"
-                   if theirs is None and mine is not None else "")
+        mine = router_settings(run_dir, task_set)
         for method in methods or list(ours):
-            differing = differing_predictions(committed_folder / f"{method}.predictions.jsonl",
+            having = [(d, c) for d, c in sides if method in c] or sides[:1]
+            reasons = [_routers_differ(router_settings(d, task_set), mine) if method == "moa" else ""
+                       for d, _ in having]
+            (where, committed), other = next(((h, r) for h, r in zip(having, reasons) if not r),
+                                             (having[0], reasons[0]))
+            differing = differing_predictions(where / task_set / f"{method}.predictions.jsonl",
                                               ours_folder / f"{method}.predictions.jsonl")
-            other = routers if method == "moa" else ""
-            checks.append(check_method(task_set, method, committed.get(method), ours.get(method), differing, other))
+            check = check_method(task_set, method, committed.get(method), ours.get(method), differing, other)
+            check.committed_in = where if len(committed_dirs) > 1 else None
+            checks.append(check)
     return checks
 
 
@@ -168,10 +197,12 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def report(checks: list[Check], committed_dir: Path, run_dir: Path) -> str:
+def report(checks: list[Check], committed_dirs: Path | list[Path], run_dir: Path) -> str:
     ok, line = verdict(checks)
-    rows = ["| task set | method | committed [95%] | this run | difference | inside | predictions differing |",
-            "|---|---|---|---|---|---|---|"]
+    committed_dirs = _folders(committed_dirs)
+    where = any(c.committed_in for c in checks)
+    rows = ["| task set | method | committed [95%] | this run | difference | inside | predictions differing |"
+            + (" committed in |" if where else ""), "|---|---|---|---|---|---|---|" + ("---|" if where else "")]
     for c in checks:
         committed = f"{_f(c.committed[0])} [{_f(c.committed[1])}, {_f(c.committed[2])}]" if c.committed else "n/a"
         diff = (f"{c.ours - c.committed[0]:+.3f}" if c.committed and c.ours is not None and c.committed[0] is not None
@@ -180,8 +211,9 @@ def report(checks: list[Check], committed_dir: Path, run_dir: Path) -> str:
         if c.tasks_inside and inside in ("yes", "**no**"):
             inside += f" ({c.tasks_inside[0]}/{c.tasks_inside[1]} tasks)"
         differing = f"{c.differing[0]} of {c.differing[1]}" if c.differing else "n/a"
-        rows.append(f"| {c.task_set} | {c.method} | {committed} | {_f(c.ours)} | {diff} | {inside} | {differing} |")
-    return (f"# Reproduction: {run_dir} against {committed_dir}\n\n" + "\n".join(rows) + "\n\n"
+        rows.append(f"| {c.task_set} | {c.method} | {committed} | {_f(c.ours)} | {diff} | {inside} | {differing} |"
+                    + (f" {c.committed_in or 'n/a'} |" if where else ""))
+    return (f"# Reproduction: {run_dir} against {', then '.join(map(str, committed_dirs))}\n\n" + "\n".join(rows) + "\n\n"
             "Normalized score (mean over tasks of method / single) and the committed 95% paired bootstrap row "
             "interval; where that interval has no width (single, majority) each task's score is checked against "
             "its own committed interval instead. Predictions: test rows whose generated text differs.\n\n"
@@ -190,7 +222,8 @@ def report(checks: list[Check], committed_dir: Path, run_dir: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--committed", required=True, type=Path, help="the committed results/<model> folder")
+    p.add_argument("--committed", required=True, type=Path, action="append",
+                   help="a committed results/<model> folder; repeated: each method against the first that has it")
     p.add_argument("--run", required=True, type=Path, help="this run's results/<model> folder")
     p.add_argument("--methods", default="", help="comma-separated methods the run was asked for (default: its own)")
     p.add_argument("--out", type=Path, default=None, help="where to write the report (default: <run>/reproduction.md)")

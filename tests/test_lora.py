@@ -572,6 +572,30 @@ def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
     assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, routers, "test")[2] is None
 
 
+
+def test_router_choice_ties_keep_the_earlier_epoch_and_router_rows():
+    """Held-out routing accuracy is a count over prompts, so epochs and counts tie: ties keep the earlier epoch and
+    router_rows (all the rows), as documented. With a score that never changes, that is epoch 0 of the full count,
+    and its routers are those of a one-epoch run on all the rows."""
+    from src.train import RouterRows, make_config, train_router_rows, train_router_set
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(24) // 8   # 8 prompts per task, grouped by task as train_routers gives them
+    train = RouterRows([torch.randn(24, 8, generator=gen) + 2 * labels[:, None]], [0], torch.arange(24), labels)
+
+    def routers():
+        torch.manual_seed(1)
+        return nn.ModuleList([nn.Linear(8, 3)])
+
+    cfg = make_config("cpu", {"router_epochs": 4, "router_rows": 8, "router_try_rows": 2, "router_batch_size": 4})
+    chosen, log, choice = train_router_rows(cfg, train, routers, "test", lambda r: 0.75)
+    assert choice == {"tried": [{"rows": 8, "chosen_epoch": 0, "routed": 0.75},
+                                {"rows": 2, "chosen_epoch": 0, "routed": 0.75}], "rows": 8}
+    one_epoch = routers()
+    train_router_set(make_config("cpu", {"router_epochs": 1, "router_batch_size": 4}), train, one_epoch, "test")
+    for a, b in zip(chosen.parameters(), one_epoch.parameters()):
+        assert torch.equal(a, b)
+
 def test_adapters_are_addressed_by_name():
     """add_adapter names an adapter (its task); get_adapter and the single gate take the name, not a position; a
     name twice or an unknown name is a one-line error."""

@@ -32,6 +32,13 @@ COMMITTED = {"single": (50.0, 0.40, 1.0), "moa": (48.0, 0.38, 0.95), "svd": (30.
 TEXTS = {m: [f"{m} {i}" for i in range(10)] for m in COMMITTED}
 
 
+def record(folder, rows):
+    """train_moa's record of the router settings beside a results folder."""
+    (folder / "train_logs").mkdir(parents=True, exist_ok=True)
+    (folder / "train_logs" / "moa-7.json").write_text(json.dumps(
+        {"config": {"router_rows": rows, "router_epochs": 3, "seed": 0, "lr": 0.1}}))
+
+
 @pytest.fixture
 def committed(tmp_path):
     write_folder(tmp_path / "committed" / "7-task", COMMITTED, TEXTS)
@@ -103,11 +110,6 @@ def test_moa_is_not_compared_with_routers_trained_otherwise_or_unrecorded(commit
     scores = {**COMMITTED, "moa": (40.0, 0.30, 0.80)}        # outside [0.90, 1.00]
     write_folder(tmp_path / "run" / "7-task", scores, TEXTS)
 
-    def record(folder, rows):
-        (folder / "train_logs").mkdir(parents=True, exist_ok=True)
-        (folder / "train_logs" / "moa-7.json").write_text(json.dumps(
-            {"config": {"router_rows": rows, "router_epochs": 3, "seed": 0, "lr": 0.1}}))
-
     record(tmp_path / "run", 400)
     for committed_rows, status in ((None, "not compared: the committed routers' settings are not recorded"),
                                    (48, "not compared: routers trained with other settings (router_rows 48 -> 400)"),
@@ -123,3 +125,32 @@ def test_moa_is_not_compared_with_routers_trained_otherwise_or_unrecorded(commit
             assert ok and line.endswith("not recorded beside, the committed result's): moa (7-task)")
             assert "| 7-task | moa | 0.950 [0.900, 1.000] | 0.800 | -0.150 | not compared: " in reproduction.report(
                 list(checks.values()), committed, tmp_path / "run")
+
+
+def test_several_committed_folders_each_method_against_the_first_that_has_it(committed, tmp_path):
+    """`make reproduce` gives retrained seed 0 (the paper's methods, recorded routers) first and the committed run
+    (every method, unrecorded routers) second: MoA and svd are compared with the first, ties, which only the second
+    has, with the second; MoA under other router settings than the first's falls through to a folder whose routers
+    match, and where none does it is shown against the first that has it, not compared."""
+    first = tmp_path / "retrained"
+    write_folder(first / "7-task", {**COMMITTED, "moa": (40.0, 0.30, 0.80)}, TEXTS)
+    write_folder(committed / "7-task", {**COMMITTED, "ties": (20.0, 0.05, 0.50)}, {**TEXTS, "ties": TEXTS["svd"]})
+    record(first, 400)
+    write_folder(tmp_path / "run" / "7-task", {**COMMITTED, "moa": (40.0, 0.30, 0.80), "ties": (20.0, 0.05, 0.50)},
+                 {**TEXTS, "ties": TEXTS["svd"]})
+    record(tmp_path / "run", 400)
+    checks = {c.method: c for c in reproduction.compare([first, committed], tmp_path / "run")}
+    assert {m: (c.committed_in, c.status) for m, c in checks.items()} == {
+        "single": (first, "identical"), "moa": (first, "identical"), "svd": (first, "identical"),
+        "ties": (committed, "identical")}
+    assert checks["moa"].committed == pytest.approx((0.80, 0.75, 0.85))
+    text = reproduction.report(list(checks.values()), [first, committed], tmp_path / "run")
+    assert f"against {first}, then {committed}" in text
+    assert f"| 7-task | ties | 0.500 [0.450, 0.550] | 0.500 | +0.000 | yes | 0 of 10 | {committed} |" in text
+
+    record(tmp_path / "run", 48)     # routers of other settings than either side's: shown against the first
+    moa = next(c for c in reproduction.compare([first, committed], tmp_path / "run") if c.method == "moa")
+    assert moa.committed_in == first and moa.status.startswith("not compared: routers trained with other settings")
+    record(committed, 48)            # the second folder's routers match: compared there
+    moa = next(c for c in reproduction.compare([first, committed], tmp_path / "run") if c.method == "moa")
+    assert moa.committed_in == committed and moa.status == "OUTSIDE" and moa.committed == pytest.approx((0.95, 0.90, 1.00))
