@@ -1,5 +1,6 @@
 """The committed reports cannot drift from the result files: every generated part of README.md and results/REPORT.md
 equals a fresh generation from results/, and so does every committed summary.md / summary.csv."""
+import csv
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,30 @@ def test_generated_parts_equal_a_fresh_generation(name):
 
 def test_the_front_page_and_the_report_hold_the_headline_and_the_registry():
     readme, report = (ROOT / "README.md").read_text(), (ROOT / "results/REPORT.md").read_text()
-    assert "<!-- generated: front results/smollm2-135m -->" in readme.split("## Run it")[0]   # the first screen
+    assert "<!-- generated: front-retrained results/smollm2-135m -->" in readme.split("## Run it")[0]  # first screen
     assert "<!-- generated: headline results/smollm2-135m -->" in report
     assert "<!-- generated: methods -->" in report
     for n in (5, 7):
         assert f"<!-- generated: summary results/smollm2-135m/{n}-task -->" in report
+
+
+def test_the_front_table_of_the_retrained_seeds_reads_retrained_seed_0_and_their_mean():
+    """The README's table: seed 0's cells from retrained-seed0's summaries (7 and 5 tasks), the mean over the
+    retrained seeds' own summaries; not the committed run's."""
+    model_dir = ROOT / "results" / "smollm2-135m"
+    table = reporting.front_table(model_dir, retrained=True)
+
+    def normalized(folder, method):
+        with (folder / "summary.csv").open(newline="") as f:
+            return next(float(r["normalized"]) for r in csv.DictReader(f) if r["method"] == method)
+
+    seeds = sorted(model_dir.glob("retrained-seed[0-9]/7-task"))
+    assert len(seeds) == 3 and f"over {len(seeds)} seeds" in table
+    mean = sum(normalized(f, "moa") for f in seeds) / len(seeds)
+    row = next(line for line in table.splitlines() if line.startswith("| moa |"))
+    seed0 = model_dir / "retrained-seed0"
+    assert row.startswith(f"| moa | {normalized(seed0 / '7-task', 'moa'):.3f} [") and f"| {mean:.3f} (" in row
+    assert f"| {normalized(seed0 / '5-task', 'moa'):.3f} [" in row
 
 
 @pytest.mark.parametrize("folder", sorted((ROOT / "results").glob("*/*-task")) + sorted((ROOT / "results").glob(
