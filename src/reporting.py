@@ -329,7 +329,7 @@ def control_table(out: Path, found: dict) -> str:
 
 
 SEED_FOLDER = re.compile(r"seed([1-9][0-9]*)")   # scripts/seeds.sh writes seeds/seed<N>, N >= 1 (0 is the committed run)
-# adapters retrained on another machine (other rounding, other bytes): <model>/retrained-seed<N>, and the same
+# adapters retrained in a later session (other bytes): <model>/retrained-seed<N> (the README's table), and the same
 # adapters under other router settings, <model>/retrained-seed<N>-<label> (their README says which)
 RETRAINED_FOLDER = re.compile(r"retrained-seed(0|[1-9][0-9]*)(?:-([A-Za-z0-9_-]+))?")
 

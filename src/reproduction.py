@@ -5,9 +5,10 @@ committed ones, method by method and task set by task set, from the files alone 
     python -m src.reproduction --committed results/smollm2-135m/retrained-seed0 --committed results/smollm2-135m \
         --run runs/reproduce/results/smollm2-135m
 
-`make reproduce` gives two committed folders: retrained seed 0 (the paper's methods, trained on this repository's
-machine with the current presets, MoA's routers included) first, then the committed run (every method, trained on
-another machine, MoA's routers with the previous preset); each method is compared with the first that has it.
+`make reproduce` gives two committed folders: retrained seed 0 (the paper's methods, trained with the current code
+and presets, MoA's routers included) first, then the first committed run (every method, adapters of an earlier
+session, MoA's routers with the previous preset); each method is compared with the first that has it, against
+that folder's interval (normalized by that folder's own single, as this run's score is by this run's).
 
 For each method: the committed normalized score and its 95% row interval, this run's score, the difference, whether
 this run's score lies inside the committed interval, and how many test predictions differ. Where the committed
@@ -15,8 +16,9 @@ interval has no width (single is 1 by definition; majority has no normalized sco
 every task's primary metric inside the committed interval of that task. The verdict is "reproduced" when every
 method compared lies inside, "reproduced exactly" when every prediction is also the same, "not reproduced"
 otherwise (a method outside, or one asked for but missing from the run); the exit code is 0, 0 and 1.
-MoA is not compared where its routers were trained with other router settings than the committed result's, or where
-the committed side does not record them (train_logs/moa-<n>.json beside each side's results): the verdict names it.
+MoA is compared with the first committed folder whose routers were trained with this run's router settings (each
+side's record: train_logs/moa-<n>.json beside its results); where none was, it is shown against the first that has
+it and not compared (other settings, or none recorded), and the verdict names it.
 
 Why an interval and not equality: the same commit trains adapters with other bytes on another CPU (floating-point
 rounding follows the vector width), which moves a few predictions; a score inside the committed row interval is a
@@ -153,13 +155,14 @@ def compare(committed_dirs: Path | list[Path], run_dir: Path, methods: list[str]
             continue
         mine = router_settings(run_dir, task_set)
         for method in methods or list(ours):
-            having = [(d, c) for d, c in sides if method in c] or sides[:1]
-            reasons = [_routers_differ(router_settings(d, task_set), mine) if method == "moa" else ""
-                       for d, _ in having]
-            (where, committed), other = next(((h, r) for h, r in zip(having, reasons) if not r),
-                                             (having[0], reasons[0]))
-            differing = differing_predictions(where / task_set / f"{method}.predictions.jsonl",
-                                              ours_folder / f"{method}.predictions.jsonl")
+            having = [(d, c) for d, c in sides if method in c]
+            where, committed, other = (*having[0], "") if having else (None, {}, "")
+            if method == "moa" and having:   # the first folder whose routers share this run's settings, if any
+                reasons = [_routers_differ(router_settings(d, task_set), mine) for d, _ in having]
+                match = reasons.index("") if "" in reasons else 0
+                where, committed, other = *having[match], reasons[match]
+            differing = (differing_predictions(where / task_set / f"{method}.predictions.jsonl",
+                                               ours_folder / f"{method}.predictions.jsonl") if where else None)
             check = check_method(task_set, method, committed.get(method), ours.get(method), differing, other)
             check.committed_in = where if len(committed_dirs) > 1 else None
             checks.append(check)
@@ -213,10 +216,13 @@ def report(checks: list[Check], committed_dirs: Path | list[Path], run_dir: Path
         differing = f"{c.differing[0]} of {c.differing[1]}" if c.differing else "n/a"
         rows.append(f"| {c.task_set} | {c.method} | {committed} | {_f(c.ours)} | {diff} | {inside} | {differing} |"
                     + (f" {c.committed_in or 'n/a'} |" if where else ""))
-    return (f"# Reproduction: {run_dir} against {', then '.join(map(str, committed_dirs))}\n\n" + "\n".join(rows) + "\n\n"
+    against = ", then ".join(map(str, committed_dirs))
+    return (f"# Reproduction: {run_dir} against {against}\n\n" + "\n".join(rows) + "\n\n"
             "Normalized score (mean over tasks of method / single) and the committed 95% paired bootstrap row "
             "interval; where that interval has no width (single, majority) each task's score is checked against "
-            "its own committed interval instead. Predictions: test rows whose generated text differs.\n\n"
+            "its own committed interval instead. Predictions: test rows whose generated text differs."
+            + (" Committed in: the committed folder a row is compared with, the first that has the method (for MoA, "
+               "the first whose routers share this run's settings)." if where else "") + "\n\n"
             f"**Verdict: {line}**\n")
 
 

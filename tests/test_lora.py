@@ -572,7 +572,6 @@ def test_router_rows_chosen_on_held_out_prompts_keep_that_counts_routers():
     assert train_router_rows(make_config("cpu", {"router_try_rows": 0}), train, routers, "test")[2] is None
 
 
-
 def test_router_choice_ties_keep_the_earlier_epoch_and_router_rows():
     """Held-out routing accuracy is a count over prompts, so epochs and counts tie: ties keep the earlier epoch and
     router_rows (all the rows), as documented. With a score that never changes, that is epoch 0 of the full count,
@@ -595,6 +594,7 @@ def test_router_choice_ties_keep_the_earlier_epoch_and_router_rows():
     train_router_set(make_config("cpu", {"router_epochs": 1, "router_batch_size": 4}), train, one_epoch, "test")
     for a, b in zip(chosen.parameters(), one_epoch.parameters()):
         assert torch.equal(a, b)
+
 
 def test_adapters_are_addressed_by_name():
     """add_adapter names an adapter (its task); get_adapter and the single gate take the name, not a position; a

@@ -423,6 +423,7 @@ def test_shell_wrappers_run_every_stage(tiny_dir, tmp_path):
                                "COMMITTED_ROOT": str(tmp_path)}, timeout=SLOW_MACHINE_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "**Verdict: reproduced exactly" in proc.stdout   # same machine, seeds and settings: the same predictions
+    assert "not compared" not in proc.stdout   # the routers' settings are recorded on both sides: MoA compared
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()} == committed_files
     repro = tmp_path / "repro" / "results" / "tiny"
     report = (repro / "reproduction.md").read_text()

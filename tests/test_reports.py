@@ -47,8 +47,38 @@ def test_the_front_table_of_the_retrained_seeds_reads_retrained_seed_0_and_their
     assert f"| {normalized(seed0 / '5-task', 'moa'):.3f} [" in row
 
 
+def test_the_front_tables_best_other_merge_is_chosen_on_the_committed_seeds_and_shown_on_the_retrained(tmp_path):
+    """Two committed seeds where Iso-C beats CAT and two retrained seeds where Iso-C is scaled down below CAT: the
+    retrained front table still names Iso-C the best other merge (chosen where every merge ran) with the retrained
+    seeds' numbers, and has no CAT row; the committed front table names Iso-C with the committed numbers."""
+    import json
+
+    committed = ROOT / "results" / "smollm2-135m" / "7-task"
+    methods = ("single", "moa", "svd", "regmean", "cat", "iso_c")
+    folders = {(False, 0): tmp_path / "7-task", (False, 1): tmp_path / "seeds" / "seed1" / "7-task",
+               (True, 0): tmp_path / "retrained-seed0" / "7-task", (True, 1): tmp_path / "retrained-seed1" / "7-task"}
+    for (retrained, seed), folder in folders.items():
+        folder.mkdir(parents=True)
+        for m in methods:
+            res = json.loads((committed / f"{m}.json").read_text())
+            if m == "iso_c" and retrained:
+                for t, d in res["metrics"].items():
+                    d[get_task(t).primary] *= 0.7
+            (folder / f"{m}.json").write_text(json.dumps(res))
+    spread = {r: reporting.seed_spread(tmp_path, retrained=r) for r in (False, True)}
+    assert spread[False]["iso_c"]["mean"] > spread[False]["cat"]["mean"]
+    assert spread[True]["iso_c"]["mean"] < spread[True]["cat"]["mean"]
+    for retrained in (False, True):
+        table = reporting.front_table(tmp_path, retrained=retrained)
+        row = next(line for line in table.splitlines() if "(best other merge)" in line)
+        mean = spread[retrained]["iso_c"]["mean"]
+        assert row.startswith("| iso_c (best other merge) |") and f"| {mean:.3f} (" in row
+        assert not any(line.startswith("| cat") for line in table.splitlines())
+
+
 @pytest.mark.parametrize("folder", sorted((ROOT / "results").glob("*/*-task")) + sorted((ROOT / "results").glob(
-    "*/seeds/*/*-task")), ids=lambda p: str(p.relative_to(ROOT)))
+    "*/seeds/*/*-task")) + sorted((ROOT / "results").glob("*/retrained-*/*-task")),
+    ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_summaries_equal_a_fresh_generation(folder):
     """summary.md byte for byte; summary.csv cell for cell, its full-precision numbers to float rounding (the CPU
     sets the bootstrap's summation order: `reporting.csv_rounding_equal`)."""

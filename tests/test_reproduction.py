@@ -153,4 +153,27 @@ def test_several_committed_folders_each_method_against_the_first_that_has_it(com
     assert moa.committed_in == first and moa.status.startswith("not compared: routers trained with other settings")
     record(committed, 48)            # the second folder's routers match: compared there
     moa = next(c for c in reproduction.compare([first, committed], tmp_path / "run") if c.method == "moa")
-    assert moa.committed_in == committed and moa.status == "OUTSIDE" and moa.committed == pytest.approx((0.95, 0.90, 1.00))
+    assert moa.committed_in == committed and moa.status == "OUTSIDE"
+    assert moa.committed == pytest.approx((0.95, 0.90, 1.00))
+
+
+def test_several_committed_folders_a_method_or_task_set_only_some_have(committed, tmp_path):
+    """A method no committed folder has is named (no folder, no failure); a task set only the second folder has is
+    compared there; asked-for methods of a task set the run lacks are missing, whichever folder commits them."""
+    first = tmp_path / "retrained"
+    write_folder(first / "7-task", COMMITTED, TEXTS)
+    write_folder(committed / "5-task", COMMITTED, TEXTS)
+    write_folder(tmp_path / "run" / "7-task", {**COMMITTED, "ties": (20.0, 0.05, 0.50)}, TEXTS)
+    write_folder(tmp_path / "run" / "5-task", COMMITTED, TEXTS)
+    checks = {(c.task_set, c.method): c for c in reproduction.compare([first, committed], tmp_path / "run")}
+    assert (checks["7-task", "ties"].status, checks["7-task", "ties"].committed_in) == ("no committed result", None)
+    assert {c.committed_in for (n, _), c in checks.items() if n == "5-task"} == {committed}
+    assert {c.committed_in for (n, m), c in checks.items() if n == "7-task" and m != "ties"} == {first}
+    assert reproduction.verdict(list(checks.values())) == (True, "reproduced exactly: all 6 method results inside "
+                                                           "the committed intervals, every one of 60 predictions "
+                                                           "identical; no committed result to compare for ties "
+                                                           "(7-task)")
+    (tmp_path / "run" / "5-task" / "summary.csv").unlink()
+    checks = reproduction.compare([first, committed], tmp_path / "run", ["single", "svd"])
+    assert [(c.task_set, c.method, c.status, c.committed_in) for c in checks if c.task_set == "5-task"] == [
+        ("5-task", "single", "not in this run", committed), ("5-task", "svd", "not in this run", committed)]
